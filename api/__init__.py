@@ -1,0 +1,1 @@
+"""HTTP only: FastAPI routers per resource, auth dependencies, problem+json errors."""

@@ -1,0 +1,136 @@
+"""Mortgage registrations: file, register at the registry, verify on site, release."""
+
+from datetime import date
+from decimal import Decimal
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import Archive, IfMatch, context, require, run_command
+from api.encoding import jsonable
+from api.loans import Command
+from archive.application import Principal
+from archive.domain import Role
+
+router = APIRouter(prefix="/api/v1/collateral", tags=["collateral"])
+
+Writer = Annotated[Principal, Depends(require(Role.CREDIT_OFFICER))]
+Reader = Annotated[Principal, Depends(require(*Role))]
+
+
+class FileMortgage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    loan_number: str = Field(min_length=1, max_length=64)
+    cadastral_reference: str = Field(examples=["9872023VH5797S0001WX"])
+    address: str = Field(min_length=1, max_length=500)
+    owner: str = Field(min_length=1, max_length=500)
+    registry_office: str = Field(min_length=1, max_length=500)
+    lien_rank: int = Field(1, description="1 for a first mortgage; repeated mortgages need more.")
+    secured_amount: Decimal
+    currency: str = "EUR"
+    reason: str | None = Field(None, max_length=2000)
+
+
+class MarkRegistered(Command):
+    registry_entry: str = Field(min_length=1, max_length=120)
+    registered_on: date
+
+
+class VerifyOnSite(Command):
+    officer: str = Field(min_length=1, max_length=120)
+    verified_on: date
+    findings: str = Field(min_length=1, max_length=4000)
+    defects: list[str] = Field(default_factory=list)
+
+
+class Release(Command):
+    released_on: date
+
+
+@router.post("", status_code=201, summary="File a mortgage registration for a loan")
+def file_mortgage(
+    body: FileMortgage, archive: Archive, who: Writer, request: Request
+) -> JSONResponse:
+    ctx = context(who, request, body.reason)
+    fields = body.model_dump(exclude={"reason", "currency"})
+    return run_command(
+        lambda _: archive.register_collateral(ctx, currency_code=body.currency, **fields),
+        None,
+        None,
+        status_code=201,
+    )
+
+
+@router.get("/{registration_id}", summary="A mortgage registration")
+def get_collateral(
+    registration_id: UUID, archive: Archive, who: Reader, version: int | None = None
+) -> JSONResponse:
+    reg = archive.get_collateral(registration_id, version=version)
+    return JSONResponse(jsonable(reg.state()), headers={"ETag": f'"{reg.version}"'})
+
+
+@router.post("/{registration_id}/registration", summary="Record the registry entry")
+def mark_registered(
+    registration_id: UUID,
+    body: MarkRegistered,
+    archive: Archive,
+    who: Writer,
+    request: Request,
+    if_match: IfMatch = None,
+) -> JSONResponse:
+    ctx = context(who, request, body.reason)
+    return run_command(
+        lambda v: archive.change_collateral(
+            ctx,
+            registration_id,
+            v,
+            lambda reg: reg.mark_registered(ctx, body.registry_entry, body.registered_on),
+        ),
+        if_match,
+        body.expected_version,
+    )
+
+
+@router.post("/{registration_id}/site-verifications", summary="Record an on-site verification")
+def verify_on_site(
+    registration_id: UUID,
+    body: VerifyOnSite,
+    archive: Archive,
+    who: Writer,
+    request: Request,
+    if_match: IfMatch = None,
+) -> JSONResponse:
+    ctx = context(who, request, body.reason)
+    return run_command(
+        lambda v: archive.change_collateral(
+            ctx,
+            registration_id,
+            v,
+            lambda reg: reg.verify_on_site(
+                ctx, body.officer, body.verified_on, body.findings, body.defects
+            ),
+        ),
+        if_match,
+        body.expected_version,
+    )
+
+
+@router.post("/{registration_id}/release", summary="Release the mortgage")
+def release(
+    registration_id: UUID,
+    body: Release,
+    archive: Archive,
+    who: Writer,
+    request: Request,
+    if_match: IfMatch = None,
+) -> JSONResponse:
+    ctx = context(who, request, body.reason)
+    return run_command(
+        lambda v: archive.release_collateral(ctx, registration_id, v, body.released_on),
+        if_match,
+        body.expected_version,
+    )

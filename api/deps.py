@@ -1,0 +1,110 @@
+"""Dependencies shared by the routers: the application, the caller, and command plumbing."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.encoding import jsonable
+from archive.application import ArchiveApp, Outcome, Principal, StaleVersionError
+from archive.domain import CommandContext, Role
+from archive.exceptions import (
+    AuthenticationError,
+    DomainError,
+    PermissionDeniedError,
+    PreconditionFailedError,
+)
+
+bearer = HTTPBearer(auto_error=False, description="A token from `loan-archive users add`.")
+
+ALL_ROLES = frozenset(Role)
+
+
+def get_archive(request: Request) -> ArchiveApp:
+    return request.app.state.archive
+
+
+Archive = Annotated[ArchiveApp, Depends(get_archive)]
+
+
+def authenticated(
+    archive: Archive,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise AuthenticationError("send Authorization: Bearer <token>")
+    return archive.authenticate(credentials.credentials)
+
+
+def require(*roles: Role) -> Callable[..., Principal]:
+    """A dependency that admits only callers with one of ``roles``."""
+    allowed = frozenset(roles)
+
+    def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        if principal.role not in allowed:
+            names = ", ".join(sorted(r.value for r in allowed))
+            raise PermissionDeniedError(
+                f"role {principal.role.value} may not do this; needs {names}"
+            )
+        return principal
+
+    check.allowed_roles = allowed  # type: ignore[attr-defined]  # read by the role-table test
+    return check
+
+
+def context(
+    principal: Principal,
+    request: Request,
+    reason: str | None,
+) -> CommandContext:
+    return principal.context(reason, request.headers.get("x-correlation-id"))
+
+
+IF_MATCH = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
+
+
+def expected_version(if_match: str | None, body_version: int | None) -> tuple[int | None, bool]:
+    """The version the caller expects, and whether it came from If-Match (412, not 409)."""
+    if if_match is not None and if_match.strip() != "*":
+        found = IF_MATCH.match(if_match)
+        if not found:
+            raise DomainError(f'If-Match must be a version ETag like "3", got {if_match!r}')
+        header_version = int(found.group(1))
+        if body_version is not None and body_version != header_version:
+            raise DomainError("If-Match and expected_version disagree")
+        return header_version, True
+    return body_version, False
+
+
+IfMatch = Annotated[str | None, Header(description='Version ETag, e.g. "3"; 412 if stale.')]
+
+
+def run_command(
+    call: Callable[[int | None], Outcome],
+    if_match: str | None,
+    body_version: int | None,
+    status_code: int = 200,
+    location: str | None = None,
+) -> JSONResponse:
+    """Run one command under optimistic locking and answer with its outcome and ETag."""
+    version, from_header = expected_version(if_match, body_version)
+    try:
+        outcome = call(version)
+    except StaleVersionError as exc:
+        if from_header:
+            raise PreconditionFailedError(str(exc)) from None
+        raise
+    headers = {"ETag": f'"{outcome.version}"'}
+    if location:
+        headers["Location"] = location
+    body: dict[str, Any] = {
+        "id": outcome.id,
+        "version": outcome.version,
+        "position": outcome.position,
+    }
+    return JSONResponse(jsonable(body), status_code=status_code, headers=headers)

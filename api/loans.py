@@ -1,0 +1,258 @@
+"""Loan files: open, change through their commands, read now or as of the past, replay."""
+
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import Archive, IfMatch, context, require, run_command
+from api.encoding import jsonable
+from archive.application import Principal
+from archive.domain import Role
+from archive.loans import LoanFile
+
+router = APIRouter(prefix="/api/v1/loans", tags=["loans"])
+
+Writer = Annotated[Principal, Depends(require(Role.CREDIT_OFFICER))]
+Reader = Annotated[Principal, Depends(require(*Role))]
+Replayer = Annotated[
+    Principal, Depends(require(Role.AUDITOR, Role.CREDIT_OFFICER, Role.COMPLIANCE, Role.ADMIN))
+]
+
+
+class Command(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(None, max_length=2000, description="Why: lands in the event.")
+    expected_version: int | None = Field(
+        None, ge=1, description="Refuse with 409 unless the loan is at this version."
+    )
+
+
+class OpenLoan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    loan_number: str = Field(min_length=1, max_length=64, examples=["CR-2024-000123"])
+    borrower_name: str = Field(min_length=1, max_length=500)
+    borrower_national_id: str = Field(min_length=1, max_length=64)
+    product: str = Field(
+        examples=["mortgage"],
+        description="personal, mortgage, business, village_group or cooperative",
+    )
+    village_group: str | None = Field(None, max_length=500)
+    principal: Decimal = Field(examples=["120000.00"])
+    currency: str = Field("EUR", examples=["EUR"])
+    interest_rate: Decimal = Field(description="Yearly percentage.", examples=["3.75"])
+    term_months: int
+    disbursement_date: date
+    maturity_date: date
+    branch: str = Field(min_length=1, max_length=120)
+    reason: str | None = Field(None, max_length=2000)
+
+
+class ChangeStatus(Command):
+    status: str = Field(examples=["overdue"])
+
+
+class Classify(Command):
+    classification: str = Field(examples=["substandard"])
+
+
+class AssignOfficer(Command):
+    duty: str = Field(examples=["collection"], description="loan or collection")
+    officer: str = Field(min_length=1, max_length=120)
+
+
+class RecordInvestigation(Command):
+    checklist: dict[str, bool]
+    investigated_on: date
+    notes: str | None = Field(None, max_length=4000)
+
+
+class CategoriseRecovery(Command):
+    category: str = Field(examples=["recoverable_with_effort"])
+    causes_of_default: list[str] = Field(min_length=1)
+
+
+class SetRecoveryPlan(Command):
+    summary: str = Field(min_length=1, max_length=4000)
+    target_date: date
+    target_amount: Decimal
+
+
+class RecordCollectionAction(Command):
+    kind: str = Field(examples=["visit"])
+    action_date: date
+    outcome: str = Field(min_length=1, max_length=4000)
+    amount_recovered: Decimal = Decimal("0")
+    officer: str = Field(min_length=1, max_length=120)
+
+
+class RecordRepayment(Command):
+    amount: Decimal
+    paid_on: date
+
+
+class RecordInspection(Command):
+    kind: str = Field(examples=["monthly"])
+    inspected_on: date
+    inspector: str = Field(min_length=1, max_length=120)
+    findings: str = Field(min_length=1, max_length=4000)
+
+
+@router.post("", status_code=201, summary="Open a loan file")
+def open_loan(body: OpenLoan, archive: Archive, who: Writer, request: Request) -> JSONResponse:
+    ctx = context(who, request, body.reason)
+    terms = body.model_dump(exclude={"reason", "currency"})
+    return run_command(
+        lambda _: archive.open_loan(ctx, currency_code=body.currency, **terms),
+        None,
+        None,
+        status_code=201,
+        location=f"/api/v1/loans/{body.loan_number}",
+    )
+
+
+@router.get("/{loan_number}", summary="A loan file now, at a version, or as of a moment")
+def get_loan(
+    loan_number: str,
+    archive: Archive,
+    who: Reader,
+    as_of: Annotated[datetime | None, Query(description="ISO 8601 with time zone")] = None,
+    version: Annotated[int | None, Query(ge=1)] = None,
+) -> JSONResponse:
+    state = archive.loan_file(loan_number, version=version, as_of=as_of)
+    return JSONResponse(jsonable(state), headers={"ETag": f'"{state["version"]}"'})
+
+
+@router.get(
+    "/{loan_number}/history", summary="Every event of the loan, its collateral and valuations"
+)
+def history(loan_number: str, archive: Archive, who: Replayer) -> JSONResponse:
+    rows = []
+    for position, event in archive.loan_events(loan_number):
+        fields = {
+            k: v
+            for k, v in vars(event).items()
+            if k
+            not in {
+                "originator_id",
+                "originator_version",
+                "timestamp",
+                "actor_id",
+                "actor_role",
+                "reason",
+                "correlation_id",
+                "originator_topic",
+            }
+        }
+        rows.append(
+            {
+                "position": position,
+                "aggregate_type": type(event).__qualname__.split(".")[0],
+                "aggregate_id": event.originator_id,
+                "version": event.originator_version,
+                "type": type(event).__qualname__.split(".")[-1],
+                "actor": event.actor_id,
+                "role": event.actor_role,
+                "time": event.timestamp,
+                "reason": event.reason,
+                "correlation_id": event.correlation_id,
+                "fields": fields,
+            }
+        )
+    return JSONResponse(jsonable(rows))
+
+
+LOAN_COMMANDS: dict[str, tuple[type[Command], Any]] = {}
+"""Each LoanFile command by name: its request model and how it applies (shared with the CLI)."""
+
+
+def _command(path: str, model: type[Command], summary: str, apply: Any) -> None:
+    """Declare one LoanFile command route: POST /{loan_number}/<path>."""
+    LOAN_COMMANDS[path] = (model, apply)
+
+    def endpoint(
+        loan_number: str,
+        body: model,  # type: ignore[valid-type]
+        archive: Archive,
+        who: Writer,
+        request: Request,
+        if_match: IfMatch = None,
+    ) -> Response:
+        ctx = context(who, request, body.reason)
+
+        def change(loan: LoanFile) -> None:
+            apply(loan, ctx, body)
+
+        return run_command(
+            lambda version: archive.change_loan(ctx, loan_number, version, change),
+            if_match,
+            body.expected_version,
+        )
+
+    endpoint.__name__ = path.replace("-", "_")
+    router.add_api_route(f"/{{loan_number}}/{path}", endpoint, methods=["POST"], summary=summary)
+
+
+_command(
+    "status",
+    ChangeStatus,
+    "Change the loan's status",
+    lambda loan, ctx, b: loan.change_status(ctx, b.status),
+)
+_command(
+    "classification",
+    Classify,
+    "Classify the loan (five tiers)",
+    lambda loan, ctx, b: loan.classify(ctx, b.classification),
+)
+_command(
+    "officers",
+    AssignOfficer,
+    "Assign the loan or collection officer",
+    lambda loan, ctx, b: loan.assign_officer(ctx, b.duty, b.officer),
+)
+_command(
+    "investigation",
+    RecordInvestigation,
+    "Record the NPL investigation checklist",
+    lambda loan, ctx, b: loan.record_investigation(ctx, b.checklist, b.investigated_on, b.notes),
+)
+_command(
+    "recovery-category",
+    CategoriseRecovery,
+    "Categorise an NPL for recovery",
+    lambda loan, ctx, b: loan.categorise_recovery(ctx, b.category, b.causes_of_default),
+)
+_command(
+    "recovery-plan",
+    SetRecoveryPlan,
+    "Set the recovery plan",
+    lambda loan, ctx, b: loan.set_recovery_plan(ctx, b.summary, b.target_date, b.target_amount),
+)
+_command(
+    "collection-actions",
+    RecordCollectionAction,
+    "Record a collection action",
+    lambda loan, ctx, b: loan.record_collection_action(
+        ctx, b.kind, b.action_date, b.outcome, b.amount_recovered, b.officer
+    ),
+)
+_command(
+    "repayments",
+    RecordRepayment,
+    "Record a repayment",
+    lambda loan, ctx, b: loan.record_repayment(ctx, b.amount, b.paid_on),
+)
+_command(
+    "inspections",
+    RecordInspection,
+    "Record a monthly or quarterly inspection",
+    lambda loan, ctx, b: loan.record_inspection(
+        ctx, b.kind, b.inspected_on, b.inspector, b.findings
+    ),
+)

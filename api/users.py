@@ -1,0 +1,76 @@
+"""Users and bearer tokens (admin), and who-am-I for everyone."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import Archive, context, require
+from archive.application import Principal
+from archive.domain import Role
+
+router = APIRouter(prefix="/api/v1/users", tags=["users"])
+
+Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
+Anyone = Annotated[Principal, Depends(require(*Role))]
+
+
+class AddUser(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(examples=["ana.perez"])
+    role: Role
+    reason: str | None = Field(None, max_length=2000)
+
+
+class ChangeRole(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    reason: str | None = Field(None, max_length=2000)
+
+
+class Reason(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(None, max_length=2000)
+
+
+@router.get("/me", summary="The authenticated caller")
+def me(who: Anyone) -> dict[str, str]:
+    return {"name": who.name, "role": who.role.value}
+
+
+@router.post("", status_code=201, summary="Add a user; the token is shown only in this answer")
+def add_user(body: AddUser, archive: Archive, who: Admin, request: Request) -> JSONResponse:
+    token = archive.add_user(context(who, request, body.reason), body.name, body.role.value)
+    return JSONResponse(
+        {"name": body.name, "role": body.role.value, "token": token}, status_code=201
+    )
+
+
+@router.post("/{name}/tokens", status_code=201, summary="Issue another token for a user")
+def issue_token(
+    name: str, body: Reason, archive: Archive, who: Admin, request: Request
+) -> JSONResponse:
+    token = archive.issue_token(context(who, request, body.reason), name)
+    return JSONResponse({"name": name, "token": token}, status_code=201)
+
+
+@router.post("/{name}/role", summary="Change a user's role")
+def change_role(
+    name: str, body: ChangeRole, archive: Archive, who: Admin, request: Request
+) -> dict[str, str]:
+    ctx = context(who, request, body.reason)
+    archive.change_user(ctx, name, lambda u: u.change_role(ctx, body.role.value))
+    return {"name": name, "role": body.role.value}
+
+
+@router.post("/{name}/deactivate", summary="Deactivate a user: all their tokens stop working")
+def deactivate(
+    name: str, body: Reason, archive: Archive, who: Admin, request: Request
+) -> dict[str, str]:
+    ctx = context(who, request, body.reason)
+    archive.change_user(ctx, name, lambda u: u.deactivate(ctx))
+    return {"name": name, "status": "deactivated"}

@@ -1,0 +1,107 @@
+"""Valuations: appraisal, independent review with the overvaluation flag, revaluation."""
+
+from datetime import date
+from decimal import Decimal
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import Archive, IfMatch, context, require, run_command
+from api.encoding import jsonable
+from api.loans import Command
+from archive.application import Principal
+from archive.domain import Role
+
+router = APIRouter(prefix="/api/v1/valuations", tags=["valuations"])
+
+Writer = Annotated[Principal, Depends(require(Role.CREDIT_OFFICER))]
+Reader = Annotated[Principal, Depends(require(*Role))]
+
+
+class Appraise(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    loan_number: str = Field(min_length=1, max_length=64)
+    collateral_id: UUID | None = None
+    agency: str = Field(min_length=1, max_length=200)
+    appraiser: str = Field(min_length=1, max_length=120)
+    method: str = Field(examples=["market_comparison"])
+    appraised_value: Decimal
+    currency: str = "EUR"
+    appraisal_date: date
+    revaluation_due: date | None = None
+    supersedes: UUID | None = Field(None, description="The valuation this one replaces.")
+    reason: str | None = Field(None, max_length=2000)
+
+
+class Review(Command):
+    reviewer: str = Field(min_length=1, max_length=120)
+    reviewed_value: Decimal
+    notes: str | None = Field(None, max_length=4000)
+
+
+class ScheduleRevaluation(Command):
+    revaluation_due: date
+
+
+@router.post("", status_code=201, summary="Record an appraisal")
+def appraise(body: Appraise, archive: Archive, who: Writer, request: Request) -> JSONResponse:
+    ctx = context(who, request, body.reason)
+    fields = body.model_dump(exclude={"reason", "currency", "supersedes"})
+    return run_command(
+        lambda _: archive.appraise(
+            ctx, supersedes=body.supersedes, currency_code=body.currency, **fields
+        ),
+        None,
+        None,
+        status_code=201,
+    )
+
+
+@router.get("/{valuation_id}", summary="A valuation")
+def get_valuation(
+    valuation_id: UUID, archive: Archive, who: Reader, version: int | None = None
+) -> JSONResponse:
+    val = archive.get_valuation(valuation_id, version=version)
+    return JSONResponse(jsonable(val.state()), headers={"ETag": f'"{val.version}"'})
+
+
+@router.post("/{valuation_id}/review", summary="Record the independent internal review")
+def review(
+    valuation_id: UUID,
+    body: Review,
+    archive: Archive,
+    who: Writer,
+    request: Request,
+    if_match: IfMatch = None,
+) -> JSONResponse:
+    ctx = context(who, request, body.reason)
+    return run_command(
+        lambda v: archive.review_valuation(
+            ctx, valuation_id, v, body.reviewer, body.reviewed_value, body.notes
+        ),
+        if_match,
+        body.expected_version,
+    )
+
+
+@router.post("/{valuation_id}/revaluation", summary="Schedule the next revaluation")
+def schedule_revaluation(
+    valuation_id: UUID,
+    body: ScheduleRevaluation,
+    archive: Archive,
+    who: Writer,
+    request: Request,
+    if_match: IfMatch = None,
+) -> JSONResponse:
+    ctx = context(who, request, body.reason)
+    return run_command(
+        lambda v: archive.change_valuation(
+            ctx, valuation_id, v, lambda val: val.schedule_revaluation(ctx, body.revaluation_due)
+        ),
+        if_match,
+        body.expected_version,
+    )

@@ -1,0 +1,1 @@
+"""The write side of loan-archive: domain, application service, storage, integrity."""

@@ -1,0 +1,313 @@
+"""The ``loan-archive`` command: serve, users, verify, and the credit officer's commands.
+
+Every command builds the same Settings as the server. Domain commands authenticate
+with a bearer token (``--token`` or ``ARCHIVE_TOKEN``), exactly as over HTTP, so the
+identity that lands in the event is a real user's. Administrative commands run by the
+operator on the server itself (``users add``) are recorded as ``operator:<os user>``.
+Errors print one line to stderr and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+import typer
+from pydantic import BaseModel, ValidationError
+
+from archive.application import ArchiveApp, Outcome, Principal, operator_context
+from archive.domain import Role
+from archive.exceptions import ArchiveError, PermissionDeniedError
+from archive.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    help="Event-sourced archive and audit service for loan files.", no_args_is_help=True
+)
+users_app = typer.Typer(help="Users and bearer tokens.", no_args_is_help=True)
+loans_app = typer.Typer(help="Loan files.", no_args_is_help=True)
+collateral_app = typer.Typer(help="Mortgage registrations.", no_args_is_help=True)
+valuations_app = typer.Typer(help="Valuations.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+app.add_typer(loans_app, name="loans")
+app.add_typer(collateral_app, name="collateral")
+app.add_typer(valuations_app, name="valuations")
+
+Token = Annotated[
+    str, typer.Option(envvar="ARCHIVE_TOKEN", help="Bearer token.", show_default=False)
+]
+Data = Annotated[
+    str, typer.Option("--data", "-d", help="The command as JSON (as over HTTP); - reads stdin.")
+]
+
+
+class CliError(Exception):
+    """A failure to report in one line."""
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"loan-archive: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def archive() -> Iterator[ArchiveApp]:
+    settings = load_settings()
+    application = ArchiveApp(settings)
+    try:
+        yield application
+    finally:
+        application.close()
+
+
+def print_json(value: Any) -> None:
+    from api.encoding import jsonable
+
+    typer.echo(json.dumps(jsonable(value), indent=2, ensure_ascii=False))
+
+
+def caller(application: ArchiveApp, token: str, *roles: Role) -> Principal:
+    principal = application.authenticate(token)
+    if principal.role not in roles:
+        raise PermissionDeniedError(f"role {principal.role.value} may not do this")
+    return principal
+
+
+def parse(model: type[BaseModel], data: str) -> Any:
+    raw = sys.stdin.read() if data == "-" else data
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "input"
+        raise CliError(f"invalid command data: {where}: {first['msg']}") from None
+
+
+def report(outcome: Outcome) -> None:
+    print_json({"id": outcome.id, "version": outcome.version, "position": outcome.position})
+
+
+# -- serving -------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Default: ARCHIVE_HOST.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: ARCHIVE_PORT.")] = None,
+) -> None:
+    """Serve the HTTP API (seeding demo data into an empty archive when enabled)."""
+    import uvicorn
+
+    from api.app import create_app
+    from archive.demo import seed
+
+    settings = load_settings()
+    application = ArchiveApp(settings)
+    if settings.demo_data and application.head_position() == 0:
+        tokens_file = settings.data_dir / "demo-tokens.txt"
+        seed(application, tokens_file)
+        typer.echo(f"Seeded demo loan files. Demo users and their tokens: {tokens_file}", err=True)
+    uvicorn.run(
+        create_app(settings, application),
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=settings.log_level,
+    )
+
+
+# -- users ---------------------------------------------------------------------------------
+
+
+@users_app.command("add")
+def users_add(
+    name: str,
+    role: Annotated[Role, typer.Option(help="The user's role.")],
+    reason: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Add a user; prints the new bearer token alone on stdout."""
+    with archive() as application:
+        token = application.add_user(operator_context(reason), name, role.value)
+    typer.echo(token)
+
+
+@users_app.command("token")
+def users_token(name: str, reason: Annotated[str | None, typer.Option()] = None) -> None:
+    """Issue another token for a user; prints it alone on stdout."""
+    with archive() as application:
+        typer.echo(application.issue_token(operator_context(reason), name))
+
+
+@users_app.command("deactivate")
+def users_deactivate(name: str, reason: Annotated[str | None, typer.Option()] = None) -> None:
+    """Deactivate a user: every token of theirs stops working."""
+    ctx = operator_context(reason)
+    with archive() as application:
+        application.change_user(ctx, name, lambda u: u.deactivate(ctx))
+    typer.echo(f"{name} deactivated", err=True)
+
+
+# -- integrity -----------------------------------------------------------------------------
+
+
+@app.command()
+def verify(loan: Annotated[str | None, typer.Option(help="Only this loan file.")] = None) -> None:
+    """Verify the hash chains; exit 1 naming the first bad event."""
+    with archive() as application:
+        result = application.verify_loan_chain(loan) if loan else application.verify_chain()
+    if result.breach is not None:
+        fail(f"integrity breach: {result.breach}")
+    typer.echo(f"ok: {result.events_checked} events in {result.aggregates_checked} chains verified")
+
+
+# -- loan files ----------------------------------------------------------------------------
+
+
+def _officer_command(token: str, run: Callable[[ArchiveApp, Principal], Outcome]) -> None:
+    with archive() as application:
+        report(run(application, caller(application, token, Role.CREDIT_OFFICER)))
+
+
+@loans_app.command("open")
+def loans_open(token: Token, data: Data) -> None:
+    """Open a loan file (fields as for POST /api/v1/loans)."""
+    from api.loans import OpenLoan
+
+    body = parse(OpenLoan, data)
+    terms = body.model_dump(exclude={"reason", "currency"})
+    _officer_command(
+        token,
+        lambda a, p: a.open_loan(p.context(body.reason), currency_code=body.currency, **terms),
+    )
+
+
+@loans_app.command("do")
+def loans_do(
+    loan_number: str,
+    command: Annotated[str, typer.Argument(help="status, classification, officers, ...")],
+    token: Token,
+    data: Data,
+) -> None:
+    """Run a loan-file command (names and fields as POST /api/v1/loans/{n}/<command>)."""
+    from api.loans import LOAN_COMMANDS
+
+    if command not in LOAN_COMMANDS:
+        raise CliError(f"unknown command {command!r}; one of: {', '.join(LOAN_COMMANDS)}")
+    model, apply = LOAN_COMMANDS[command]
+    body = parse(model, data)
+
+    def run(a: ArchiveApp, p: Principal) -> Outcome:
+        ctx = p.context(body.reason)
+        return a.change_loan(
+            ctx, loan_number, body.expected_version, lambda loan: apply(loan, ctx, body)
+        )
+
+    _officer_command(token, run)
+
+
+@loans_app.command("show")
+def loans_show(
+    loan_number: str,
+    token: Token,
+    as_of: Annotated[datetime | None, typer.Option(help="ISO 8601 moment with time zone.")] = None,
+    version: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Print a loan file now, at a version or as of a moment (rebuilt from events)."""
+    with archive() as application:
+        caller(application, token, *Role)
+        print_json(application.loan_file(loan_number, version=version, as_of=as_of))
+
+
+@loans_app.command("history")
+def loans_history(loan_number: str, token: Token) -> None:
+    """Print every event of the loan, its collateral and valuations, in order."""
+    with archive() as application:
+        caller(application, token, Role.AUDITOR, Role.CREDIT_OFFICER, Role.COMPLIANCE, Role.ADMIN)
+        for position, event in application.loan_events(loan_number):
+            kind = type(event).__qualname__
+            reason = f"  ({event.reason})" if event.reason else ""
+            typer.echo(
+                f"{position:>8}  {event.timestamp:%Y-%m-%d %H:%M:%S}  {kind:<40} "
+                f"v{event.originator_version:<4} {event.actor_id} [{event.actor_role}]{reason}"
+            )
+
+
+# -- collateral and valuations ---------------------------------------------------------------
+
+
+@collateral_app.command("file")
+def collateral_file(token: Token, data: Data) -> None:
+    """File a mortgage registration (fields as for POST /api/v1/collateral)."""
+    from api.collateral import FileMortgage
+
+    body = parse(FileMortgage, data)
+    fields = body.model_dump(exclude={"reason", "currency"})
+    _officer_command(
+        token,
+        lambda a, p: a.register_collateral(
+            p.context(body.reason), currency_code=body.currency, **fields
+        ),
+    )
+
+
+@valuations_app.command("appraise")
+def valuations_appraise(token: Token, data: Data) -> None:
+    """Record an appraisal (fields as for POST /api/v1/valuations)."""
+    from api.valuations import Appraise
+
+    body = parse(Appraise, data)
+    fields = body.model_dump(exclude={"reason", "currency", "supersedes"})
+    _officer_command(
+        token,
+        lambda a, p: a.appraise(
+            p.context(body.reason),
+            supersedes=body.supersedes,
+            currency_code=body.currency,
+            **fields,
+        ),
+    )
+
+
+@valuations_app.command("review")
+def valuations_review(valuation_id: UUID, token: Token, data: Data) -> None:
+    """Record the independent review (fields as for POST /api/v1/valuations/{id}/review)."""
+    from api.valuations import Review
+
+    body = parse(Review, data)
+    _officer_command(
+        token,
+        lambda a, p: a.review_valuation(
+            p.context(body.reason),
+            valuation_id,
+            body.expected_version,
+            body.reviewer,
+            body.reviewed_value,
+            body.notes,
+        ),
+    )
+
+
+def main() -> None:
+    """Console entry point: every expected failure is one line on stderr."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (SettingsError, ArchiveError, CliError) as exc:
+        typer.echo(f"loan-archive: {exc}", err=True)
+        sys.exit(2 if isinstance(exc, SettingsError) else 1)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+__all__ = ["Settings", "app", "main"]

@@ -1,0 +1,171 @@
+"""The base every aggregate stands on: who/when/why on every event, and the hash chain.
+
+Aggregates never call ``trigger_event`` directly: they call ``_trigger`` (or the class
+method ``_start`` for the first event) with a ``CommandContext``, which stamps the
+actor, reason and correlation id, links the event to the previous one and seals it
+with its own digest before the library applies it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from typing import Any, Self, TypeVar
+from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
+
+from eventsourcing.domain import Aggregate
+from eventsourcing.utils import get_topic
+
+from archive.exceptions import DomainError
+from archive.integrity import GENESIS, event_digest
+
+NAMESPACE = uuid5(NAMESPACE_URL, "https://loan-archive.invalid/ids")
+
+
+def stable_id(kind: str, key: str) -> UUID:
+    """Deterministic id for a unique business key: a second create of the same key collides."""
+    return uuid5(NAMESPACE, f"{kind}:{key}")
+
+
+class Role(StrEnum):
+    ARCHIVIST = "archivist"
+    CREDIT_OFFICER = "credit_officer"
+    AUDITOR = "auditor"
+    COMPLIANCE = "compliance"
+    ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class CommandContext:
+    """Who issues a command, why, and under which request."""
+
+    actor_id: str
+    actor_role: str
+    reason: str | None = None
+    correlation_id: str = field(default_factory=lambda: str(uuid4()))
+
+
+A = TypeVar("A", bound="ArchiveAggregate")
+
+
+class ArchiveAggregate(Aggregate):
+    """An aggregate whose events form a hash chain and name their actor."""
+
+    class Event(Aggregate.Event):
+        actor_id: str
+        actor_role: str
+        reason: str | None
+        correlation_id: str
+        prev_hash: str
+        event_hash: str
+
+        def mutate(self, aggregate: Any) -> Any:
+            aggregate = super().mutate(aggregate)
+            aggregate.chain_head = self.event_hash
+            return aggregate
+
+    class Created(Event, Aggregate.Created):
+        pass
+
+    @staticmethod
+    def _meta(ctx: CommandContext, prev_hash: str) -> dict[str, Any]:
+        return {
+            "actor_id": ctx.actor_id,
+            "actor_role": ctx.actor_role,
+            "reason": ctx.reason,
+            "correlation_id": ctx.correlation_id,
+            "prev_hash": prev_hash,
+        }
+
+    @classmethod
+    def _start(cls, event_class: type, ctx: CommandContext, id: UUID, **fields: Any) -> Self:
+        timestamp = event_class.create_timestamp()
+        sealed = {
+            "originator_id": id,
+            "originator_version": cls.INITIAL_VERSION,
+            "timestamp": timestamp,
+            "originator_topic": get_topic(cls),
+            **cls._meta(ctx, GENESIS),
+            **fields,
+        }
+        digest = event_digest(get_topic(event_class), sealed)
+        kwargs = {
+            k: v
+            for k, v in sealed.items()
+            if k not in ("originator_id", "originator_version", "originator_topic")
+        }
+        return cls._create(event_class, id=id, event_hash=digest, **kwargs)
+
+    def _trigger(self, event_class: type, ctx: CommandContext, **fields: Any) -> None:
+        timestamp = event_class.create_timestamp()
+        sealed = {
+            "originator_id": self.id,
+            "originator_version": self.version + 1,
+            "timestamp": timestamp,
+            **self._meta(ctx, self.chain_head),
+            **fields,
+        }
+        digest = event_digest(get_topic(event_class), sealed)
+        kwargs = {
+            k: v for k, v in sealed.items() if k not in ("originator_id", "originator_version")
+        }
+        self.trigger_event(event_class, event_hash=digest, **kwargs)
+
+
+# Validation helpers shared by the aggregates: each raises DomainError with a clear message.
+
+CURRENCY = re.compile(r"^[A-Z]{3}$")
+E = TypeVar("E", bound=StrEnum)
+
+
+def choice(enum: type[E], value: str, what: str) -> E:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum)
+        raise DomainError(f"unknown {what} {value!r}; expected one of: {allowed}") from None
+
+
+def money(value: Decimal | int | str, what: str, *, allow_zero: bool = False) -> Decimal:
+    try:
+        amount = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        raise DomainError(f"{what} must be a decimal amount, got {value!r}") from None
+    if not amount.is_finite():
+        raise DomainError(f"{what} must be a finite amount")
+    if amount < 0 or (amount == 0 and not allow_zero):
+        raise DomainError(
+            f"{what} must be {'zero or ' if allow_zero else ''}positive, got {amount}"
+        )
+    if amount.as_tuple().exponent < -2:  # type: ignore[operator]
+        raise DomainError(f"{what} has more than two decimal places: {amount}")
+    return amount
+
+
+def currency(value: str) -> str:
+    if not CURRENCY.match(value or ""):
+        raise DomainError(f"currency must be an ISO 4217 code like EUR, got {value!r}")
+    return value
+
+
+def text(value: str | None, what: str, *, max_length: int = 500) -> str:
+    cleaned = (value or "").strip()
+    if not cleaned:
+        raise DomainError(f"{what} must not be empty")
+    if len(cleaned) > max_length:
+        raise DomainError(f"{what} is longer than {max_length} characters")
+    return cleaned
+
+
+def a_date(value: date | str, what: str) -> date:
+    if isinstance(value, datetime):
+        raise DomainError(f"{what} must be a date, not a date and time")
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise DomainError(f"{what} must be an ISO date (YYYY-MM-DD), got {value!r}") from None

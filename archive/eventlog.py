@@ -1,0 +1,103 @@
+"""What the archive asks of the events table beyond the library's recorder interface.
+
+Two needs, one per backend: read several aggregates' events together with their
+global positions (for histories), and make the table append-only in the database
+itself, so that not even a buggy or hostile client can UPDATE or DELETE history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from uuid import UUID
+
+from eventsourcing.persistence import ApplicationRecorder, Notification
+from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.sqlite import SQLiteApplicationRecorder
+from psycopg.sql import SQL, Identifier
+
+APPEND_ONLY_MESSAGE = "the event log is append-only"
+
+
+def protect_events_table(recorder: ApplicationRecorder) -> None:
+    """Install triggers that refuse UPDATE, DELETE (and TRUNCATE) on the events table."""
+    if isinstance(recorder, SQLiteApplicationRecorder):
+        table = recorder.events_table_name
+        with recorder.datastore.transaction(commit=True) as c:
+            for op in ("UPDATE", "DELETE"):
+                c.execute(
+                    f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                    f"BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY_MESSAGE}'); END"
+                )
+    elif isinstance(recorder, PostgresApplicationRecorder):
+        schema = Identifier(recorder.datastore.schema)
+        table = Identifier(recorder.events_table_name)
+        function = Identifier(f"{recorder.events_table_name}_append_only")
+        with recorder.datastore.transaction(commit=True) as c:
+            c.execute(SQL("SELECT pg_advisory_xact_lock(7283910)"))
+            c.execute(
+                SQL(
+                    "CREATE OR REPLACE FUNCTION {schema}.{function}() RETURNS trigger "
+                    "LANGUAGE plpgsql AS $$ BEGIN "
+                    "RAISE EXCEPTION '{message} (% refused)', TG_OP "
+                    "USING ERRCODE = 'insufficient_privilege'; END $$"
+                ).format(schema=schema, function=function, message=SQL(APPEND_ONLY_MESSAGE))
+            )
+            for name, timing in (
+                ("no_update_delete", "BEFORE UPDATE OR DELETE ON {schema}.{table} FOR EACH ROW"),
+                ("no_truncate", "BEFORE TRUNCATE ON {schema}.{table} FOR EACH STATEMENT"),
+            ):
+                trigger = Identifier(f"{recorder.events_table_name}_{name}")
+                c.execute(
+                    SQL("DROP TRIGGER IF EXISTS {trigger} ON {schema}.{table}").format(
+                        trigger=trigger, schema=schema, table=table
+                    )
+                )
+                c.execute(
+                    SQL(
+                        "CREATE TRIGGER {trigger} "
+                        + timing
+                        + " EXECUTE FUNCTION {schema}.{function}()"
+                    ).format(trigger=trigger, schema=schema, table=table, function=function)
+                )
+    else:  # pragma: no cover - only the two backends are configured by Settings
+        raise TypeError(f"unsupported recorder {type(recorder).__name__}")
+
+
+def select_with_positions(
+    recorder: ApplicationRecorder, originator_ids: Sequence[UUID]
+) -> list[Notification]:
+    """All events of the given aggregates, as notifications, in order of position."""
+    if not originator_ids:
+        return []
+    if isinstance(recorder, SQLiteApplicationRecorder):
+        marks = ",".join("?" * len(originator_ids))
+        statement = (
+            f"SELECT rowid, originator_id, originator_version, topic, state "
+            f"FROM {recorder.events_table_name} WHERE originator_id IN ({marks}) ORDER BY rowid"
+        )
+        params: list[object] = [i.hex for i in originator_ids]
+        position = "rowid"
+    elif isinstance(recorder, PostgresApplicationRecorder):
+        statement = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state "
+            "FROM {schema}.{table} WHERE originator_id = ANY(%s) ORDER BY notification_id"
+        ).format(
+            schema=Identifier(recorder.datastore.schema),
+            table=Identifier(recorder.events_table_name),
+        )
+        params = [list(originator_ids)]
+        position = "notification_id"
+    else:  # pragma: no cover
+        raise TypeError(f"unsupported recorder {type(recorder).__name__}")
+    with recorder.datastore.transaction(commit=False) as c:
+        c.execute(statement, params)
+        return [
+            Notification(
+                id=row[position],
+                originator_id=UUID(str(row["originator_id"])),
+                originator_version=row["originator_version"],
+                topic=row["topic"],
+                state=bytes(row["state"]),
+            )
+            for row in c.fetchall()
+        ]

@@ -1,0 +1,99 @@
+"""All configuration in one place, read from the environment (prefix ``ARCHIVE_``).
+
+Every entry point (server, CLI, worker, tests) builds its Settings here, so a
+command honours exactly the same configuration as the server.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SettingsError(Exception):
+    """Raised with one readable line when the configuration is invalid."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ARCHIVE_", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Where the embedded default keeps its data.")
+    database_url: str | None = Field(
+        None,
+        description="Unset: SQLite under the data dir. postgresql://user:pass@host:port/db: "
+        "PostgreSQL.",
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    overvaluation_margin: Decimal = Field(
+        Decimal("0.10"),
+        ge=0,
+        le=10,
+        description="Appraisal above reviewed value by more than this share is an overvaluation.",
+    )
+    demo_data: bool = Field(True, description="Seed demo loan files into an empty archive.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgresql", "postgres", "sqlite"):
+            raise ValueError("must start with postgresql:// or sqlite:///")
+        if parts.scheme.startswith("postgres") and not (parts.hostname and parts.path.strip("/")):
+            raise ValueError("a PostgreSQL URL needs a host and a database name")
+        return value
+
+    @cached_property
+    def backend(self) -> Literal["sqlite", "postgres"]:
+        if self.database_url and self.database_url.startswith("postgres"):
+            return "postgres"
+        return "sqlite"
+
+    @property
+    def sqlite_path(self) -> Path:
+        if self.database_url and self.database_url.startswith("sqlite"):
+            return Path(urlsplit(self.database_url).path.removeprefix("/"))
+        return self.data_dir / "events.sqlite3"
+
+    def eventsourcing_env(self) -> dict[str, str]:
+        """The environment the eventsourcing library reads to build its recorders."""
+        if self.backend == "sqlite":
+            path = self.sqlite_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return {
+                "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+                "SQLITE_DBNAME": str(path),
+                "SQLITE_LOCK_TIMEOUT": "30",
+            }
+        assert self.database_url is not None
+        parts = urlsplit(self.database_url)
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "POSTGRES_DBNAME": parts.path.strip("/"),
+            "POSTGRES_HOST": parts.hostname or "localhost",
+            "POSTGRES_PORT": str(parts.port or 5432),
+            "POSTGRES_USER": unquote(parts.username or "postgres"),
+            "POSTGRES_PASSWORD": unquote(parts.password or ""),
+            "POSTGRES_POOL_SIZE": "10",
+            "POSTGRES_MAX_OVERFLOW": "20",
+            "POSTGRES_LOCK_TIMEOUT": "10",
+        }
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build Settings from the environment, turning validation errors into one line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "ARCHIVE_" + "_".join(str(p) for p in first["loc"]).upper()
+        raise SettingsError(f"invalid setting {name}: {first['msg']}") from None

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import re
+import signal
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from postgres_cluster import PostgresCluster
+
+# ---------------------------------------------------------------------------
+# PostgreSQL fixtures (tests/postgres_cluster.py)
+#
+#   postgres_cluster  session-scoped: one throwaway PostgreSQL 15 server, started
+#                     on first use, stopped at the end of the session (even on
+#                     failure). With ARCHIVE_TEST_POSTGRES_URL set, an existing
+#                     server is used instead.
+#   postgres_url      function-scoped: a fresh, empty database for one test, as a
+#                     postgresql://user:password@127.0.0.1:port/name URL (usable
+#                     as ARCHIVE_DATABASE_URL); dropped after the test.
+#
+# Tests using either fixture get the `postgres` marker: `-m "not postgres"`
+# skips them.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster(request: pytest.FixtureRequest) -> PostgresCluster:
+    cluster = PostgresCluster()
+    request.addfinalizer(cluster.stop)
+    # SIGTERM (a CI timeout, `kill`) would end pytest without teardown and leave the
+    # server running: treat it as Ctrl-C, which pytest unwinds through finalizers.
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    return cluster.start()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.fixture
+def postgres_url(
+    postgres_cluster: PostgresCluster, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:40]
+    name = f"t_{slug}_{uuid.uuid4().hex[:8]}"
+    url = postgres_cluster.create_database(name)
+    yield url
+    postgres_cluster.drop_database(name)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if {"postgres_url", "postgres_cluster"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
+
+
+# ---------------------------------------------------------------------------
+# Backend-parametrised fixtures: every test that asks for `settings` (or anything
+# built on it) runs once on SQLite and once on PostgreSQL.
+# ---------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from archive.application import ArchiveApp  # noqa: E402
+from archive.domain import CommandContext, Role  # noqa: E402
+from archive.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    if backend == "postgres":
+        url = request.getfixturevalue("postgres_url")
+        return Settings(data_dir=tmp_path, database_url=url, demo_data=False)
+    return Settings(data_dir=tmp_path, demo_data=False)
+
+
+@pytest.fixture
+def archive(settings: Settings) -> Iterator[ArchiveApp]:
+    app = ArchiveApp(settings)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def officer() -> CommandContext:
+    return CommandContext("officer.one", Role.CREDIT_OFFICER.value, "test")

@@ -415,7 +415,8 @@ class LoanFile(ArchiveAggregate):
         if missing:
             raise DomainError(
                 "a non-performing loan needs both a loan officer and a collection officer "
-                f"before recovery categorisation; missing: {', '.join(missing)} officer"
+                "before recovery categorisation; missing: "
+                + ", ".join(f"{duty} officer" for duty in missing)
             )
         causes = [text(c, "cause of default") for c in causes_of_default]
         if not causes:

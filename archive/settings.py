@@ -29,6 +29,7 @@ class Settings(BaseSettings):
         description="Unset: SQLite under the data dir. postgresql://user:pass@host:port/db: "
         "PostgreSQL.",
     )
+    db_pool_size: int = Field(5, ge=1, le=100, description="PostgreSQL connections per process.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     overvaluation_margin: Decimal = Field(
@@ -83,8 +84,8 @@ class Settings(BaseSettings):
             "POSTGRES_PORT": str(parts.port or 5432),
             "POSTGRES_USER": unquote(parts.username or "postgres"),
             "POSTGRES_PASSWORD": unquote(parts.password or ""),
-            "POSTGRES_POOL_SIZE": "10",
-            "POSTGRES_MAX_OVERFLOW": "20",
+            "POSTGRES_POOL_SIZE": str(self.db_pool_size),
+            "POSTGRES_MAX_OVERFLOW": str(self.db_pool_size * 2),
             "POSTGRES_LOCK_TIMEOUT": "10",
         }
 

@@ -1,0 +1,323 @@
+"""The domain rules, through the application service, on every backend."""
+
+from __future__ import annotations
+
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from factories import appraisal_fields, loan_terms, mortgage_fields, open_loan
+
+from archive.application import ArchiveApp, StaleVersionError
+from archive.domain import CommandContext
+from archive.exceptions import ConflictError, DomainError, NotFoundError
+from archive.loans import ALLOWED_TRANSITIONS, LoanFile, LoanStatus
+from archive.settings import Settings
+
+
+def path_to(status: LoanStatus) -> list[LoanStatus]:
+    """Shortest sequence of allowed transitions from performing to ``status``."""
+    queue: deque[list[LoanStatus]] = deque([[LoanStatus.PERFORMING]])
+    while queue:
+        path = queue.popleft()
+        if path[-1] is status:
+            return path[1:]
+        queue.extend(path + [n] for n in ALLOWED_TRANSITIONS[path[-1]] if n not in path)
+    raise AssertionError(f"{status} unreachable")
+
+
+@pytest.mark.parametrize("start", list(LoanStatus))
+@pytest.mark.parametrize("target", list(LoanStatus))
+def test_every_status_transition_follows_the_table(
+    start: LoanStatus, target: LoanStatus, officer: CommandContext
+) -> None:
+    loan = LoanFile.open(officer, **loan_terms())
+    for step in path_to(start):
+        loan.change_status(officer, step.value)
+    assert loan.status == start
+    if target in ALLOWED_TRANSITIONS[start]:
+        loan.change_status(officer, target.value)
+        assert loan.status == target
+    else:
+        with pytest.raises(DomainError, match=f"cannot become {target.value}"):
+            loan.change_status(officer, target.value)
+        assert loan.status == start
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("principal", "-5", "principal must be positive"),
+        ("principal", "0", "principal must be positive"),
+        ("principal", "12.345", "more than two decimal places"),
+        ("principal", "NaN", "finite"),
+        ("product", "crypto", "unknown product"),
+        ("currency_code", "euro", "ISO 4217"),
+        ("maturity_date", "2020-01-01", "maturity date must be after"),
+        ("disbursement_date", "15/01/2024", "ISO date"),
+        ("term_months", 0, "positive number of months"),
+        ("interest_rate", "120", "over 100"),
+        ("borrower_name", "  ", "borrower name must not be empty"),
+    ],
+)
+def test_opening_refuses_bad_terms(
+    field: str, value: object, message: str, officer: CommandContext
+) -> None:
+    with pytest.raises(DomainError, match=message):
+        LoanFile.open(officer, **loan_terms(**{field: value}))
+
+
+def test_village_group_loans_name_their_group(officer: CommandContext) -> None:
+    with pytest.raises(DomainError, match="village group"):
+        LoanFile.open(officer, **loan_terms(product="village_group"))
+    loan = LoanFile.open(officer, **loan_terms(product="village_group", village_group="Regantes"))
+    assert loan.village_group == "Regantes"
+
+
+def test_events_carry_actor_reason_and_chain(archive: ArchiveApp, officer: CommandContext) -> None:
+    open_loan(archive, officer)
+    ctx = CommandContext("maria", "credit_officer", "impago de tres cuotas", "req-42")
+    archive.change_loan(ctx, "CR-1", 1, lambda loan: loan.change_status(ctx, "overdue"))
+    (_, opened), (_, changed) = archive.loan_events("CR-1")
+    assert (changed.actor_id, changed.actor_role, changed.reason, changed.correlation_id) == (
+        "maria",
+        "credit_officer",
+        "impago de tres cuotas",
+        "req-42",
+    )
+    assert changed.timestamp.tzinfo is not None and changed.timestamp.utcoffset() == timedelta(0)
+    assert changed.prev_hash == opened.event_hash
+    assert opened.prev_hash == "0" * 64
+
+
+def test_loan_numbers_are_unique(archive: ArchiveApp, officer: CommandContext) -> None:
+    open_loan(archive, officer)
+    with pytest.raises(ConflictError, match="CR-1 already exists"):
+        open_loan(archive, officer, borrower_name="Someone Else")
+    assert archive.get_loan("CR-1").borrower_name == "Ana Pérez Núñez"
+
+
+def test_unknown_loan_is_not_found(archive: ArchiveApp) -> None:
+    with pytest.raises(NotFoundError):
+        archive.get_loan("NOPE")
+
+
+def test_stale_expected_version_is_a_conflict(archive: ArchiveApp, officer: CommandContext) -> None:
+    open_loan(archive, officer)
+    archive.change_loan(officer, "CR-1", 1, lambda loan: loan.classify(officer, "special_mention"))
+    with pytest.raises(StaleVersionError, match="at version 2, not 1"):
+        archive.change_loan(officer, "CR-1", 1, lambda loan: loan.classify(officer, "substandard"))
+    assert archive.get_loan("CR-1").classification == "special_mention"
+
+
+def test_recovery_needs_npl_and_both_officers(archive: ArchiveApp, officer: CommandContext) -> None:
+    open_loan(archive, officer)
+
+    def change(command):  # type: ignore[no-untyped-def]
+        return archive.change_loan(officer, "CR-1", None, command)
+
+    categorise = lambda loan: loan.categorise_recovery(officer, "recoverable", ["paro"])  # noqa: E731
+    with pytest.raises(DomainError, match="only non-performing"):
+        change(categorise)
+    change(lambda loan: loan.change_status(officer, "overdue"))
+    change(lambda loan: loan.change_status(officer, "non_performing"))
+    with pytest.raises(DomainError, match="missing: loan officer, collection officer"):
+        change(categorise)
+    change(lambda loan: loan.assign_officer(officer, "loan", "Pedro"))
+    with pytest.raises(DomainError, match="missing: collection officer"):
+        change(categorise)
+    change(lambda loan: loan.assign_officer(officer, "collection", "Elena"))
+    change(lambda loan: loan.assign_officer(officer, "collection", "Rosa"))
+    change(categorise)
+    loan = archive.get_loan("CR-1")
+    assert loan.recovery_category == "recoverable"
+    assert loan.collection_officer == "Rosa"
+    assert [(h["duty"], h["officer"], h["previous_officer"]) for h in loan.officer_history] == [
+        ("loan", "Pedro", None),
+        ("collection", "Elena", None),
+        ("collection", "Rosa", "Elena"),
+    ]
+
+
+def test_investigation_checklist_must_be_complete(officer: CommandContext) -> None:
+    loan = LoanFile.open(officer, **loan_terms())
+    with pytest.raises(DomainError, match="incomplete: .*liabilities_investigated"):
+        loan.record_investigation(officer, {"willingness_to_pay": True}, "2024-05-01")
+    with pytest.raises(DomainError, match="unknown checklist item"):
+        loan.record_investigation(officer, {"mood": True}, "2024-05-01")
+
+
+def test_money_moves_keep_outstanding_right(officer: CommandContext) -> None:
+    loan = LoanFile.open(officer, **loan_terms(principal="1000.00"))
+    loan.record_repayment(officer, "250.00", "2024-02-01")
+    loan.record_collection_action(officer, "visit", "2024-03-01", "pagó", "100.50", "Elena")
+    assert loan.outstanding == Decimal("649.50")
+    with pytest.raises(DomainError, match="exceeds the outstanding 649.50"):
+        loan.record_repayment(officer, "700", "2024-04-01")
+    with pytest.raises(DomainError, match="unknown collection action"):
+        loan.record_collection_action(officer, "threat", "2024-03-01", "x", "0", "Elena")
+
+
+def test_settled_files_are_closed(officer: CommandContext) -> None:
+    loan = LoanFile.open(officer, **loan_terms())
+    loan.change_status(officer, "settled")
+    with pytest.raises(DomainError, match="closed"):
+        loan.record_inspection(officer, "monthly", "2024-05-01", "Pedro", "ok")
+
+
+def test_repeated_mortgage_needs_higher_rank_and_is_flagged(
+    archive: ArchiveApp, officer: CommandContext
+) -> None:
+    open_loan(archive, officer, "CR-1")
+    open_loan(archive, officer, "CR-2")
+    open_loan(archive, officer, "CR-3")
+    first = archive.register_collateral(officer, **mortgage_fields("CR-1"))
+    assert archive.get_collateral(first.id).repeated_mortgage is None
+    # The same property, written differently, for another live loan at the same rank.
+    with pytest.raises(DomainError, match="at least 2"):
+        archive.register_collateral(
+            officer, **mortgage_fields("CR-2", cadastral_reference="9872023 vh5797s 0001-wx")
+        )
+    with pytest.raises(DomainError, match="already secures loan CR-1"):
+        archive.register_collateral(officer, **mortgage_fields("CR-1", lien_rank=2))
+    second = archive.register_collateral(officer, **mortgage_fields("CR-2", lien_rank=2))
+    flag = archive.get_collateral(second.id).repeated_mortgage
+    assert flag is not None
+    assert [(o["loan_number"], o["lien_rank"]) for o in flag["other_liens"]] == [("CR-1", 1)]
+    types = [type(e).__name__ for _, e in archive.loan_events("CR-2")]
+    assert "RepeatedMortgageFlagged" in types
+    assert archive.get_loan("CR-2").collateral_ids == [second.id]
+    # Releasing both liens frees the property for a first-rank mortgage again.
+    archive.release_collateral(officer, first.id, None, "2025-01-01")
+    archive.release_collateral(officer, second.id, None, "2025-01-01")
+    third = archive.register_collateral(officer, **mortgage_fields("CR-3"))
+    assert archive.get_collateral(third.id).repeated_mortgage is None
+
+
+def test_collateral_lifecycle(archive: ArchiveApp, officer: CommandContext) -> None:
+    open_loan(archive, officer)
+    reg = archive.register_collateral(officer, **mortgage_fields())
+    archive.change_collateral(
+        officer,
+        reg.id,
+        1,
+        lambda r: r.verify_on_site(officer, "Pedro", "2024-01-05", "ok", ["humedad"]),
+    )
+    archive.change_collateral(
+        officer, reg.id, 2, lambda r: r.mark_registered(officer, "T1 F2", "2024-01-20")
+    )
+    with pytest.raises(DomainError, match="only a pending"):
+        archive.change_collateral(
+            officer, reg.id, 3, lambda r: r.mark_registered(officer, "x", "2024-01-21")
+        )
+    state = archive.get_collateral(reg.id).state()
+    assert state["status"] == "registered"
+    assert state["site_verifications"][0]["defects"] == ["humedad"]
+
+
+def test_reviewer_must_differ_from_appraiser(archive: ArchiveApp, officer: CommandContext) -> None:
+    open_loan(archive, officer)
+    val = archive.appraise(officer, **appraisal_fields())
+    with pytest.raises(DomainError, match="must not be the appraiser"):
+        archive.review_valuation(officer, val.id, None, "luis gómez", "150000")
+    assert archive.get_valuation(val.id).review is None
+
+
+@pytest.mark.parametrize(
+    ("reviewed", "flagged"),
+    [("150000", False), ("136364", False), ("136363", True), ("100000", True)],
+)
+def test_overvaluation_flag_uses_the_margin(
+    archive: ArchiveApp, officer: CommandContext, reviewed: str, flagged: bool
+) -> None:
+    """150000 over 136364 is 9.99 % above; over 136363 it is 10.0003 % above."""
+    open_loan(archive, officer)
+    val = archive.appraise(officer, **appraisal_fields())
+    archive.review_valuation(officer, val.id, 1, "Carmen Ruiz", reviewed)
+    valuation = archive.get_valuation(val.id)
+    assert (valuation.overvaluation is not None) is flagged
+    assert valuation.reviewed_value == Decimal(reviewed)
+
+
+def test_overvaluation_margin_comes_from_settings(tmp_path, officer: CommandContext) -> None:  # type: ignore[no-untyped-def]
+    archive = ArchiveApp(Settings(data_dir=tmp_path, overvaluation_margin=Decimal("0.50")))
+    try:
+        open_loan(archive, officer)
+        val = archive.appraise(officer, **appraisal_fields())
+        archive.review_valuation(officer, val.id, 1, "Carmen Ruiz", "110000")
+        assert archive.get_valuation(val.id).overvaluation is None
+    finally:
+        archive.close()
+
+
+def test_new_valuation_supersedes_the_old(archive: ArchiveApp, officer: CommandContext) -> None:
+    open_loan(archive, officer)
+    reg = archive.register_collateral(officer, **mortgage_fields())
+    old = archive.appraise(officer, **appraisal_fields(collateral_id=reg.id))
+    new = archive.appraise(officer, supersedes=old.id, **appraisal_fields(collateral_id=reg.id))
+    assert archive.get_valuation(old.id).superseded_by == new.id
+    assert archive.get_loan("CR-1").valuation_ids == [old.id, new.id]
+    with pytest.raises(DomainError, match="already superseded"):
+        archive.appraise(officer, supersedes=old.id, **appraisal_fields())
+    assert archive.get_valuation(new.id).revaluation_due.isoformat() == "2025-01-10"
+
+
+def test_valuation_collateral_must_belong_to_the_loan(
+    archive: ArchiveApp, officer: CommandContext
+) -> None:
+    open_loan(archive, officer, "CR-1")
+    open_loan(archive, officer, "CR-2")
+    reg = archive.register_collateral(officer, **mortgage_fields("CR-1"))
+    with pytest.raises(DomainError, match="secures another loan"):
+        archive.appraise(officer, **appraisal_fields("CR-2", collateral_id=reg.id))
+
+
+def test_time_travel_by_version_and_moment(archive: ArchiveApp, officer: CommandContext) -> None:
+    open_loan(archive, officer)
+    before_collateral = datetime.now(UTC)
+    reg = archive.register_collateral(officer, **mortgage_fields())
+    archive.change_loan(officer, "CR-1", None, lambda loan: loan.change_status(officer, "overdue"))
+    now = archive.loan_file("CR-1")
+    assert now["status"] == "overdue" and len(now["collateral"]) == 1
+    v1 = archive.loan_file("CR-1", version=1)
+    assert v1["version"] == 1 and v1["status"] == "performing" and v1["collateral"] == []
+    past = archive.loan_file("CR-1", as_of=before_collateral)
+    assert past["status"] == "performing" and past["collateral"] == []
+    v2 = archive.loan_file("CR-1", version=2)
+    assert [c["id"] for c in v2["collateral"]] == [reg.id]
+    with pytest.raises(NotFoundError, match="did not exist"):
+        archive.loan_file("CR-1", as_of=datetime(2000, 1, 1, tzinfo=UTC))
+    with pytest.raises(NotFoundError, match="no version 9"):
+        archive.loan_file("CR-1", version=9)
+    with pytest.raises(DomainError, match="time zone"):
+        archive.loan_file("CR-1", as_of=datetime(2030, 1, 1))
+
+
+def test_events_table_is_append_only(
+    archive: ArchiveApp, officer: CommandContext, backend: str
+) -> None:
+    open_loan(archive, officer)
+    recorder = archive.recorder
+    table = recorder.events_table_name  # type: ignore[attr-defined]
+    for statement in (f"UPDATE {table} SET topic = topic", f"DELETE FROM {table}"):
+        with pytest.raises(Exception, match="append-only"):
+            with recorder.datastore.transaction(commit=True) as c:  # type: ignore[attr-defined]
+                c.execute(statement)
+    if backend == "postgres":
+        with pytest.raises(Exception, match="append-only"):
+            with recorder.datastore.transaction(commit=True) as c:  # type: ignore[attr-defined]
+                c.execute(f"TRUNCATE {table}")
+    assert archive.get_loan("CR-1").version == 1
+
+
+def test_a_second_app_on_the_same_store_sees_everything(
+    archive: ArchiveApp, settings: Settings, officer: CommandContext
+) -> None:
+    open_loan(archive, officer)
+    other = ArchiveApp(settings)
+    try:
+        assert other.get_loan("CR-1").loan_number == "CR-1"
+        assert other.verify_chain().ok
+    finally:
+        other.close()

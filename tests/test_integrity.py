@@ -1,0 +1,231 @@
+"""Property tests of the event log: replay, time travel and tamper detection, per backend."""
+
+from __future__ import annotations
+
+import itertools
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from factories import appraisal_fields, mortgage_fields, open_loan
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from archive.application import ArchiveApp
+from archive.domain import CommandContext
+from archive.exceptions import DomainError
+from archive.integrity import digest_of
+from archive.loans import (
+    ChecklistItem,
+    Classification,
+    CollectionKind,
+    InspectionKind,
+    LoanStatus,
+    RecoveryCategory,
+    loan_id,
+)
+
+officers = st.sampled_from(["Pedro Sanz", "Elena Martín", "Rosa Gil"])
+dates = st.dates().map(lambda d: d.isoformat())
+amounts = st.decimals(min_value=Decimal("0.01"), max_value=Decimal("30000"), places=2)
+
+commands = st.one_of(
+    st.tuples(st.just("change_status"), st.sampled_from([s.value for s in LoanStatus])),
+    st.tuples(st.just("classify"), st.sampled_from([c.value for c in Classification])),
+    st.tuples(st.just("assign_officer"), st.sampled_from(["loan", "collection"]), officers),
+    st.tuples(st.just("record_repayment"), amounts, dates),
+    st.tuples(
+        st.just("record_inspection"),
+        st.sampled_from([k.value for k in InspectionKind]),
+        dates,
+        officers,
+        st.text(min_size=1, max_size=40),
+    ),
+    st.tuples(
+        st.just("record_collection_action"),
+        st.sampled_from([k.value for k in CollectionKind]),
+        dates,
+        st.text(min_size=1, max_size=40),
+        amounts,
+        officers,
+    ),
+    st.tuples(
+        st.just("record_investigation"),
+        st.fixed_dictionaries({i.value: st.booleans() for i in ChecklistItem}),
+        dates,
+    ),
+    st.tuples(
+        st.just("categorise_recovery"),
+        st.sampled_from([c.value for c in RecoveryCategory]),
+        st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=3),
+    ),
+)
+
+counter = itertools.count()
+PROPERTY_SETTINGS = hypothesis_settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@PROPERTY_SETTINGS
+@given(script=st.lists(commands, max_size=25), reasons=st.lists(st.none() | st.text(max_size=30)))
+def test_replay_reproduces_every_version(
+    archive: ArchiveApp,
+    officer: CommandContext,
+    script: list[tuple[Any, ...]],
+    reasons: list[str | None],
+) -> None:
+    number = f"P-{next(counter)}"
+    open_loan(archive, officer, number, principal="50000.00")
+    expected = {1: archive.get_loan(number).state()}
+    for step, (name, *args) in enumerate(script):
+        reason = reasons[step] if step < len(reasons) else None
+        ctx = CommandContext("prop.tester", "credit_officer", reason)
+        loan = archive.get_loan(number)
+        before = loan.state()
+        try:
+            getattr(loan, name)(ctx, *args)
+        except DomainError:
+            assert loan.state() == before, "a refused command must not change the state"
+            assert loan.pending_events == []
+            continue
+        archive.save(loan)
+        expected[loan.version] = loan.state()
+
+    head = archive.get_loan(number)
+    assert head.state() == expected[head.version]
+    for version, state in expected.items():
+        assert archive.get_loan(number, version=version).state() == state
+    report = archive.verify_aggregate_chain(loan_id(number))
+    assert report.ok, report.breach
+    assert report.events_checked == head.version
+    for _, event in archive.loan_events(number):
+        assert digest_of(event) == event.event_hash
+
+
+# -- tampering -------------------------------------------------------------------------------
+
+
+def populate(archive: ArchiveApp, officer: CommandContext) -> None:
+    open_loan(archive, officer, "T-1")
+    open_loan(archive, officer, "T-2", product="village_group", village_group="Regantes del Jiloca")
+    reg = archive.register_collateral(officer, **mortgage_fields("T-1"))
+    val = archive.appraise(officer, **appraisal_fields("T-1", collateral_id=reg.id))
+    archive.review_valuation(officer, val.id, None, "Carmen Ruiz", "120000.00", "comparables ñ")
+    archive.change_loan(officer, "T-2", None, lambda loan: loan.change_status(officer, "overdue"))
+    archive.change_loan(
+        officer, "T-2", None, lambda loan: loan.record_repayment(officer, "12.34", "2024-03-01")
+    )
+
+
+class RawEvents:
+    """Direct access to the events table, bypassing the append-only guard, as an attacker would."""
+
+    def __init__(self, archive: ArchiveApp, backend: str) -> None:
+        self.recorder: Any = archive.recorder
+        self.backend = backend
+        self.table = self.recorder.events_table_name
+        self.position = "rowid" if backend == "sqlite" else "notification_id"
+        with self.recorder.datastore.transaction(commit=True) as c:
+            if backend == "sqlite":
+                c.execute(f"DROP TRIGGER IF EXISTS {self.table}_no_update")
+            else:
+                c.execute(f"ALTER TABLE {self.table} DISABLE TRIGGER USER")
+
+    def rows(self) -> list[dict[str, Any]]:
+        with self.recorder.datastore.transaction(commit=False) as c:
+            c.execute(
+                f"SELECT {self.position} AS position, originator_id, originator_version, topic, state "
+                f"FROM {self.table} ORDER BY {self.position}"
+            )
+            return [dict(r) for r in c.fetchall()]
+
+    def write(self, position: int, column: str, value: Any) -> None:
+        mark = "?" if self.backend == "sqlite" else "%s"
+        with self.recorder.datastore.transaction(commit=True) as c:
+            c.execute(
+                f"UPDATE {self.table} SET {column} = {mark} WHERE {self.position} = {mark}",
+                (value, position),
+            )
+
+
+@pytest.fixture
+def tampered_store(
+    archive: ArchiveApp, officer: CommandContext, backend: str
+) -> tuple[ArchiveApp, RawEvents]:
+    populate(archive, officer)
+    assert archive.verify_chain().ok
+    return archive, RawEvents(archive, backend)
+
+
+@hypothesis_settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_flipping_any_byte_names_that_event(
+    tampered_store: tuple[ArchiveApp, RawEvents], data: st.DataObject
+) -> None:
+    archive, raw = tampered_store
+    rows = raw.rows()
+    row = data.draw(st.sampled_from(rows), label="event")
+    column = data.draw(st.sampled_from(["state", "state", "state", "topic"]), label="column")
+    original = row[column]
+    blob = bytearray(original if isinstance(original, bytes) else str(original).encode())
+    index = data.draw(st.integers(0, len(blob) - 1), label="byte")
+    blob[index] ^= data.draw(st.integers(1, 255), label="xor")
+    tampered: Any = bytes(blob) if column == "state" else blob.decode("utf-8", "replace")
+    if tampered == original:  # a replacement character can map back; nothing was changed
+        return
+    raw.write(row["position"], column, tampered)
+    try:
+        report = archive.verify_chain()
+        assert report.breach is not None, "tampering went unnoticed"
+        assert report.breach.position == row["position"]
+        assert str(report.breach.originator_id).replace("-", "") == str(
+            row["originator_id"]
+        ).replace("-", "")
+        assert report.breach.originator_version == row["originator_version"]
+    finally:
+        raw.write(row["position"], column, original)
+    assert archive.verify_chain().ok
+
+
+def test_recomputed_hash_breaks_the_next_link(tampered_store: tuple[ArchiveApp, RawEvents]) -> None:
+    """A forger who rewrites an event and its own hash is caught by the next event's link."""
+    archive, raw = tampered_store
+    rows = raw.rows()
+    loan_rows = [r for r in rows if r["topic"].endswith("LoanFile.Opened")]
+    target = loan_rows[1]
+    event = archive.mapper.to_domain_event(
+        archive.recorder.select_events(loan_id("T-2"), lte=1)[0]  # type: ignore[attr-defined]
+    )
+    forged_fields = {**vars(event), "borrower_name": "Someone Else"}
+    forged = type(event)(**forged_fields)
+    object.__setattr__(forged, "event_hash", digest_of(forged))
+    raw.write(target["position"], "state", archive.mapper.to_stored_event(forged).state)
+    report = archive.verify_chain()
+    assert report.breach is not None
+    assert report.breach.originator_id == loan_id("T-2")
+    assert report.breach.originator_version == 2
+    assert "link" in report.breach.problem
+
+
+def test_deleted_event_is_a_version_gap(
+    tampered_store: tuple[ArchiveApp, RawEvents], backend: str
+) -> None:
+    archive, raw = tampered_store
+    rows = [r for r in raw.rows() if str(r["originator_id"]).replace("-", "") == loan_id("T-2").hex]
+    with archive.recorder.datastore.transaction(commit=True) as c:  # type: ignore[attr-defined]
+        if backend == "sqlite":
+            c.execute(f"DROP TRIGGER IF EXISTS {raw.table}_no_delete")
+        mark = "?" if backend == "sqlite" else "%s"
+        c.execute(f"DELETE FROM {raw.table} WHERE {raw.position} = {mark}", (rows[1]["position"],))
+    report = archive.verify_loan_chain("T-2")
+    assert report.breach is not None
+    assert report.breach.originator_version == 3
+    assert "follows" in report.breach.problem

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from api import collateral, integrity, loans, problems, users, valuations
+from api import collateral, documents, integrity, loans, problems, users, valuations
 from archive.application import ArchiveApp
 from archive.settings import Settings
 
@@ -33,8 +33,20 @@ def create_app(settings: Settings, archive: ArchiveApp | None = None) -> FastAPI
     app.state.archive = archive
     app.state.settings = settings
     problems.install(app)
-    for module in (loans, collateral, valuations, users, integrity):
+    for module in (loans, collateral, valuations, documents, users, integrity):
         app.include_router(module.router)
+
+    @app.middleware("http")
+    async def refuse_oversized_uploads(request: Request, call_next):  # type: ignore[no-untyped-def]
+        """Answer 413 from the declared length, before a byte of the body is read."""
+        if request.method == "POST" and documents.too_large(request, settings.max_upload_bytes):
+            return problems.problem(
+                413,
+                "Content too large",
+                f"uploads are limited to {settings.max_upload_bytes} bytes",
+                request,
+            )
+        return await call_next(request)
 
     @app.get("/healthz", tags=["health"], summary="Liveness and event-store reachability")
     def healthz(request: Request) -> JSONResponse:

@@ -8,26 +8,48 @@ head or at any past version or moment.
 from __future__ import annotations
 
 import getpass
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
+from functools import cached_property
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, JSONTranscoder, Transcoding
+from eventsourcing.utils import get_topic
 
+from archive.blobstore import BlobError, BlobStore, Readable, open_blob_store
 from archive.collateral import MortgageRegistration, PropertyLiens, property_id
-from archive.domain import CommandContext, Role
+from archive.documents import (
+    ACCEPTED_MEDIA_TYPES,
+    SNIFF_BYTES,
+    Document,
+    DocumentType,
+    FixityOutcome,
+    LoanDocuments,
+    Reconciliation,
+    loan_documents_id,
+    sniff_media_type,
+)
+from archive.domain import CommandContext, Role, choice
 from archive.eventlog import protect_events_table, select_with_positions
 from archive.exceptions import (
+    ArchiveError,
     AuthenticationError,
     ConflictError,
     DomainError,
     NotFoundError,
 )
-from archive.integrity import ChainReport, verify_aggregate, verify_events, verify_store
+from archive.integrity import (
+    ChainReport,
+    iter_log,
+    verify_aggregate,
+    verify_events,
+    verify_store,
+)
 from archive.loans import LoanFile, loan_id
 from archive.settings import Settings
 from archive.users import AccessToken, User, new_token, token_digest, token_id, user_id
@@ -43,6 +65,47 @@ class DateAsISO(Transcoding):
 
     def decode(self, data: str) -> date:
         return date.fromisoformat(data)
+
+
+class UnsupportedMediaTypeError(ArchiveError):
+    status = 415
+    title = "Unsupported media type"
+
+
+class PrefixedReader:
+    """A stream whose first bytes were already read (to sniff them), put back in front."""
+
+    def __init__(self, head: bytes, rest: Readable) -> None:
+        self.head = head
+        self.rest = rest
+
+    def read(self, size: int = -1, /) -> bytes:
+        if self.head:
+            data, self.head = self.head, b""
+            return data
+        return self.rest.read(size)
+
+
+@dataclass(frozen=True)
+class FixityResult:
+    document_id: UUID
+    loan_number: str
+    outcome: FixityOutcome
+    expected_sha256: str
+    observed_sha256: str | None
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    run_id: UUID
+    orphans: list[str] = field(default_factory=list)
+    missing: list[dict[str, Any]] = field(default_factory=list)
+    changed: list[dict[str, Any]] = field(default_factory=list)
+    temporaries: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.orphans or self.missing or self.changed or self.temporaries)
 
 
 class StaleVersionError(ConflictError):
@@ -258,12 +321,222 @@ class ArchiveApp(Application[UUID]):
             lambda v: v.review_value(ctx, reviewer, reviewed_value, margin, notes),
         )
 
+    # -- documents ----------------------------------------------------------------------------
+
+    @cached_property
+    def blobs(self) -> BlobStore:
+        return open_blob_store(self.settings)
+
+    def register_document(
+        self,
+        ctx: CommandContext,
+        source: Readable,
+        *,
+        loan_number: str,
+        doc_type: str,
+        original_filename: str | None,
+        collateral_id: UUID | None = None,
+        valuation_id: UUID | None = None,
+        supersedes: UUID | None = None,
+        expected_sha256: str | None = None,
+    ) -> Outcome:
+        """Store an original (verified, content-addressed), then append the event naming it.
+
+        Metadata is checked before a byte is stored; the object is written and verified
+        before the event is appended, so a crash leaves at worst an orphan object.
+        """
+        loan = self.get_loan(loan_number)
+        kind = choice(DocumentType, doc_type, "document type")
+        if (
+            collateral_id is not None
+            and self.get_collateral(collateral_id).loan_number != loan_number
+        ):
+            raise DomainError(f"collateral {collateral_id} secures another loan")
+        if valuation_id is not None and self.get_valuation(valuation_id).loan_number != loan_number:
+            raise DomainError(f"valuation {valuation_id} belongs to another loan")
+        old = None
+        if supersedes is not None:
+            old = self.get_document(supersedes)
+            if old.loan_number != loan_number:
+                raise DomainError(f"document {supersedes} belongs to another loan")
+            if old.superseded_by is not None:
+                raise DomainError(
+                    f"document {supersedes} is already superseded by {old.superseded_by}"
+                )
+        head = source.read(SNIFF_BYTES)
+        if not head:
+            raise DomainError("the file is empty")
+        media_type = sniff_media_type(head)
+        if media_type not in ACCEPTED_MEDIA_TYPES:
+            raise UnsupportedMediaTypeError(
+                f"received {media_type}; originals must be PDF, TIFF, PNG or JPEG"
+            )
+        blob = self.blobs.put(
+            PrefixedReader(head, source),
+            expected_sha256=expected_sha256,
+            limit=self.settings.max_upload_bytes,
+        )
+        self.blobs.checkpoint("stored")
+        document = Document.register(
+            ctx,
+            uuid4(),
+            loan_number=loan.loan_number,
+            collateral_id=collateral_id,
+            valuation_id=valuation_id,
+            doc_type=kind.value,
+            original_filename=original_filename,
+            media_type=media_type,
+            size=blob.size,
+            sha256=blob.sha256,
+            object_key=blob.key,
+            object_version=blob.version_id,
+            retain_until=blob.retain_until,
+            supersedes=supersedes,
+        )
+        index = self.loan_documents(loan_number) or LoanDocuments.start(ctx, loan_number)
+        index.file(ctx, document.id, blob.sha256, kind.value)
+        changed: list[Aggregate] = [document, index]
+        if old is not None:
+            old.supersede(ctx, document.id)
+            changed.append(old)
+        position = self._commit(*changed)
+        return Outcome(document.id, document.version, position)
+
+    def loan_documents(self, loan_number: str) -> LoanDocuments | None:
+        try:
+            return self._load(LoanDocuments, loan_documents_id(loan_number), "documents")
+        except NotFoundError:
+            return None
+
+    def get_document(self, document_id: UUID, version: int | None = None) -> Document:
+        return self._load(Document, document_id, f"document {document_id}", version)
+
+    def change_document(
+        self, ctx: CommandContext, document_id: UUID, change: Any, attempts: int = 5
+    ) -> Outcome:
+        """Record a custody event (download, hold, fixity): retried on a concurrent write,
+        since these never depend on what the document's other events say."""
+        for attempt in range(attempts):
+            try:
+                return self._update(Document, document_id, f"document {document_id}", None, change)
+            except ConflictError:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def open_original(
+        self, ctx: CommandContext, document_id: UUID, start: int = 0, end: int | None = None
+    ) -> tuple[Document, Iterator[bytes]]:
+        """Record the download (who, when, which bytes), then stream the original."""
+        document = self.get_document(document_id)
+        if self.blobs.stat(document.object_key) is None:
+            raise BlobError(f"the original of document {document_id} is missing from storage")
+        byte_range = (
+            None if (start == 0 and end is None) else f"{start}-{'' if end is None else end}"
+        )
+        self.change_document(ctx, document_id, lambda d: d.record_download(ctx, byte_range))
+        return document, self.blobs.open(document.object_key, start, end)
+
+    def set_legal_hold(self, ctx: CommandContext, document_id: UUID, on: bool) -> Outcome:
+        document = self.get_document(document_id)
+        if on:
+            document.place_legal_hold(ctx)
+        else:
+            document.release_legal_hold(ctx)
+        self.blobs.set_legal_hold(document.object_key, on)
+        position = self._commit(document)
+        return Outcome(document.id, document.version, position)
+
+    def document_ids(self) -> Iterator[UUID]:
+        """Every document ever registered, in order of registration."""
+        for _, stored in iter_log(self.recorder, topics=[get_topic(Document.Registered)]):
+            yield stored.originator_id
+
+    def check_fixity(self, ctx: CommandContext) -> list[FixityResult]:
+        """Re-read every original, recompute its SHA-256, record the outcome per document."""
+        results = []
+        for document_id in self.document_ids():
+            document = self.get_document(document_id)
+            try:
+                observed, size = self.blobs.digest(document.object_key)
+            except BlobError:
+                observed, size = None, None
+            if observed is None:
+                outcome = FixityOutcome.MISSING
+            elif observed == document.sha256 and size == document.size:
+                outcome = FixityOutcome.OK
+            else:
+                outcome = FixityOutcome.CHANGED
+            self.change_document(
+                ctx,
+                document_id,
+                lambda d, o=outcome, h=observed, n=size: d.record_fixity(ctx, o, h, n),
+            )
+            results.append(
+                FixityResult(document_id, document.loan_number, outcome, document.sha256, observed)
+            )
+        return results
+
+    def reconcile(self, ctx: CommandContext) -> ReconcileReport:
+        """Compare storage with the log; record what was found as an event."""
+        referenced: dict[str, list[Document]] = {}
+        documents = 0
+        for document_id in self.document_ids():
+            document = self.get_document(document_id)
+            referenced.setdefault(document.object_key, []).append(document)
+            documents += 1
+        stored = set(self.blobs.keys())
+        missing: list[dict[str, Any]] = []
+        changed: list[dict[str, Any]] = []
+        for key, docs in referenced.items():
+            expected = docs[0].sha256
+            names = [
+                {"document_id": d.id, "loan_number": d.loan_number, "object_key": key} for d in docs
+            ]
+            if key not in stored:
+                missing.extend(names)
+                continue
+            try:
+                observed, _ = self.blobs.digest(key)
+            except BlobError:
+                missing.extend(names)
+                continue
+            if observed != expected:
+                changed.extend({**n, "observed_sha256": observed} for n in names)
+        report = ReconcileReport(
+            uuid4(),
+            orphans=sorted(stored - referenced.keys()),
+            missing=missing,
+            changed=changed,
+            temporaries=sorted(self.blobs.temporary_keys()),
+        )
+        run = Reconciliation.complete(
+            ctx,
+            report.run_id,
+            orphans=report.orphans,
+            missing=report.missing,
+            changed=report.changed,
+            temporaries=report.temporaries,
+            objects_checked=len(stored),
+            documents_checked=documents,
+        )
+        self._commit(run)
+        return report
+
     # -- reading the past -------------------------------------------------------------------
 
-    def loan_events(self, loan_number: str) -> list[tuple[int, Any]]:
-        """Every event of the loan and of its collateral and valuations, by position."""
+    def loan_aggregate_ids(self, loan_number: str) -> list[UUID]:
+        """The loan file and every aggregate filed under it (collateral, valuations, documents)."""
         loan = self.get_loan(loan_number)
         ids = [loan.id, *loan.collateral_ids, *loan.valuation_ids]
+        index = self.loan_documents(loan_number)
+        if index is not None:
+            ids += [index.id, *index.document_ids()]
+        return ids
+
+    def loan_events(self, loan_number: str) -> list[tuple[int, Any]]:
+        """Every event of the loan and of its collateral, valuations and documents, by position."""
+        ids = self.loan_aggregate_ids(loan_number)
         return [
             (n.id, self.mapper.to_domain_event(n))
             for n in select_with_positions(self.recorder, ids)
@@ -272,7 +545,7 @@ class ArchiveApp(Application[UUID]):
     def loan_file(
         self, loan_number: str, *, version: int | None = None, as_of: datetime | None = None
     ) -> dict[str, Any]:
-        """The loan file with its collateral and valuations, now or in the past."""
+        """The loan file with its collateral, valuations and documents, now or in the past."""
         if version is not None and as_of is not None:
             raise DomainError("give either a version or a moment, not both")
         if version is not None:
@@ -303,6 +576,10 @@ class ArchiveApp(Application[UUID]):
         result = loan.state()
         result["collateral"] = [states[i].state() for i in loan.collateral_ids]
         result["valuations"] = [states[i].state() for i in loan.valuation_ids]
+        index = states.get(loan_documents_id(loan_number))
+        result["documents"] = (
+            [] if index is None else [states[i].state() for i in index.document_ids()]
+        )
         result["as_of"] = as_of
         return result
 
@@ -358,8 +635,7 @@ class ArchiveApp(Application[UUID]):
 
     def verify_loan_chain(self, loan_number: str) -> ChainReport:
         try:
-            loan = self.get_loan(loan_number)
-            ids = [loan.id, *loan.collateral_ids, *loan.valuation_ids]
+            ids = self.loan_aggregate_ids(loan_number)
         except NotFoundError:
             raise
         except Exception:  # the loan's own events are unreadable: verify what we can name

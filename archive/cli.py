@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -154,13 +155,87 @@ def users_deactivate(name: str, reason: Annotated[str | None, typer.Option()] = 
 
 
 @app.command()
-def verify(loan: Annotated[str | None, typer.Option(help="Only this loan file.")] = None) -> None:
-    """Verify the hash chains; exit 1 naming the first bad event."""
+def verify(
+    loan: Annotated[str | None, typer.Option(help="Only this loan file.")] = None,
+    originals: Annotated[
+        bool, typer.Option("--originals", help="Re-hash every original (fixity), recorded.")
+    ] = False,
+    token: Annotated[str | None, typer.Option(envvar="ARCHIVE_TOKEN", show_default=False)] = None,
+) -> None:
+    """Verify the hash chains, or with --originals every original; exit 1 naming what is bad."""
     with archive() as application:
+        if originals:
+            if token is None:
+                raise CliError("--originals records fixity events: give --token (auditor or admin)")
+            who = caller(application, token, Role.AUDITOR, Role.ADMIN)
+            results = application.check_fixity(who.context("fixity check"))
+            bad = [r for r in results if r.outcome != "ok"]
+            for r in bad:
+                typer.echo(
+                    f"{r.outcome.value.upper()}: document {r.document_id} (loan {r.loan_number})"
+                )
+            if bad:
+                fail(f"{len(bad)} of {len(results)} originals failed the fixity check")
+            typer.echo(f"ok: {len(results)} originals verified")
+            return
         result = application.verify_loan_chain(loan) if loan else application.verify_chain()
     if result.breach is not None:
         fail(f"integrity breach: {result.breach}")
     typer.echo(f"ok: {result.events_checked} events in {result.aggregates_checked} chains verified")
+
+
+@app.command("reconcile")
+def reconcile_command(token: Token) -> None:
+    """Compare storage with the log: orphan objects, missing or changed originals (recorded)."""
+    with archive() as application:
+        who = caller(application, token, Role.AUDITOR, Role.ADMIN)
+        report = application.reconcile(who.context("reconcile"))
+    for key in report.orphans:
+        typer.echo(f"orphan object (no event references it): {key}")
+    for key in report.temporaries:
+        typer.echo(f"leftover of an interrupted upload: {key}")
+    for item in report.missing:
+        typer.echo(
+            f"MISSING original of document {item['document_id']} (loan {item['loan_number']})"
+        )
+    for item in report.changed:
+        typer.echo(
+            f"CHANGED original of document {item['document_id']} (loan {item['loan_number']})"
+        )
+    if report.missing or report.changed:
+        fail(f"{len(report.missing) + len(report.changed)} originals missing or changed")
+    typer.echo(f"reconciled: {len(report.orphans)} orphans, {len(report.temporaries)} leftovers")
+
+
+@app.command("import")
+def import_command(
+    token: Token,
+    directory: Annotated[Path | None, typer.Argument(help="A folder of originals.")] = None,
+    loan: Annotated[
+        str | None, typer.Option(help="Loan number for every file of DIRECTORY.")
+    ] = None,
+    doc_type: Annotated[
+        str | None, typer.Option("--type", help="Document type for every file.")
+    ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="CSV with columns path, loan_number, doc_type.")
+    ] = None,
+) -> None:
+    """Upload a folder (or a manifest) of originals; files already archived are skipped."""
+    from archive.imports import plan_import, run_import
+
+    plan = plan_import(directory, loan, doc_type, manifest)
+    with archive() as application:
+        who = caller(application, token, Role.ARCHIVIST, Role.CREDIT_OFFICER)
+        summary = run_import(application, who.context("import"), plan)
+    typer.echo(
+        f"imported {summary.imported}, skipped {summary.skipped} already archived, "
+        f"failed {len(summary.failures)}"
+    )
+    for path, message in summary.failures:
+        typer.echo(f"failed: {path}: {message}", err=True)
+    if summary.failures:
+        raise typer.Exit(1)
 
 
 # -- loan files ----------------------------------------------------------------------------
@@ -292,8 +367,10 @@ def valuations_review(valuation_id: UUID, token: Token, data: Data) -> None:
 
 def main() -> None:
     """Console entry point: every expected failure is one line on stderr."""
+    from typer._click.exceptions import ClickException
+
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (SettingsError, ArchiveError, CliError) as exc:
@@ -301,13 +378,10 @@ def main() -> None:
         sys.exit(2 if isinstance(exc, SettingsError) else 1)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except ClickException as exc:  # usage errors: unknown option, missing argument
+        typer.echo(f"loan-archive: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 __all__ = ["Settings", "app", "main"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -132,11 +132,13 @@ def verify_events(
     return ChainReport(count, len(heads), None)
 
 
-def iter_log(recorder: ApplicationRecorder, batch: int = 1000) -> Iterator[tuple[int, StoredEvent]]:
-    """Every stored event of the application, in order of position, read in batches."""
+def iter_log(
+    recorder: ApplicationRecorder, batch: int = 1000, topics: Sequence[str] = ()
+) -> Iterator[tuple[int, StoredEvent]]:
+    """Every stored event (of ``topics``, if given), in order of position, read in batches."""
     start = 0
     while True:
-        notes = recorder.select_notifications(start, batch, inclusive_of_start=False)
+        notes = recorder.select_notifications(start, batch, topics=topics, inclusive_of_start=False)
         if not notes:
             return
         for n in notes:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +38,23 @@ class Settings(BaseSettings):
         le=10,
         description="Appraisal above reviewed value by more than this share is an overvaluation.",
     )
+    blob_url: str | None = Field(
+        None,
+        description="Where originals live. Unset: files under the data dir. s3://BUCKET: an "
+        "S3 server (ARCHIVE_S3_*).",
+    )
+    s3_endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3 server.")
+    s3_secure: bool = Field(True, description="Use TLS to reach the S3 server.")
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_region: str | None = None
+    retention_mode: Literal["COMPLIANCE", "GOVERNANCE"] = Field(
+        "COMPLIANCE", description="S3 Object Lock mode for originals."
+    )
+    retention_days: int = Field(
+        3650, ge=0, le=36500, description="Object Lock retention of originals; 0 = none."
+    )
+    max_upload_bytes: int = Field(10 * 1024**3, ge=1, description="Largest original accepted.")
     demo_data: bool = Field(True, description="Seed demo loan files into an empty archive.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -52,6 +69,32 @@ class Settings(BaseSettings):
         if parts.scheme.startswith("postgres") and not (parts.hostname and parts.path.strip("/")):
             raise ValueError("a PostgreSQL URL needs a host and a database name")
         return value
+
+    @field_validator("blob_url")
+    @classmethod
+    def _check_blob_url(cls, value: str | None) -> str | None:
+        if value is None or value.strip() == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("s3", "file"):
+            raise ValueError("must be s3://BUCKET or file:///PATH")
+        if parts.scheme == "s3" and not parts.netloc:
+            raise ValueError("an s3:// URL needs a bucket name")
+        return value
+
+    @property
+    def blob_backend(self) -> Literal["filesystem", "s3"]:
+        return "s3" if self.blob_url and self.blob_url.startswith("s3:") else "filesystem"
+
+    @property
+    def blob_root(self) -> Path:
+        if self.blob_url and self.blob_url.startswith("file:"):
+            return Path(urlsplit(self.blob_url).path)
+        return self.data_dir / "originals"
+
+    @property
+    def s3_bucket(self) -> str:
+        return urlsplit(self.blob_url or "").netloc
 
     @cached_property
     def backend(self) -> Literal["sqlite", "postgres"]:

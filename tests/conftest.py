@@ -91,3 +91,38 @@ def archive(settings: Settings) -> Iterator[ArchiveApp]:
 @pytest.fixture
 def officer() -> CommandContext:
     return CommandContext("officer.one", Role.CREDIT_OFFICER.value, "test")
+
+
+# ---------------------------------------------------------------------------
+# Blob-store-parametrised fixtures for the documents suite: every test that asks
+# for `doc_settings` runs on the filesystem store and on a real S3 server.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["filesystem"])
+def blob_backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def doc_settings(blob_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    return Settings(data_dir=tmp_path, demo_data=False)
+
+
+@pytest.fixture
+def doc_archive(doc_settings: Settings) -> Iterator[ArchiveApp]:
+    app = ArchiveApp(doc_settings)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def tamper(blob_backend: str, doc_settings: Settings):  # type: ignore[no-untyped-def]
+    """Change a stored original's bytes behind the archive's back."""
+
+    def change(archive: ArchiveApp, key: str, content: bytes) -> None:
+        path = doc_settings.blob_root / key
+        path.chmod(0o644)
+        path.write_bytes(content)
+
+    return change

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from archive.application import ArchiveApp, Outcome
 from archive.domain import CommandContext
+from archive.settings import Settings
 
 
 def loan_terms(loan_number: str = "CR-1", **overrides: Any) -> dict[str, Any]:
@@ -60,3 +62,12 @@ def open_loan(
     archive: ArchiveApp, ctx: CommandContext, loan_number: str = "CR-1", **kw: Any
 ) -> Outcome:
     return archive.open_loan(ctx, **loan_terms(loan_number, **kw))
+
+
+def settings_json(settings: Settings) -> str:
+    """Settings as JSON for a child process, secrets included (tests only)."""
+    values = settings.model_dump(mode="json", exclude_none=True)
+    for secret in ("s3_access_key", "s3_secret_key"):
+        if getattr(settings, secret) is not None:
+            values[secret] = getattr(settings, secret).get_secret_value()
+    return json.dumps(values)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-from factories import loan_terms
+from factories import loan_terms, settings_json
 
 from archive.application import ArchiveApp, operator_context
 from archive.blobstore import content_key
@@ -58,14 +57,6 @@ CHILD = textwrap.dedent(
     sys.exit(0)
     """
 )
-
-
-def settings_json(settings: Settings) -> str:
-    values = settings.model_dump(mode="json", exclude_none=True)
-    for secret in ("s3_access_key", "s3_secret_key"):
-        if getattr(settings, secret) is not None:
-            values[secret] = getattr(settings, secret).get_secret_value()
-    return json.dumps(values)
 
 
 @pytest.mark.parametrize("mode", ["raise", "kill"])

@@ -9,13 +9,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import Archive, IfMatch, context, require, run_command
+from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command
 from api.encoding import jsonable
 from api.loans import Command
 from archive.application import Principal
 from archive.domain import Role
 
-router = APIRouter(prefix="/api/v1/collateral", tags=["collateral"])
+router = APIRouter(prefix="/api/v1/collateral", tags=["collateral"], route_class=AuthFirstRoute)
 
 Writer = Annotated[Principal, Depends(require(Role.CREDIT_OFFICER))]
 Reader = Annotated[Principal, Depends(require(*Role))]

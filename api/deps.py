@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, Response
+from fastapi.dependencies.models import Dependant
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from api.encoding import jsonable
+from api.problems import problem
 from archive.application import ArchiveApp, Outcome, Principal, StaleVersionError
 from archive.domain import CommandContext, Role
 from archive.exceptions import (
+    ArchiveError,
     AuthenticationError,
     DomainError,
     PermissionDeniedError,
@@ -33,12 +38,23 @@ Archive = Annotated[ArchiveApp, Depends(get_archive)]
 
 
 def authenticated(
+    request: Request,
     archive: Archive,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
+    known = getattr(request.state, "principal", None)
+    if known is not None:  # already authenticated by AuthFirstRoute
+        return known
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise AuthenticationError("send Authorization: Bearer <token>")
     return archive.authenticate(credentials.credentials)
+
+
+def admit(principal: Principal, allowed: frozenset[Role]) -> Principal:
+    if principal.role not in allowed:
+        names = ", ".join(sorted(r.value for r in allowed))
+        raise PermissionDeniedError(f"role {principal.role.value} may not do this; needs {names}")
+    return principal
 
 
 def require(*roles: Role) -> Callable[..., Principal]:
@@ -46,15 +62,49 @@ def require(*roles: Role) -> Callable[..., Principal]:
     allowed = frozenset(roles)
 
     def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
-        if principal.role not in allowed:
-            names = ", ".join(sorted(r.value for r in allowed))
-            raise PermissionDeniedError(
-                f"role {principal.role.value} may not do this; needs {names}"
-            )
-        return principal
+        return admit(principal, allowed)
 
-    check.allowed_roles = allowed  # type: ignore[attr-defined]  # read by the role-table test
+    check.allowed_roles = allowed  # type: ignore[attr-defined]  # read by AuthFirstRoute
     return check
+
+
+def _allowed_roles(dependant: Dependant) -> frozenset[Role] | None:
+    for dependency in dependant.dependencies:
+        roles = getattr(dependency.call, "allowed_roles", None)
+        if roles is not None:
+            return roles
+        nested = _allowed_roles(dependency)
+        if nested is not None:
+            return nested
+    return None
+
+
+def _authorize(request: Request, roles: frozenset[Role]) -> Principal:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("send Authorization: Bearer <token>")
+    return admit(get_archive(request).authenticate(token.strip()), roles)
+
+
+class AuthFirstRoute(APIRoute):
+    """Authenticate and check the role before the body is parsed, so a caller who may
+    not use a route learns 401/403 whatever they sent, never a 422 (or a spooled upload)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        roles = _allowed_roles(self.dependant)
+        if roles is None:
+            return handler
+
+        async def guarded(request: Request) -> Response:
+            try:
+                principal = await run_in_threadpool(_authorize, request, roles)
+            except ArchiveError as exc:
+                return problem(exc.status, exc.title, str(exc), request)
+            request.state.principal = principal
+            return await handler(request)
+
+        return guarded
 
 
 def context(

@@ -11,14 +11,14 @@ from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import Archive, context, require, run_command
+from api.deps import Archive, AuthFirstRoute, context, require, run_command
 from api.encoding import jsonable
 from api.problems import problem
 from archive.application import Principal
 from archive.domain import Role
 from archive.exceptions import ArchiveError, DomainError
 
-router = APIRouter(prefix="/api/v1/documents", tags=["documents"])
+router = APIRouter(prefix="/api/v1/documents", tags=["documents"], route_class=AuthFirstRoute)
 
 Uploader = Annotated[Principal, Depends(require(Role.ARCHIVIST, Role.CREDIT_OFFICER))]
 Reader = Annotated[Principal, Depends(require(*Role))]
@@ -196,9 +196,18 @@ def legal_hold(
     return run_command(lambda _: archive.set_legal_hold(ctx, document_id, body.on), None, None)
 
 
+class FixityRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field("fixity check", max_length=2000)
+
+
 @router.post("/fixity-checks", summary="Re-read every original and record its fixity")
-def fixity_checks(archive: Archive, who: Checker, request: Request) -> JSONResponse:
-    results = archive.check_fixity(context(who, request, "fixity check"))
+def fixity_checks(
+    archive: Archive, who: Checker, request: Request, body: FixityRun | None = None
+) -> JSONResponse:
+    reason = body.reason if body is not None else "fixity check"
+    results = archive.check_fixity(context(who, request, reason))
     failures = [r for r in results if r.outcome != "ok"]
     return JSONResponse(
         jsonable(

@@ -4,13 +4,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from api.deps import Archive, require
+from api.deps import Archive, AuthFirstRoute, require
 from api.encoding import jsonable
 from archive.application import Principal
 from archive.domain import Role
 from archive.integrity import ChainReport
 
-router = APIRouter(prefix="/api/v1/integrity", tags=["integrity"])
+router = APIRouter(prefix="/api/v1/integrity", tags=["integrity"], route_class=AuthFirstRoute)
 
 Auditor = Annotated[Principal, Depends(require(Role.AUDITOR, Role.ADMIN))]
 

@@ -3,18 +3,19 @@
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import Archive, IfMatch, context, require, run_command
+from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command
 from api.encoding import jsonable
 from archive.application import Principal
 from archive.domain import Role
 from archive.loans import LoanFile
 
-router = APIRouter(prefix="/api/v1/loans", tags=["loans"])
+router = APIRouter(prefix="/api/v1/loans", tags=["loans"], route_class=AuthFirstRoute)
 
 Writer = Annotated[Principal, Depends(require(Role.CREDIT_OFFICER))]
 Reader = Annotated[Principal, Depends(require(*Role))]
@@ -112,7 +113,7 @@ def open_loan(body: OpenLoan, archive: Archive, who: Writer, request: Request) -
         None,
         None,
         status_code=201,
-        location=f"/api/v1/loans/{body.loan_number}",
+        location=f"/api/v1/loans/{quote(body.loan_number.strip(), safe='')}",
     )
 
 

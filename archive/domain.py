@@ -118,6 +118,9 @@ class ArchiveAggregate(Aggregate):
 # Validation helpers shared by the aggregates: each raises DomainError with a clear message.
 
 CURRENCY = re.compile(r"^[A-Z]{3}$")
+# Amounts stay far inside Decimal's default 28-digit context, so sums never round.
+MAX_AMOUNT = Decimal("1000000000000000")
+CENT = Decimal("0.01")
 E = TypeVar("E", bound=StrEnum)
 
 
@@ -142,7 +145,23 @@ def money(value: Decimal | int | str, what: str, *, allow_zero: bool = False) ->
         )
     if amount.as_tuple().exponent < -2:  # type: ignore[operator]
         raise DomainError(f"{what} has more than two decimal places: {amount}")
-    return amount
+    if amount >= MAX_AMOUNT:
+        raise DomainError(f"{what} must be below {MAX_AMOUNT:,}")
+    return amount.quantize(CENT)
+
+
+LOAN_NUMBER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def loan_number(value: str) -> str:
+    """Loan numbers appear in URLs and file names: letters, digits, '.', '_' and '-' only."""
+    cleaned = (value or "").strip()
+    if not LOAN_NUMBER.match(cleaned):
+        raise DomainError(
+            f"loan number {value!r} must be 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return cleaned
 
 
 def currency(value: str) -> str:

@@ -18,6 +18,7 @@ from archive.domain import (
     stable_id,
     text,
 )
+from archive.domain import loan_number as valid_loan_number
 from archive.exceptions import DomainError
 
 
@@ -292,7 +293,7 @@ class LoanFile(ArchiveAggregate):
         branch: str,
         village_group: str | None = None,
     ) -> Self:
-        number = text(loan_number, "loan number", max_length=64)
+        number = valid_loan_number(loan_number)
         kind = choice(Product, product, "product")
         group = (village_group or "").strip() or None
         if kind in (Product.VILLAGE_GROUP, Product.COOPERATIVE) and group is None:

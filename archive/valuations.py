@@ -120,11 +120,14 @@ class Valuation(ArchiveAggregate):
         revaluation_due: date | str | None = None,
     ) -> Self:
         appraised_on = a_date(appraisal_date, "appraisal date")
-        due = (
-            a_date(revaluation_due, "revaluation due date")
-            if revaluation_due
-            else add_months(appraised_on, 12)
-        )
+        if revaluation_due:
+            due = a_date(revaluation_due, "revaluation due date")
+        elif appraised_on.year >= 9999:
+            raise DomainError(
+                "give a revaluation due date: a year after this appraisal has no date"
+            )
+        else:
+            due = add_months(appraised_on, 12)
         if due <= appraised_on:
             raise DomainError("the revaluation due date must be after the appraisal date")
         return cls._start(

@@ -1,0 +1,1076 @@
+"""HTTP behaviour of the API, on both backends, through FastAPI's TestClient.
+
+Every test that takes the ``api`` fixture runs once on SQLite and once on PostgreSQL.
+The fuzz tests at the end run on SQLite only, against an archive built here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from factories import appraisal_fields, loan_terms, mortgage_fields
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from httpx import Response
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from api.app import create_app
+from archive.application import ArchiveApp, operator_context
+from archive.domain import CommandContext
+from archive.settings import Settings
+
+PROBLEM_JSON = "application/problem+json"
+
+USERS = {
+    "archivist": "ines.archivist",
+    "credit_officer": "ana.officer",
+    "auditor": "raul.auditor",
+    "compliance": "eva.compliance",
+    "admin": "root.admin",
+}
+OFFICER = USERS["credit_officer"]
+
+CHECKLIST = {
+    "creditor_debtor_relationship_clear": True,
+    "willingness_to_pay": True,
+    "capacity_to_pay": False,
+    "valid_assets": True,
+    "asset_disposal_feasible": True,
+    "liabilities_investigated": True,
+}
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def loan_body(loan_number: str = "CR-1", **overrides: Any) -> dict[str, Any]:
+    """An OpenLoan request body (the factories speak the domain's ``currency_code``)."""
+    body = loan_terms(loan_number)
+    body["currency"] = body.pop("currency_code")
+    body.update(overrides)
+    return body
+
+
+def mortgage_body(loan_number: str = "CR-1", **overrides: Any) -> dict[str, Any]:
+    body = mortgage_fields(loan_number)
+    body["currency"] = body.pop("currency_code")
+    body.update(overrides)
+    return body
+
+
+def appraisal_body(loan_number: str = "CR-1", **overrides: Any) -> dict[str, Any]:
+    body = appraisal_fields(loan_number)
+    body["currency"] = body.pop("currency_code")
+    body.update(overrides)
+    return body
+
+
+def assert_problem(resp: Response, status: int) -> dict[str, Any]:
+    """The response is an RFC 9457 problem with ``status``; return its body."""
+    assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {resp.text}"
+    assert resp.headers["content-type"].split(";")[0].strip() == PROBLEM_JSON, resp.headers
+    body = resp.json()
+    assert body["status"] == status
+    for key in ("type", "title", "detail"):
+        assert isinstance(body[key], str), (key, body)
+        assert body[key], (key, body)
+    return body
+
+
+def assert_ok(resp: Response, status: int = 200) -> dict[str, Any]:
+    assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {resp.text}"
+    assert resp.headers["content-type"].split(";")[0].strip() == "application/json"
+    return resp.json()
+
+
+def zulu(iso: str) -> str:
+    """An ISO moment from the API (``+00:00``) written with ``Z``."""
+    moment = datetime.fromisoformat(iso)
+    assert moment.utcoffset() == timedelta(0)
+    return moment.replace(tzinfo=None).isoformat() + "Z"
+
+
+@dataclass
+class Api:
+    client: TestClient
+    archive: ArchiveApp
+    settings: Settings
+    tokens: dict[str, str]
+
+    def headers(self, role: str | None = "credit_officer", **extra: str) -> dict[str, str]:
+        headers = dict(extra)
+        if role is not None:
+            headers["Authorization"] = f"Bearer {self.tokens[role]}"
+        return headers
+
+    def get(self, path: str, role: str | None = "credit_officer", **kw: Any) -> Response:
+        headers = {**self.headers(role), **kw.pop("headers", {})}
+        return self.client.get(path, headers=headers, **kw)
+
+    def post(
+        self,
+        path: str,
+        json: Any = None,
+        role: str | None = "credit_officer",
+        **kw: Any,
+    ) -> Response:
+        headers = {**self.headers(role), **kw.pop("headers", {})}
+        return self.client.post(path, json=json, headers=headers, **kw)
+
+    def open(self, loan_number: str = "CR-1", **overrides: Any) -> dict[str, Any]:
+        return assert_ok(self.post("/api/v1/loans", loan_body(loan_number, **overrides)), 201)
+
+    def history(self, loan_number: str) -> list[dict[str, Any]]:
+        return assert_ok(self.get(f"/api/v1/loans/{loan_number}/history"))
+
+
+def make_api(settings: Settings, archive: ArchiveApp) -> Api:
+    tokens = {
+        role: archive.add_user(operator_context(), name, role) for role, name in USERS.items()
+    }
+    client = TestClient(create_app(settings, archive), raise_server_exceptions=False)
+    return Api(client, archive, settings, tokens)
+
+
+@pytest.fixture
+def api(settings: Settings, archive: ArchiveApp) -> Api:
+    return make_api(settings, archive)
+
+
+# -- health and the OpenAPI document ------------------------------------------------------------
+
+
+def test_healthz_needs_no_token_and_reports_the_log_head(api: Api) -> None:
+    api.open()
+    body = assert_ok(api.client.get("/healthz"))
+    assert body["status"] == "ok"
+    assert body["backend"] == api.settings.backend
+    assert isinstance(body["log_head"], int)
+    assert body["log_head"] == api.archive.head_position() > 0
+
+
+def api_routes(app: Any) -> list[tuple[str, frozenset[str]]]:
+    """(path, methods) of every APIRoute, looking inside included routers.
+
+    Recent FastAPI keeps included routers as lazy entries in ``app.routes``; older
+    versions copy their routes in. ``iter_route_contexts`` flattens the former.
+    """
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # pragma: no cover - older FastAPI: app.routes is flat
+        pairs = [(r, r) for r in app.routes]
+    else:
+        pairs = [(c.original_route, c) for c in iter_route_contexts(app.routes)]
+    return [(c.path, frozenset(c.methods)) for orig, c in pairs if isinstance(orig, APIRoute)]
+
+
+def test_openapi_lists_every_route_and_every_post_has_a_request_body(api: Api) -> None:
+    doc = assert_ok(api.client.get("/openapi.json"))
+    paths = doc["paths"]
+    routes = api_routes(api.client.app)
+    assert len(routes) > 20
+    for path, methods in routes:
+        assert path in paths, path
+        for method in methods:
+            operation = paths[path].get(method.lower())
+            assert operation is not None, (method, path)
+            if method == "POST":
+                body = operation.get("requestBody")
+                assert body is not None, f"POST {path} documents no request body"
+                assert body["content"], path
+                for media_type, content in body["content"].items():
+                    assert content.get("schema"), (path, media_type)
+    documented = {(m.upper(), p) for p, ops in paths.items() for m in ops}
+    served = {(m, p) for p, methods in routes for m in methods}
+    assert documented == served
+
+
+# -- opening and reading loan files --------------------------------------------------------------
+
+
+def test_open_loan_answers_201_with_location_and_the_loan_reads_back(api: Api) -> None:
+    resp = api.post("/api/v1/loans", loan_body("CR-1", reason="new mortgage"))
+    created = assert_ok(resp, 201)
+    assert resp.headers["location"] == "/api/v1/loans/CR-1"
+    assert resp.headers["etag"] == '"1"'
+    assert created["version"] == 1
+    assert isinstance(created["position"], int)
+
+    resp = api.get(resp.headers["location"])
+    loan = assert_ok(resp)
+    assert resp.headers["etag"] == '"1"'
+    assert loan["id"] == created["id"]
+    assert loan["version"] == 1
+    assert loan["loan_number"] == "CR-1"
+    assert loan["borrower"] == {"name": "Ana Pérez Núñez", "national_id": "12345678Z"}
+    assert loan["status"] == "performing"
+    assert loan["classification"] == "pass"
+    assert loan["disbursement_date"] == "2024-01-15"
+    # Money is a string, never a float.
+    assert loan["principal"] == "100000.00"
+    assert loan["interest_rate"] == "3.50"
+    assert loan["outstanding"] == "100000.00"
+    for key in ("repaid", "recovered"):
+        assert isinstance(loan[key], str)
+    assert loan["collateral"] == [] and loan["valuations"] == []
+
+
+@pytest.mark.parametrize(
+    "loan_number",
+    [" CR-9 ", "CR/2024/000123", "CR-Ñ-1", "贷款-1"],
+    ids=["padded", "slashes", "latin1", "non-latin1"],
+)
+def test_a_created_loans_location_leads_to_it(api: Api, loan_number: str) -> None:
+    """Whatever loan numbers the archive accepts, the Location it answers must resolve."""
+    resp = api.post("/api/v1/loans", loan_body(loan_number))
+    if resp.status_code == 422:  # refusing the number is a valid answer
+        assert_problem(resp, 422)
+        return
+    created = assert_ok(resp, 201)
+    location = resp.headers["location"]
+    found = api.get(location)
+    assert found.status_code == 200, f"Location {location!r} answers {found.status_code}"
+    assert found.json()["id"] == created["id"]
+
+
+def test_money_is_serialised_as_strings_everywhere(api: Api) -> None:
+    api.open()
+    assert_ok(
+        api.post("/api/v1/loans/CR-1/repayments", {"amount": "2500.10", "paid_on": "2024-02-01"})
+    )
+    loan = assert_ok(api.get("/api/v1/loans/CR-1"))
+    assert loan["repayments"] == [{"amount": "2500.10", "paid_on": "2024-02-01"}]
+    assert loan["repaid"] == "2500.10"
+    assert loan["outstanding"] == "97499.90"
+    [opened, repaid] = api.history("CR-1")
+    assert opened["fields"]["principal"] == "100000.00"
+    assert repaid["fields"]["amount"] == "2500.10"
+
+
+# -- every LoanFile command ------------------------------------------------------------------------
+
+COMMAND_STEPS: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = [
+    (
+        "status",
+        {"status": "overdue"},
+        "StatusChanged",
+        {"old_status": "performing", "new_status": "overdue"},
+    ),
+    (
+        "classification",
+        {"classification": "substandard"},
+        "Classified",
+        {"old_classification": "pass", "new_classification": "substandard"},
+    ),
+    (
+        "officers",
+        {"duty": "loan", "officer": "Marta Ruiz"},
+        "OfficerAssigned",
+        {"duty": "loan", "officer": "Marta Ruiz", "previous_officer": None},
+    ),
+    (
+        "officers",
+        {"duty": "collection", "officer": "Jorge Sanz"},
+        "OfficerAssigned",
+        {"duty": "collection", "officer": "Jorge Sanz", "previous_officer": None},
+    ),
+    (
+        "investigation",
+        {"checklist": CHECKLIST, "investigated_on": "2024-06-01", "notes": "visited the borrower"},
+        "InvestigationRecorded",
+        {"checklist": CHECKLIST, "investigated_on": "2024-06-01", "notes": "visited the borrower"},
+    ),
+    (
+        "status",
+        {"status": "non_performing"},
+        "StatusChanged",
+        {"old_status": "overdue", "new_status": "non_performing"},
+    ),
+    (
+        "recovery-category",
+        {"category": "recoverable_with_effort", "causes_of_default": ["job loss"]},
+        "RecoveryCategorised",
+        {"category": "recoverable_with_effort", "causes_of_default": ["job loss"]},
+    ),
+    (
+        "recovery-plan",
+        {
+            "summary": "monthly instalments",
+            "target_date": "2025-06-30",
+            "target_amount": "50000.00",
+        },
+        "RecoveryPlanSet",
+        {
+            "summary": "monthly instalments",
+            "target_date": "2025-06-30",
+            "target_amount": "50000.00",
+        },
+    ),
+    (
+        "collection-actions",
+        {
+            "kind": "visit",
+            "action_date": "2024-07-01",
+            "outcome": "promised to pay",
+            "amount_recovered": "1500.50",
+            "officer": "Jorge Sanz",
+        },
+        "CollectionActionRecorded",
+        {"kind": "visit", "amount_recovered": "1500.50", "officer": "Jorge Sanz"},
+    ),
+    (
+        "repayments",
+        {"amount": "2500.00", "paid_on": "2024-07-15"},
+        "RepaymentRecorded",
+        {"amount": "2500.00", "paid_on": "2024-07-15"},
+    ),
+    (
+        "inspections",
+        {
+            "kind": "monthly",
+            "inspected_on": "2024-07-31",
+            "inspector": "Marta Ruiz",
+            "findings": "property in good repair",
+        },
+        "InspectionRecorded",
+        {"kind": "monthly", "inspector": "Marta Ruiz", "findings": "property in good repair"},
+    ),
+]
+
+
+def test_every_loan_command_works_and_lands_in_the_history(api: Api) -> None:
+    api.open("CR-1", reason="new mortgage")
+    positions = []
+    for i, (path, body, _, _) in enumerate(COMMAND_STEPS):
+        resp = api.post(
+            f"/api/v1/loans/CR-1/{path}",
+            {**body, "reason": f"step {i}"},
+            headers={"X-Correlation-Id": f"req-{i}"},
+        )
+        outcome = assert_ok(resp)
+        assert outcome["version"] == i + 2, path
+        assert resp.headers["etag"] == f'"{i + 2}"'
+        positions.append(outcome["position"])
+    assert positions == sorted(positions) and len(set(positions)) == len(positions)
+
+    loan = assert_ok(api.get("/api/v1/loans/CR-1"))
+    assert loan["version"] == len(COMMAND_STEPS) + 1
+    assert loan["status"] == "non_performing"
+    assert loan["classification"] == "substandard"
+    assert loan["loan_officer"] == "Marta Ruiz"
+    assert loan["collection_officer"] == "Jorge Sanz"
+    assert [h["assigned_by"] for h in loan["officer_history"]] == [OFFICER, OFFICER]
+    assert loan["investigation"]["checklist"] == CHECKLIST
+    assert loan["investigation"]["investigated_by"] == OFFICER
+    assert loan["recovery_category"] == "recoverable_with_effort"
+    assert loan["causes_of_default"] == ["job loss"]
+    assert loan["recovery_plan"]["target_amount"] == "50000.00"
+    assert loan["recovery_plan"]["set_by"] == OFFICER
+    assert loan["collection_actions"][0]["amount_recovered"] == "1500.50"
+    assert loan["repayments"] == [{"amount": "2500.00", "paid_on": "2024-07-15"}]
+    assert loan["inspections"][0]["findings"] == "property in good repair"
+    assert loan["recovered"] == "1500.50"
+    assert loan["repaid"] == "2500.00"
+    assert loan["outstanding"] == "95999.50"
+
+    history = api.history("CR-1")
+    assert len(history) == len(COMMAND_STEPS) + 1
+    assert [e["position"] for e in history] == sorted({e["position"] for e in history})
+    assert [e["version"] for e in history] == list(range(1, len(COMMAND_STEPS) + 2))
+    assert {e["aggregate_id"] for e in history} == {loan["id"]}
+    assert {e["aggregate_type"] for e in history} == {"LoanFile"}
+    opened, *changes = history
+    assert opened["type"] == "Opened"
+    assert opened["actor"] == OFFICER
+    assert opened["role"] == "credit_officer"
+    assert opened["reason"] == "new mortgage"
+    assert opened["fields"]["loan_number"] == "CR-1"
+    assert opened["position"] < changes[0]["position"]
+    for i, (event, (_, _, kind, fields)) in enumerate(zip(changes, COMMAND_STEPS, strict=True)):
+        assert event["type"] == kind
+        assert event["actor"] == OFFICER
+        assert event["role"] == "credit_officer"
+        assert event["reason"] == f"step {i}"
+        assert event["correlation_id"] == f"req-{i}"
+        assert event["position"] == positions[i]
+        datetime.fromisoformat(event["time"])
+        for key, value in fields.items():
+            assert event["fields"][key] == value, (kind, key)
+
+
+def test_a_refused_command_changes_nothing(api: Api) -> None:
+    api.open()
+    body = assert_problem(api.post("/api/v1/loans/CR-1/status", {"status": "written_off"}), 422)
+    assert "performing" in body["detail"] and "written_off" in body["detail"]
+    resp = api.get("/api/v1/loans/CR-1")
+    assert resp.headers["etag"] == '"1"'
+    assert resp.json()["status"] == "performing"
+    assert len(api.history("CR-1")) == 1
+
+
+# -- collateral ------------------------------------------------------------------------------------
+
+
+def test_collateral_routes_and_the_repeated_mortgage_rule(api: Api) -> None:
+    api.open("CR-1")
+    api.open("CR-2")
+
+    resp = api.post("/api/v1/collateral", mortgage_body("CR-1", reason="first mortgage"))
+    filed = assert_ok(resp, 201)
+    assert filed["version"] == 1
+    assert resp.headers["etag"] == '"1"'
+    reg = filed["id"]
+    resp = api.get(f"/api/v1/collateral/{reg}")
+    state = assert_ok(resp)
+    assert resp.headers["etag"] == '"1"'
+    assert state["loan_number"] == "CR-1"
+    assert state["status"] == "pending"
+    assert state["lien_rank"] == 1
+    assert state["secured_amount"] == "120000.00"
+    assert state["property"]["cadastral_reference"] == "9872023VH5797S0001WX"
+    assert state["repeated_mortgage"] is None
+    assert [c["id"] for c in assert_ok(api.get("/api/v1/loans/CR-1"))["collateral"]] == [reg]
+
+    # The same property for another loan: rank 1 is refused, rank 2 is a flagged repeat.
+    assert_problem(api.post("/api/v1/collateral", mortgage_body("CR-2", lien_rank=1)), 422)
+    resp = api.post(
+        "/api/v1/collateral",
+        mortgage_body("CR-2", lien_rank=2, cadastral_reference="9872023-vh5797s-0001wx"),
+    )
+    second = assert_ok(resp, 201)["id"]
+    events = [e for e in api.history("CR-2") if e["aggregate_id"] == second]
+    assert [e["type"] for e in events] == ["Filed", "RepeatedMortgageFlagged"]
+    assert all(e["aggregate_type"] == "MortgageRegistration" for e in events)
+    [other] = events[1]["fields"]["other_liens"]
+    assert other["loan_number"] == "CR-1"
+    assert other["lien_rank"] == 1
+    assert other["registration_id"] == reg
+    flagged = assert_ok(api.get(f"/api/v1/collateral/{second}"))
+    assert flagged["repeated_mortgage"]["other_liens"][0]["loan_number"] == "CR-1"
+
+    entry = {"registry_entry": "Tomo 1234, Libro 56, Folio 78", "registered_on": "2024-01-20"}
+    assert assert_ok(api.post(f"/api/v1/collateral/{reg}/registration", entry))["version"] == 2
+    visit = {
+        "officer": "Marta Ruiz",
+        "verified_on": "2024-03-01",
+        "findings": "as described",
+        "defects": ["damp in the basement"],
+    }
+    assert (
+        assert_ok(api.post(f"/api/v1/collateral/{reg}/site-verifications", visit))["version"] == 3
+    )
+    released = api.post(f"/api/v1/collateral/{reg}/release", {"released_on": "2044-02-01"})
+    assert assert_ok(released)["version"] == 4
+    assert released.headers["etag"] == '"4"'
+    assert_problem(
+        api.post(f"/api/v1/collateral/{reg}/release", {"released_on": "2044-02-02"}), 422
+    )
+
+    state = assert_ok(api.get(f"/api/v1/collateral/{reg}"))
+    assert state["status"] == "released"
+    assert state["registry_entry"] == "Tomo 1234, Libro 56, Folio 78"
+    assert state["registered_on"] == "2024-01-20"
+    assert state["released_on"] == "2044-02-01"
+    assert state["site_verifications"][0]["defects"] == ["damp in the basement"]
+    past = assert_ok(api.get(f"/api/v1/collateral/{reg}", params={"version": 2}))
+    assert past["status"] == "registered"
+    assert past["site_verifications"] == []
+
+    events = [e for e in api.history("CR-1") if e["aggregate_id"] == reg]
+    assert [e["type"] for e in events] == ["Filed", "Registered", "SiteVerified", "Released"]
+    assert {e["actor"] for e in events} == {OFFICER}
+    assert events[0]["reason"] == "first mortgage"
+
+
+def test_collateral_errors(api: Api) -> None:
+    api.open()
+    assert_problem(api.post("/api/v1/collateral", mortgage_body("NOPE")), 404)
+    assert_problem(api.post("/api/v1/collateral", mortgage_body(cadastral_reference="x")), 422)
+    assert_problem(api.post("/api/v1/collateral", mortgage_body(secured_amount="-1")), 422)
+    unknown = "00000000-0000-0000-0000-000000000000"
+    assert_problem(api.get(f"/api/v1/collateral/{unknown}"), 404)
+    assert_problem(api.get("/api/v1/collateral/not-a-uuid"), 422)
+    assert_problem(
+        api.post(f"/api/v1/collateral/{unknown}/release", {"released_on": "2030-01-01"}), 404
+    )
+
+
+def test_a_collateral_or_valuation_version_beyond_the_head_is_404(api: Api) -> None:
+    """As for loans: asking for version 99 of a version-1 record must not answer the head."""
+    api.open()
+    reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
+    val = assert_ok(api.post("/api/v1/valuations", appraisal_body()), 201)["id"]
+    for path in (f"/api/v1/collateral/{reg}", f"/api/v1/valuations/{val}"):
+        assert_ok(api.get(path, params={"version": 1}))
+        resp = api.get(path, params={"version": 99})
+        assert_problem(resp, 404)
+
+
+def test_an_out_of_range_version_is_a_client_error(api: Api) -> None:
+    api.open()
+    reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
+    val = assert_ok(api.post("/api/v1/valuations", appraisal_body()), 201)["id"]
+    for path in (f"/api/v1/collateral/{reg}", f"/api/v1/valuations/{val}", "/api/v1/loans/CR-1"):
+        for version in ("0", "-1", str(2**63), str(10**30)):
+            resp = api.get(path, params={"version": version})
+            assert resp.status_code in (404, 422), (path, version, resp.status_code, resp.text)
+            assert_problem(resp, resp.status_code)
+
+
+# -- valuations ------------------------------------------------------------------------------------
+
+
+def test_valuation_review_overvaluation_revaluation_and_supersession(api: Api) -> None:
+    api.open()
+    reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
+    resp = api.post("/api/v1/valuations", appraisal_body(collateral_id=reg, reason="initial"))
+    first = assert_ok(resp, 201)["id"]
+    assert resp.headers["etag"] == '"1"'
+    val = assert_ok(api.get(f"/api/v1/valuations/{first}"))
+    assert val["appraised_value"] == "150000.00"
+    assert val["collateral_id"] == reg
+    assert val["revaluation_due"] == "2025-01-10"
+    assert val["review"] is None and val["overvaluation"] is None
+
+    # The appraiser cannot review their own appraisal (case does not disguise them).
+    own = {"reviewer": "luis gómez", "reviewed_value": "150000.00"}
+    assert_problem(api.post(f"/api/v1/valuations/{first}/review", own), 422)
+
+    # Reviewed 20% below the appraisal: beyond the 10% margin, so flagged.
+    review = {"reviewer": "Carmen Ortiz", "reviewed_value": "120000.00", "notes": "comparables"}
+    resp = api.post(f"/api/v1/valuations/{first}/review", review)
+    assert assert_ok(resp)["version"] == 3
+    val = assert_ok(api.get(f"/api/v1/valuations/{first}"))
+    assert val["review"]["reviewer"] == "Carmen Ortiz"
+    assert val["review"]["reviewed_value"] == "120000.00"
+    assert val["overvaluation"] == {"excess_ratio": "0.2500", "margin": "0.10", "cut": "30000.00"}
+    events = [e for e in api.history("CR-1") if e["aggregate_id"] == first]
+    assert [e["type"] for e in events] == ["Appraised", "Reviewed", "OvervaluationFlagged"]
+    assert events[2]["fields"]["appraised_value"] == "150000.00"
+    assert events[2]["fields"]["reviewed_value"] == "120000.00"
+    assert {e["actor"] for e in events} == {OFFICER}
+    assert_problem(api.post(f"/api/v1/valuations/{first}/review", review), 422)  # reviewed once
+
+    # A new appraisal supersedes the first; within the margin it is not flagged.
+    body = appraisal_body(
+        appraised_value="130000.00", appraisal_date="2024-09-01", supersedes=first
+    )
+    second = assert_ok(api.post("/api/v1/valuations", body), 201)["id"]
+    assert assert_ok(api.get(f"/api/v1/valuations/{first}"))["superseded_by"] == second
+    within = {"reviewer": "Carmen Ortiz", "reviewed_value": "125000.00"}
+    assert assert_ok(api.post(f"/api/v1/valuations/{second}/review", within))["version"] == 2
+    assert assert_ok(api.get(f"/api/v1/valuations/{second}"))["overvaluation"] is None
+    assert_problem(api.post("/api/v1/valuations", appraisal_body(supersedes=first)), 422)
+
+    due = {"revaluation_due": "2025-03-01"}
+    assert assert_ok(api.post(f"/api/v1/valuations/{second}/revaluation", due))["version"] == 3
+    assert assert_ok(api.get(f"/api/v1/valuations/{second}"))["revaluation_due"] == "2025-03-01"
+    early = {"revaluation_due": "2024-01-01"}
+    assert_problem(api.post(f"/api/v1/valuations/{second}/revaluation", early), 422)
+
+    loan = assert_ok(api.get("/api/v1/loans/CR-1"))
+    assert [v["id"] for v in loan["valuations"]] == [first, second]
+
+
+def test_valuation_errors(api: Api) -> None:
+    api.open("CR-1")
+    api.open("CR-2")
+    reg = assert_ok(api.post("/api/v1/collateral", mortgage_body("CR-2")), 201)["id"]
+    assert_problem(api.post("/api/v1/valuations", appraisal_body(collateral_id=reg)), 422)
+    assert_problem(api.post("/api/v1/valuations", appraisal_body("NOPE")), 404)
+    assert_problem(api.post("/api/v1/valuations", appraisal_body(method="guess")), 422)
+    assert_problem(api.post("/api/v1/valuations", appraisal_body(appraised_value="0")), 422)
+    val = assert_ok(api.post("/api/v1/valuations", appraisal_body()), 201)["id"]
+    assert_problem(
+        api.post(f"/api/v1/valuations/{val}/review", {"reviewer": "X", "reviewed_value": "-5"}), 422
+    )
+
+
+def test_an_appraisal_at_the_end_of_the_calendar_is_refused_not_a_500(api: Api) -> None:
+    """The default revaluation date is a year on: an appraisal in 9999 has none to give."""
+    api.open()
+    resp = api.post("/api/v1/valuations", appraisal_body(appraisal_date="9999-06-01"))
+    assert resp.status_code < 500, resp.text
+    assert_problem(resp, 422)
+
+
+def test_an_extreme_overvaluation_is_flagged_not_a_500(api: Api) -> None:
+    api.open()
+    # Amounts are bounded below 10^15: an absurd appraisal is refused outright ...
+    absurd = api.post("/api/v1/valuations", appraisal_body(appraised_value="1E27"))
+    assert_problem(absurd, 422)
+    # ... and the largest accepted one against the smallest review is flagged, not a 500.
+    body = appraisal_body(appraised_value="999999999999999.99")
+    val = assert_ok(api.post("/api/v1/valuations", body), 201)["id"]
+    resp = api.post(f"/api/v1/valuations/{val}/review", {"reviewer": "X", "reviewed_value": "0.01"})
+    assert resp.status_code < 500, resp.text
+    if resp.status_code == 200:
+        assert assert_ok(api.get(f"/api/v1/valuations/{val}"))["overvaluation"] is not None
+    else:
+        assert_problem(resp, 422)
+
+
+def test_an_accepted_amount_never_makes_the_loan_unreadable(api: Api) -> None:
+    """Either the archive refuses an absurd principal, or it can show the loan it accepted."""
+    resp = api.post("/api/v1/loans", loan_body("CR-1", principal="1E+1000000"))
+    if resp.status_code == 201:
+        assert_ok(api.get("/api/v1/loans/CR-1"))
+    else:
+        assert_problem(resp, 422)
+
+
+# -- the past -------------------------------------------------------------------------------------
+
+
+def test_past_states_by_version_and_by_moment(api: Api) -> None:
+    api.open()
+    assert_ok(api.post("/api/v1/loans/CR-1/status", {"status": "overdue"}))
+    assert_ok(api.post("/api/v1/loans/CR-1/classification", {"classification": "doubtful"}))
+    reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
+    entry = {"registry_entry": "T-1", "registered_on": "2024-01-20"}
+    assert_ok(api.post(f"/api/v1/collateral/{reg}/registration", entry))
+
+    resp = api.get("/api/v1/loans/CR-1", params={"version": 1})
+    v1 = assert_ok(resp)
+    assert resp.headers["etag"] == '"1"'
+    assert (v1["version"], v1["status"], v1["classification"]) == (1, "performing", "pass")
+    v2 = assert_ok(api.get("/api/v1/loans/CR-1", params={"version": 2}))
+    assert (v2["version"], v2["status"], v2["classification"]) == (2, "overdue", "pass")
+    v3 = assert_ok(api.get("/api/v1/loans/CR-1", params={"version": 3}))
+    assert v3["classification"] == "doubtful" and v3["collateral"] == []
+    v4 = assert_ok(api.get("/api/v1/loans/CR-1", params={"version": 4}))
+    assert [c["status"] for c in v4["collateral"]] == ["pending"]  # registered only later
+    head = assert_ok(api.get("/api/v1/loans/CR-1"))
+    assert [c["status"] for c in head["collateral"]] == ["registered"]
+
+    times = {
+        e["version"]: e["time"] for e in api.history("CR-1") if e["aggregate_type"] == "LoanFile"
+    }
+    resp = api.get("/api/v1/loans/CR-1", params={"as_of": zulu(times[1])})
+    past = assert_ok(resp)
+    assert resp.headers["etag"] == '"1"'
+    assert (past["version"], past["status"]) == (1, "performing")
+    past = assert_ok(api.get("/api/v1/loans/CR-1", params={"as_of": zulu(times[2])}))
+    assert (past["version"], past["status"], past["classification"]) == (2, "overdue", "pass")
+    # The same moment in another zone is the same moment.
+    madrid = datetime.fromisoformat(times[2]).astimezone(timezone(timedelta(hours=2)))
+    past = assert_ok(api.get("/api/v1/loans/CR-1", params={"as_of": madrid.isoformat()}))
+    assert past["version"] == 2
+    future = assert_ok(api.get("/api/v1/loans/CR-1", params={"as_of": "2999-01-01T00:00:00Z"}))
+    assert future["version"] == head["version"]
+
+
+def test_bad_moments_and_versions(api: Api) -> None:
+    api.open()
+    naive = api.get("/api/v1/loans/CR-1", params={"as_of": "2030-01-01T00:00:00"})
+    assert "zone" in assert_problem(naive, 422)["detail"]
+    before = api.get("/api/v1/loans/CR-1", params={"as_of": "2000-01-01T00:00:00Z"})
+    assert_problem(before, 404)
+    assert_problem(api.get("/api/v1/loans/CR-1", params={"as_of": "yesterday"}), 422)
+    assert_problem(api.get("/api/v1/loans/CR-1", params={"version": 0}), 422)
+    assert_problem(api.get("/api/v1/loans/CR-1", params={"version": "one"}), 422)
+    assert_problem(api.get("/api/v1/loans/CR-1", params={"version": 2}), 404)
+    both = {"version": 1, "as_of": "2030-01-01T00:00:00Z"}
+    assert_problem(api.get("/api/v1/loans/CR-1", params=both), 422)
+
+
+# -- optimistic locking and errors --------------------------------------------------------------
+
+
+def test_if_match_and_expected_version(api: Api) -> None:
+    api.open()
+    assert_ok(
+        api.post("/api/v1/loans/CR-1/status", {"status": "overdue"}, headers={"If-Match": '"1"'})
+    )
+    stale = api.post(
+        "/api/v1/loans/CR-1/status", {"status": "performing"}, headers={"If-Match": '"1"'}
+    )
+    assert_problem(stale, 412)
+    stale = api.post("/api/v1/loans/CR-1/status", {"status": "performing", "expected_version": 1})
+    assert_problem(stale, 409)
+    assert assert_ok(api.get("/api/v1/loans/CR-1"))["version"] == 2
+    resp = api.post(
+        "/api/v1/loans/CR-1/status", {"status": "performing"}, headers={"If-Match": 'W/"2"'}
+    )
+    assert assert_ok(resp)["version"] == 3
+    assert resp.headers["etag"] == '"3"'
+    resp = api.post("/api/v1/loans/CR-1/status", {"status": "overdue", "expected_version": 3})
+    assert assert_ok(resp)["version"] == 4
+    assert_problem(
+        api.post("/api/v1/loans/CR-1/status", {"status": "x"}, headers={"If-Match": "v4"}), 422
+    )
+    # Collateral and valuations honour If-Match too.
+    reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
+    entry = {"registry_entry": "T-1", "registered_on": "2024-01-20"}
+    stale = api.post(f"/api/v1/collateral/{reg}/registration", entry, headers={"If-Match": '"2"'})
+    assert_problem(stale, 412)
+    assert_problem(
+        api.post(f"/api/v1/collateral/{reg}/registration", {**entry, "expected_version": 2}), 409
+    )
+
+
+def test_client_errors(api: Api) -> None:
+    api.open()
+    assert_problem(api.post("/api/v1/loans", loan_body("CR-1")), 409)
+    assert_problem(api.get("/api/v1/loans/NOPE"), 404)
+    assert_problem(api.get("/api/v1/loans/NOPE/history"), 404)
+    assert_problem(api.post("/api/v1/loans/NOPE/status", {"status": "overdue"}), 404)
+    assert_problem(api.post("/api/v1/loans", loan_body("CR-2", principal="-100.00")), 422)
+    assert_problem(api.post("/api/v1/loans", loan_body("CR-2", principal="ten")), 422)
+    assert_problem(api.post("/api/v1/loans", loan_body("CR-2", product="yacht")), 422)
+    assert_problem(api.post("/api/v1/loans", loan_body("CR-2", surprise=1)), 422)
+    assert_problem(api.post("/api/v1/loans", loan_body("CR-2", maturity_date="2020-01-01")), 422)
+    assert_problem(api.post("/api/v1/loans/CR-1/classification", {"classification": "awful"}), 422)
+    forbidden = api.post("/api/v1/loans/CR-1/status", {"status": "written_off"})
+    assert_problem(forbidden, 422)
+    assert_problem(api.post("/api/v1/loans/CR-1/status", {"status": "settled", "bogus": 1}), 422)
+    assert_problem(
+        api.post("/api/v1/loans/CR-1/status", {"status": "overdue", "expected_version": 0}), 422
+    )
+    assert_problem(
+        api.client.post("/api/v1/loans/CR-1/status", content=b"{", headers=api.headers()), 422
+    )
+    assert_problem(api.client.put("/api/v1/loans/CR-1", headers=api.headers()), 405)
+    assert_problem(api.client.get("/api/v1/nothing-here", headers=api.headers()), 404)
+    # None of that left a trace.
+    assert assert_ok(api.get("/api/v1/loans/CR-1"))["version"] == 1
+    assert_problem(api.get("/api/v1/loans/CR-2"), 404)
+
+
+# -- authentication --------------------------------------------------------------------------------
+
+
+def test_missing_or_bad_tokens_are_401(api: Api) -> None:
+    api.open()
+    for headers in (
+        {},
+        {"Authorization": "Bearer la_not-a-real-token"},
+        {"Authorization": f"Basic {api.tokens['admin']}"},
+        {"Authorization": "Bearer"},
+    ):
+        for resp in (
+            api.client.get("/api/v1/loans/CR-1", headers=headers),
+            api.client.post(
+                "/api/v1/loans/CR-1/status", json={"status": "overdue"}, headers=headers
+            ),
+            api.client.get("/api/v1/users/me", headers=headers),
+        ):
+            assert_problem(resp, 401)
+            assert resp.headers["www-authenticate"].startswith("Bearer"), headers
+    assert assert_ok(api.get("/api/v1/loans/CR-1"))["version"] == 1
+
+
+def test_a_deactivated_users_token_is_401(api: Api) -> None:
+    token = api.archive.add_user(operator_context(), "leaving.user", "credit_officer")
+    me = api.client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"})
+    assert assert_ok(me) == {"name": "leaving.user", "role": "credit_officer"}
+    assert_ok(api.post("/api/v1/users/leaving.user/deactivate", {"reason": "left"}, role="admin"))
+    for resp in (
+        api.client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"}),
+        api.client.post(
+            "/api/v1/loans", json=loan_body(), headers={"Authorization": f"Bearer {token}"}
+        ),
+    ):
+        body = assert_problem(resp, 401)
+        assert "deactivated" in body["detail"]
+        assert resp.headers["www-authenticate"].startswith("Bearer")
+    assert_problem(api.get("/api/v1/loans/CR-1"), 404)  # the open did not happen
+
+
+def test_users_routes(api: Api) -> None:
+    me = assert_ok(api.get("/api/v1/users/me", role="auditor"))
+    assert me == {"name": USERS["auditor"], "role": "auditor"}
+    added = assert_ok(
+        api.post("/api/v1/users", {"name": "new.user", "role": "archivist"}, role="admin"), 201
+    )
+    assert added["token"].startswith("la_")
+    headers = {"Authorization": f"Bearer {added['token']}"}
+    assert assert_ok(api.client.get("/api/v1/users/me", headers=headers))["role"] == "archivist"
+    assert_problem(
+        api.post("/api/v1/users", {"name": "new.user", "role": "archivist"}, role="admin"), 409
+    )
+    assert_problem(
+        api.post("/api/v1/users", {"name": "Bad Name", "role": "archivist"}, role="admin"), 422
+    )
+    assert_problem(api.post("/api/v1/users", {"name": "x.y", "role": "king"}, role="admin"), 422)
+    assert_ok(api.post("/api/v1/users/new.user/role", {"role": "auditor"}, role="admin"))
+    assert assert_ok(api.client.get("/api/v1/users/me", headers=headers))["role"] == "auditor"
+    second = assert_ok(api.post("/api/v1/users/new.user/tokens", {}, role="admin"), 201)["token"]
+    assert second != added["token"]
+    me = api.client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {second}"})
+    assert assert_ok(me)["name"] == "new.user"
+    assert_problem(api.post("/api/v1/users/nobody.here/tokens", {}, role="admin"), 404)
+
+
+def test_integrity_routes(api: Api) -> None:
+    api.open()
+    assert_ok(api.post("/api/v1/loans/CR-1/status", {"status": "overdue"}))
+    whole = assert_ok(api.get("/api/v1/integrity", role="auditor"))
+    assert whole["ok"] is True and whole["first_breach"] is None
+    assert whole["events_checked"] >= 2 + len(USERS) * 2
+    one = assert_ok(api.get("/api/v1/integrity/loans/CR-1", role="auditor"))
+    assert one == {"ok": True, "events_checked": 2, "aggregates_checked": 1, "first_breach": None}
+    assert_problem(api.get("/api/v1/integrity/loans/NOPE", role="auditor"), 404)
+
+
+# -- fuzzing (SQLite only) -------------------------------------------------------------------------
+
+FUZZ_OFFICER = CommandContext(OFFICER, "credit_officer", "fuzz seed")
+VICTIMS = ["victim.one", "victim.two"]
+
+
+@dataclass
+class FuzzTarget:
+    api: Api
+    values: dict[str, list[str]]  # path placeholder -> real values worth trying
+
+
+@pytest.fixture
+def fuzz(tmp_path: Path) -> Iterator[FuzzTarget]:
+    settings = Settings(data_dir=tmp_path, demo_data=False)
+    archive = ArchiveApp(settings)
+    try:
+        api = make_api(settings, archive)
+        for name in VICTIMS:
+            archive.add_user(operator_context(), name, "archivist")
+        archive.open_loan(FUZZ_OFFICER, **loan_terms("CR-1"))
+        archive.open_loan(FUZZ_OFFICER, **loan_terms("CR-2"))
+        reg = archive.register_collateral(FUZZ_OFFICER, **mortgage_fields("CR-1")).id
+        val = archive.appraise(FUZZ_OFFICER, **appraisal_fields("CR-1", collateral_id=reg)).id
+        doc = archive.register_document(
+            FUZZ_OFFICER,
+            io.BytesIO(PDF),
+            loan_number="CR-1",
+            doc_type="contract",
+            original_filename="contract.pdf",
+        ).id
+        yield FuzzTarget(
+            api,
+            {
+                "loan": ["CR-1", "CR-2", "NOPE"],
+                "reg": [str(reg), "00000000-0000-0000-0000-000000000000"],
+                "val": [str(val)],
+                "user": [*VICTIMS, "nobody.here"],
+                "doc": [str(doc), "00000000-0000-0000-0000-000000000000"],
+            },
+        )
+    finally:
+        archive.close()
+
+
+# Valid bodies for every POST route, keyed by path template with fuzzable placeholders.
+UPLOAD = "/api/v1/documents"
+PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+POST_BODIES: dict[str, dict[str, Any]] = {
+    "/api/v1/loans": loan_body("FZ-1"),
+    **{f"/api/v1/loans/{{loan}}/{path}": body for path, body, _, _ in COMMAND_STEPS},
+    "/api/v1/collateral": mortgage_body("CR-2", cadastral_reference="1234567AB1234C0001DE"),
+    "/api/v1/collateral/{reg}/registration": {
+        "registry_entry": "T-1",
+        "registered_on": "2024-01-20",
+    },
+    "/api/v1/collateral/{reg}/site-verifications": {
+        "officer": "M",
+        "verified_on": "2024-03-01",
+        "findings": "ok",
+        "defects": [],
+    },
+    "/api/v1/collateral/{reg}/release": {"released_on": "2044-02-01"},
+    "/api/v1/valuations": appraisal_body("CR-1"),
+    "/api/v1/valuations/{val}/review": {"reviewer": "C", "reviewed_value": "120000.00"},
+    "/api/v1/valuations/{val}/revaluation": {"revaluation_due": "2025-06-01"},
+    "/api/v1/users": {"name": "fuzz.user", "role": "auditor"},
+    "/api/v1/users/{user}/tokens": {"reason": "fuzz"},
+    "/api/v1/users/{user}/role": {"role": "auditor"},
+    "/api/v1/users/{user}/deactivate": {"reason": "fuzz"},
+    # Uploads are multipart: these fields go as form fields, next to a file.
+    UPLOAD: {"loan_number": "CR-1", "doc_type": "contract", "sha256": None, "reason": "fuzz"},
+    "/api/v1/documents/{doc}/legal-hold": {"on": True, "reason": "fuzz"},
+    "/api/v1/documents/fixity-checks": {},
+}
+ADMIN_ROUTES = ("/api/v1/users", "/api/v1/documents/fixity-checks", "/legal-hold")
+GET_PATHS = [
+    "/api/v1/loans/{loan}",
+    "/api/v1/loans/{loan}/history",
+    "/api/v1/collateral/{reg}",
+    "/api/v1/valuations/{val}",
+    "/api/v1/integrity/loans/{loan}",
+    "/api/v1/users/me",
+    "/api/v1/integrity",
+    "/api/v1/documents/{doc}",
+    "/api/v1/documents/{doc}/original",
+]
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+edge_values = st.sampled_from(
+    [
+        "9999-12-31",
+        "0001-01-01",
+        "1E+1000000",
+        "1E+27",
+        "0.01",
+        "-0.01",
+        "0.001",
+        "NaN",
+        "Infinity",
+        "CR-Ñ-1",
+        "贷款-1",
+        "CR/2024/1",
+        " padded ",
+        "",
+        "\x00",
+        2**63,
+        -(2**63),
+        10**30,
+        1e308,
+    ]
+)
+plausible = (
+    json_values
+    | edge_values
+    | st.dates().map(date.isoformat)
+    | st.decimals(allow_nan=False, allow_infinity=False).map(str)
+    | st.datetimes(timezones=st.none() | st.timezones()).map(datetime.isoformat)
+    | st.sampled_from(["overdue", "settled", "visit", "monthly", "loan", "pass", "EUR", "-1", "0"])
+)
+printable = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20)
+
+
+@st.composite
+def post_requests(draw: st.DrawFn, values: dict[str, list[str]]) -> tuple[str, Any, dict[str, str]]:
+    template = draw(st.sampled_from(sorted(POST_BODIES)))
+    valid = POST_BODIES[template]
+    path = template
+    for name, real in values.items():
+        if f"{{{name}}}" in path:
+            value = draw(st.sampled_from(real) | st.text(max_size=12))
+            path = path.replace(f"{{{name}}}", quote(value, safe=""))
+    kind = draw(st.sampled_from(["any json", "random fields", "fields off", "one field off"]))
+    if kind == "any json":
+        body: Any = draw(json_values)
+    elif kind == "random fields":
+        keys = draw(st.sets(st.sampled_from(sorted(valid) or ["reason"])))
+        body = {k: draw(plausible) for k in keys}
+    else:
+        body = dict(valid)
+        keys = st.sampled_from(sorted(valid) or ["reason"])
+        off = [draw(keys)] if kind == "one field off" else draw(st.sets(keys, max_size=3))
+        for key in off:
+            body[key] = draw(plausible)
+    headers = {}
+    if_match = draw(st.none() | printable | st.integers(-1, 5).map(lambda n: f'"{n}"'))
+    if if_match is not None:
+        headers["If-Match"] = if_match
+    return path, body, headers
+
+
+@st.composite
+def get_requests(draw: st.DrawFn, values: dict[str, list[str]]) -> tuple[str, dict[str, str]]:
+    path = draw(st.sampled_from(GET_PATHS))
+    for name, real in values.items():
+        if f"{{{name}}}" in path:
+            value = draw(st.sampled_from(real) | st.text(max_size=12))
+            path = path.replace(f"{{{name}}}", quote(value, safe=""))
+    params = {}
+    as_of = draw(
+        st.none()
+        | st.text(max_size=30)
+        | st.datetimes(timezones=st.none() | st.timezones()).map(datetime.isoformat)
+        | st.sampled_from(
+            [
+                "0001-01-01T00:00:00+01:00",
+                "9999-12-31T23:59:59-01:00",
+                "2024-01-01T00:00:00Z",
+                "2024-01-01",
+                "1700000000",
+            ]
+        )
+    )
+    if as_of is not None:
+        params["as_of"] = as_of
+    version = draw(
+        st.none()
+        | st.integers().map(str)
+        | st.text(max_size=8)
+        | st.sampled_from(["0", "-1", "1", "2", "99", str(2**63), str(10**30)])
+    )
+    if version is not None:
+        params["version"] = version
+    return path, params
+
+
+FUZZ = hypothesis_settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+def check_fuzz_response(resp: Response, request: str) -> None:
+    assert resp.status_code < 500, f"{request} -> {resp.status_code}: {resp.text}"
+    if resp.status_code >= 400:
+        assert resp.headers["content-type"].split(";")[0] == PROBLEM_JSON, request
+        body = resp.json()
+        assert body["status"] == resp.status_code, request
+        for key in ("type", "title", "detail"):
+            assert isinstance(body[key], str), (request, body)
+
+
+@hypothesis_settings(FUZZ, max_examples=150)
+@given(data=st.data())
+def test_fuzz_post_routes_never_fail_with_5xx(fuzz: FuzzTarget, data: st.DataObject) -> None:
+    path, body, headers = data.draw(post_requests(fuzz.values))
+    role = "admin" if any(marker in path for marker in ADMIN_ROUTES) else "credit_officer"
+    headers = {**fuzz.api.headers(role), **headers}
+    if path == UPLOAD and isinstance(body, dict):
+        content = data.draw(st.just(PDF) | st.binary(max_size=64))
+        form = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in body.items()}
+        resp = fuzz.api.client.post(
+            path, data=form, files={"file": ("f.pdf", content)}, headers=headers
+        )
+    else:
+        headers["Content-Type"] = "application/json"
+        resp = fuzz.api.client.post(path, content=json.dumps(body), headers=headers)
+    check_fuzz_response(resp, f"POST {path} {headers} {json.dumps(body)[:500]}")
+
+
+@hypothesis_settings(FUZZ, max_examples=60)
+@given(data=st.data())
+def test_fuzz_get_routes_never_fail_with_5xx(fuzz: FuzzTarget, data: st.DataObject) -> None:
+    path, params = data.draw(get_requests(fuzz.values))
+    headers = fuzz.api.headers("admin")
+    if path.endswith("/original"):
+        byte_range = data.draw(st.none() | printable.map(lambda r: "bytes=" + r) | printable)
+        if byte_range is not None:
+            headers["Range"] = byte_range
+    resp = fuzz.api.client.get(path, params=params, headers=headers)
+    check_fuzz_response(resp, f"GET {path} {params} {headers.get('Range')}")
+
+
+def test_the_fuzzers_cover_every_route(api: Api) -> None:
+    def shape(path: str) -> str:
+        return re.sub(r"\{[^}]+\}", "{}", path)
+
+    served = {(m, shape(p)) for p, methods in api_routes(api.client.app) for m in methods}
+    fuzzed = {("POST", shape(p)) for p in POST_BODIES} | {("GET", shape(p)) for p in GET_PATHS}
+    assert served - {("GET", "/healthz")} == fuzzed

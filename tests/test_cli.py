@@ -1,0 +1,217 @@
+"""The real ``loan-archive`` console script, run as a subprocess on both backends.
+
+Each CLI call costs a process start, so state the CLI is not under test for is set up
+in-process through the ``archive`` fixture, which shares the CLI's database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import psycopg
+import pytest
+from factories import loan_terms
+from psycopg.sql import SQL, Identifier
+
+from archive.application import ArchiveApp, Principal, operator_context
+from archive.domain import CommandContext, Role
+from archive.exceptions import NotFoundError
+from archive.loans import loan_id
+from archive.settings import Settings
+
+CLI = Path(__file__).parents[1] / ".venv/bin/loan-archive"
+
+OPEN_LOAN = {
+    "loan_number": "CR-1",
+    "borrower_name": "Ana Pérez Núñez",
+    "borrower_national_id": "12345678Z",
+    "product": "mortgage",
+    "principal": "100000.00",
+    "currency": "EUR",
+    "interest_rate": "3.50",
+    "term_months": 240,
+    "disbursement_date": "2024-01-15",
+    "maturity_date": "2044-01-15",
+    "branch": "Teruel",
+    "reason": "new mortgage",
+}
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHIVE_")}
+    env["ARCHIVE_DATA_DIR"] = str(settings.data_dir)
+    if settings.database_url:
+        env["ARCHIVE_DATABASE_URL"] = settings.database_url
+    env.update(extra)
+    return env
+
+
+def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(CLI), *args],
+        env=env,
+        cwd=env["ARCHIVE_DATA_DIR"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """A failed call: non-zero exit, nothing on stdout, exactly one line on stderr."""
+    assert result.returncode != 0, result
+    assert result.stdout == "", result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("loan-archive: "), lines[0]
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _the_console_script_is_installed() -> None:
+    assert CLI.exists(), f"{CLI} is missing: run `make install`"
+
+
+def test_users_add_prints_a_working_token_alone(settings: Settings, archive: ArchiveApp) -> None:
+    result = run(cli_env(settings), "users", "add", "ana.officer", "--role", "credit_officer")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1, result.stdout
+    token = lines[0]
+    assert token.startswith("la_") and token == token.strip()
+    assert archive.authenticate(token) == Principal("ana.officer", Role.CREDIT_OFFICER)
+    user = archive.get_user("ana.officer")
+    assert user.role == "credit_officer" and user.active
+
+
+def test_loan_commands_show_and_history(settings: Settings, archive: ArchiveApp) -> None:
+    token = archive.add_user(operator_context(), "ana.officer", "credit_officer")
+    env = cli_env(settings)
+
+    opened = run(env, "loans", "open", "--token", token, "-d", json.dumps(OPEN_LOAN))
+    assert opened.returncode == 0, opened.stderr
+    assert json.loads(opened.stdout)["version"] == 1
+    assert json.loads(opened.stdout)["id"] == str(loan_id("CR-1"))
+
+    changed = run(
+        env, "loans", "do", "CR-1", "status", "--token", token, "-d", '{"status":"overdue"}'
+    )
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["version"] == 2
+    assert archive.get_loan("CR-1").status == "overdue"
+
+    # The token may come from the environment too.
+    shown = run({**env, "ARCHIVE_TOKEN": token}, "loans", "show", "CR-1", "--version", "1")
+    assert shown.returncode == 0, shown.stderr
+    past = json.loads(shown.stdout)
+    assert (past["version"], past["status"]) == (1, "performing")
+    assert past["principal"] == "100000.00"
+
+    history = run(env, "loans", "history", "CR-1", "--token", token)
+    assert history.returncode == 0, history.stderr
+    lines = history.stdout.splitlines()
+    assert len(lines) == 2, history.stdout
+    assert "LoanFile.Opened" in lines[0] and "v1" in lines[0] and "(new mortgage)" in lines[0]
+    assert "LoanFile.StatusChanged" in lines[1] and "v2" in lines[1]
+    for line in lines:
+        assert "ana.officer [credit_officer]" in line
+    positions = [int(line.split()[0]) for line in lines]
+    assert positions == sorted(positions)
+
+
+def test_refused_commands_exit_non_zero_with_one_line(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    token = archive.add_user(operator_context(), "ana.officer", "credit_officer")
+    auditor = archive.add_user(operator_context(), "raul.auditor", "auditor")
+    archive.open_loan(CommandContext("ana.officer", "credit_officer"), **loan_terms("CR-1"))
+    env = cli_env(settings)
+
+    forbidden = run(
+        env, "loans", "do", "CR-1", "status", "--token", token, "-d", '{"status":"written_off"}'
+    )
+    line = one_error_line(forbidden)
+    assert "written_off" in line
+    assert archive.get_loan("CR-1").version == 1
+
+    body = json.dumps({**OPEN_LOAN, "loan_number": "CR-2"})
+    refused = run(env, "loans", "open", "--token", auditor, "-d", body)
+    assert "auditor" in one_error_line(refused)
+    with pytest.raises(NotFoundError):
+        archive.get_loan("CR-2")
+
+
+def tamper(settings: Settings, archive: ArchiveApp, aggregate: str, version: int) -> None:
+    """Flip one bit of one stored event behind the archive's back (case of a letter in
+    its status), disabling the append-only trigger first."""
+
+    def flipped(state: bytes) -> bytes:
+        at = state.index(b'"overdue"') + 1
+        changed = bytearray(state)
+        changed[at] ^= 0x20
+        return bytes(changed)
+
+    table = archive.recorder.events_table_name
+    if settings.backend == "sqlite":
+        db = sqlite3.connect(settings.sqlite_path)
+        try:
+            db.execute(f"DROP TRIGGER {table}_no_update")
+            key = (aggregate.replace("-", ""), version)
+            where = "WHERE originator_id = ? AND originator_version = ?"
+            (state,) = db.execute(f"SELECT state FROM {table} {where}", key).fetchone()
+            db.execute(f"UPDATE {table} SET state = ? {where}", (flipped(state), *key))
+            db.commit()
+        finally:
+            db.close()
+    else:
+        assert settings.database_url is not None
+        name = Identifier(archive.recorder.datastore.schema, table)
+        with psycopg.connect(settings.database_url) as db:
+            db.execute(SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(name))
+            where = SQL("WHERE originator_id = %s AND originator_version = %s")
+            key = (aggregate, version)
+            row = db.execute(SQL("SELECT state FROM {} ").format(name) + where, key).fetchone()
+            assert row is not None
+            db.execute(
+                SQL("UPDATE {} SET state = %s ").format(name) + where,
+                (flipped(bytes(row[0])), *key),
+            )
+
+
+def test_verify_passes_then_names_the_tampered_event(
+    settings: Settings, archive: ArchiveApp, officer: CommandContext
+) -> None:
+    archive.open_loan(officer, **loan_terms("CR-1"))
+    archive.change_loan(officer, "CR-1", 1, lambda loan: loan.change_status(officer, "overdue"))
+    archive.change_loan(officer, "CR-1", 2, lambda loan: loan.classify(officer, "doubtful"))
+    env = cli_env(settings)
+
+    clean = run(env, "verify")
+    assert clean.returncode == 0, clean.stderr
+    assert clean.stdout.startswith("ok"), clean.stdout
+
+    aggregate = str(loan_id("CR-1"))
+    tamper(settings, archive, aggregate, 2)
+    broken = run(env, "verify")
+    assert broken.returncode == 1, broken
+    line = one_error_line(broken)
+    assert aggregate in line, line
+    assert "v2" in line.split(), line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("ARCHIVE_PORT", "abc"), ("ARCHIVE_DATABASE_URL", "mysql://x")],
+)
+def test_invalid_settings_exit_2_naming_the_variable(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    env = cli_env(Settings(data_dir=tmp_path, demo_data=False), **{variable: value})
+    result = run(env, "verify")
+    assert result.returncode == 2, result
+    assert variable in one_error_line(result)

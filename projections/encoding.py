@@ -1,0 +1,59 @@
+"""How event values become view columns: text that sorts and compares the same everywhere.
+
+Money stays a decimal string (never a float), times are ISO 8601 UTC with a fixed width
+(so they compare as text on both backends), ids are canonical UUID strings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+
+def iso_utc(moment: datetime) -> str:
+    """``2026-01-31T12:00:00.000000Z``: fixed width, so text order is time order."""
+    if moment.tzinfo is None:
+        raise ValueError("a moment needs a time zone")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def plain(value: Any) -> Any:
+    """Map an event value onto JSON types: Decimal as string, dates ISO, UUIDs as text."""
+    if isinstance(value, Enum):
+        return value.value
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return iso_utc(value)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [plain(v) for v in value]
+    if isinstance(value, float):  # pragma: no cover - events refuse floats
+        raise TypeError("floats have no place in the archive; use Decimal")
+    return str(value)
+
+
+def dumps(value: Any) -> str:
+    """Canonical JSON text (sorted keys), so equal values give equal text."""
+    return json.dumps(plain(value), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def opt(value: Any) -> Any:
+    """A nullable scalar column."""
+    return None if value is None else plain(value)

@@ -1,0 +1,277 @@
+"""Following the event log: one mechanism for every view, on both backends.
+
+A follower reads notifications after its generation's tracking position, in batches
+(``recorder.select_notifications(position, limit, inclusive_of_start=False)``),
+applies them to the view and moves the position forward, all in one transaction of
+the views database. A crash anywhere in a batch rolls back rows and position
+together, so every event is applied exactly once and a restarted follower resumes
+where the last commit left it. SQLite is polled; PostgreSQL is polled too, woken
+early by the NOTIFY the event store sends on every insert.
+
+``rebuild`` replays the whole log into a new generation while readers keep reading
+the active one, then switches in one transaction (see ``projections.registry``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from uuid import UUID
+
+from eventsourcing.persistence import ApplicationRecorder, Mapper
+
+from projections import registry
+from projections.store import Store, Tx
+from projections.view import View
+
+log = logging.getLogger("projections")
+
+
+class EventSource(Protocol):
+    """What a follower needs of the archive: ``ArchiveApp`` fits."""
+
+    recorder: ApplicationRecorder
+    mapper: Mapper[UUID]
+
+
+@dataclass(frozen=True)
+class Rebuilding:
+    generation: int
+    position: int
+
+
+@dataclass(frozen=True)
+class ViewStatus:
+    view: str
+    generation: int
+    position: int
+    head: int
+    lag: int
+    #: the view schema version the active generation was built with
+    schema_version: int
+    #: True when the code's view is newer than the active generation: rebuild it
+    stale: bool
+    #: a generation being built, if any
+    rebuilding: Rebuilding | None
+    updated_at: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "view": self.view,
+            "generation": self.generation,
+            "position": self.position,
+            "head": self.head,
+            "lag": self.lag,
+            "schema_version": self.schema_version,
+            "stale": self.stale,
+            "rebuilding": None
+            if self.rebuilding is None
+            else {"generation": self.rebuilding.generation, "position": self.rebuilding.position},
+            "updated_at": self.updated_at,
+        }
+
+
+def head_position(recorder: ApplicationRecorder) -> int:
+    return recorder.max_notification_id() or 0
+
+
+def status(store: Store, recorder: ApplicationRecorder, view: View) -> ViewStatus:
+    """Where the view's active generation has read to, against the head of the log."""
+    head = head_position(recorder)  # read first: the lag is never negative
+    with store.read() as tx:
+        gens = registry.generations(tx, view.name)
+        current = registry.active(tx, view.name)
+    if current is None:
+        return ViewStatus(view.name, 0, 0, head, head, 0, True, None, "")
+    building = [g for g in gens if g.state == registry.BUILDING]
+    return ViewStatus(
+        view=view.name,
+        generation=current.generation,
+        position=current.position,
+        head=head,
+        lag=max(head - current.position, 0),
+        schema_version=current.schema_version,
+        stale=current.schema_version != view.schema_version,
+        rebuilding=Rebuilding(building[-1].generation, building[-1].position) if building else None,
+        updated_at=current.updated_at,
+    )
+
+
+def position(store: Store, view_name: str) -> int:
+    """The active generation's position (0 if the view was never registered)."""
+    with store.read() as tx:
+        current = registry.active(tx, view_name)
+    return 0 if current is None else current.position
+
+
+def wait_for(store: Store, view_name: str, target: int, timeout: float) -> bool:
+    """Wait until the view has applied the event at ``target`` (read your own write).
+
+    Polls the views database, so it works whichever process runs the follower.
+    Returns False on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.005
+    while True:
+        if position(store, view_name) >= target:
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(pause, remaining))
+        pause = min(pause * 2, 0.1)
+
+
+class Follower:
+    """Keeps one view up to date with the log.
+
+    ``generation=None`` follows whatever generation is active (the live follower);
+    a fixed generation is how ``rebuild`` fills a new one.
+    """
+
+    def __init__(
+        self,
+        view: View,
+        source: EventSource,
+        store: Store,
+        *,
+        batch_size: int = 500,
+        generation: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        self.view = view
+        self.recorder = source.recorder
+        self.mapper = source.mapper
+        self.store = store
+        self.batch_size = batch_size
+        self.generation = generation
+        self.last_error: BaseException | None = None
+        if generation is None:
+            registry.ensure(store, view)
+
+    # -- applying --------------------------------------------------------------------------
+
+    def _advance(self, tx: Tx, generation: int, stop: int | None = None) -> int:
+        """Apply one batch to ``generation`` inside ``tx``; return how many events."""
+        start = registry.lock_position(tx, self.view.name, generation)
+        if stop is not None and start >= stop:
+            return 0
+        notes = self.recorder.select_notifications(
+            start, self.batch_size, stop=stop, inclusive_of_start=False
+        )
+        if not notes:
+            return 0
+        tables = self.view.tables(generation)
+        for note in notes:
+            event = self.mapper.to_domain_event(note)
+            self.view.apply(tx, tables, note.id, event)
+        registry.advance(tx, self.view.name, generation, notes[-1].id)
+        return len(notes)
+
+    def run_once(self) -> int:
+        """Apply the next batch, rows and position in one transaction; return its size."""
+        with self.store.transaction() as tx:
+            generation = (
+                self.generation
+                if self.generation is not None
+                else registry.lock_active(tx, self.view.name)
+            )
+            return self._advance(tx, generation)
+
+    def catch_up(self) -> int:
+        """Apply everything up to the head as it is now; return how many events."""
+        head = head_position(self.recorder)
+        applied = 0
+        while self.position() < head:
+            n = self.run_once()
+            if n == 0:
+                break
+            applied += n
+        return applied
+
+    def run_forever(self, stop: threading.Event, poll_interval: float = 0.5) -> None:
+        """Follow until ``stop`` is set. Errors are logged and retried with backoff: a
+        broken event stops the view (visible as lag), it is never skipped."""
+        channel = getattr(self.recorder, "channel_name", None)
+        backoff = poll_interval
+        with self.store.listener(channel) as notified:
+            while not stop.is_set():
+                try:
+                    n = self.run_once()
+                except Exception as exc:
+                    self.last_error = exc
+                    log.exception("view %s: applying a batch failed; retrying", self.view.name)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                self.last_error = None
+                backoff = poll_interval
+                if n >= self.batch_size:
+                    continue  # more is waiting
+                if notified is None:
+                    stop.wait(poll_interval)
+                    continue
+                # Wait for a NOTIFY in short slices, so that stop is honoured promptly.
+                deadline = time.monotonic() + poll_interval
+                while not stop.is_set():
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or notified(min(remaining, 0.25)):
+                        break
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def position(self) -> int:
+        if self.generation is None:
+            return position(self.store, self.view.name)
+        with self.store.read() as tx:
+            gens = registry.generations(tx, self.view.name)
+        for g in gens:
+            if g.generation == self.generation:
+                return g.position
+        raise registry.GenerationGoneError(
+            f"generation {self.generation} of view {self.view.name} is gone"
+        )
+
+    def status(self) -> ViewStatus:
+        return status(self.store, self.recorder, self.view)
+
+    def wait_for(self, target: int, timeout: float) -> bool:
+        return wait_for(self.store, self.view.name, target, timeout)
+
+
+def rebuild(
+    view: View,
+    source: EventSource,
+    store: Store,
+    *,
+    batch_size: int = 1000,
+    before_switch: Callable[[int], None] | None = None,
+) -> int:
+    """Replay the log from position 0 into a new generation, then make it the active one.
+
+    Readers keep reading the active generation (and the live follower keeps it up to
+    date) until the switch. The switch locks the registry row, which waits for the live
+    follower's batch, applies what the new generation still lacks up to the head, and
+    activates it, all in one transaction: readers never see a generation behind the
+    one they saw before. The old generation is retired and dropped at the next rebuild.
+    Returns the new generation number.
+    """
+    generation = registry.begin_generation(store, view)
+    builder = Follower(view, source, store, batch_size=batch_size, generation=generation)
+    while builder.run_once():
+        pass
+    if before_switch is not None:
+        before_switch(generation)
+    with store.transaction() as tx:
+        registry.lock_active(tx, view.name)
+        head = head_position(builder.recorder)
+        while builder._advance(tx, generation, stop=head):
+            pass
+        registry.activate(tx, view.name, generation)
+    log.info("view %s: generation %d is active", view.name, generation)
+    return generation

@@ -1,0 +1,119 @@
+"""All views of one process, run together: what the API server or a worker starts.
+
+One daemon thread per view follows the log; ``wait_for`` lets a request read its own
+write; ``status`` and ``rebuild`` are what the operator endpoints and CLI call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from archive.settings import Settings
+from projections.audit_trail import AuditTrailView
+from projections.follower import EventSource, Follower, ViewStatus, rebuild, wait_for
+from projections.loan_files import LoanFilesView
+from projections.store import Store, open_store
+from projections.view import View
+
+log = logging.getLogger("projections")
+
+
+def default_views() -> list[View]:
+    return [LoanFilesView(), AuditTrailView()]
+
+
+class Projections:
+    def __init__(
+        self,
+        source: EventSource,
+        store: Store,
+        views: Sequence[View] | None = None,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 0.5,
+        owns_store: bool = False,
+    ) -> None:
+        self.source = source
+        self.store = store
+        self.views = {v.name: v for v in (views if views is not None else default_views())}
+        self.followers = {
+            name: Follower(view, source, store, batch_size=batch_size)
+            for name, view in self.views.items()
+        }
+        self.poll_interval = poll_interval
+        self.owns_store = owns_store
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @classmethod
+    def open(cls, settings: Settings, source: EventSource, **kwargs: Any) -> Projections:
+        """The views database of these settings, with the default views."""
+        return cls(source, open_store(settings), owns_store=True, **kwargs)
+
+    def _run(self, follower: Follower, rebuild_stale: bool) -> None:
+        if rebuild_stale and follower.status().stale:
+            log.info("view %s is stale: rebuilding", follower.view.name)
+            try:
+                rebuild(follower.view, self.source, self.store)
+            except Exception:
+                log.exception("view %s: rebuild failed; following the old one", follower.view.name)
+        follower.run_forever(self._stop, self.poll_interval)
+
+    def start(self, *, rebuild_stale: bool = True) -> None:
+        """Follow the log in the background, one thread per view."""
+        if self._threads:
+            return
+        self._stop.clear()
+        for name, follower in self.followers.items():
+            thread = threading.Thread(
+                target=self._run,
+                args=(follower, rebuild_stale),
+                name=f"projection-{name}",
+                daemon=True,
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads.clear()
+
+    def close(self) -> None:
+        self.stop()
+        if self.owns_store:
+            self.store.close()
+
+    def __enter__(self) -> Projections:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def catch_up(self) -> dict[str, int]:
+        """Apply everything up to the head now, in this thread (CLI, tests)."""
+        return {name: f.catch_up() for name, f in self.followers.items()}
+
+    def status(self) -> list[ViewStatus]:
+        return [f.status() for f in self.followers.values()]
+
+    def wait_for(self, position: int, timeout: float, views: Sequence[str] | None = None) -> bool:
+        """Wait until every view (or the named ones) has applied ``position``."""
+        deadline = time.monotonic() + timeout
+        for name in views if views is not None else self.views:
+            if name not in self.views:
+                raise KeyError(f"no view named {name}")
+            if not wait_for(self.store, name, position, max(deadline - time.monotonic(), 0)):
+                return False
+        return True
+
+    def rebuild(self, name: str, **kwargs: Any) -> int:
+        """Replay the log into a new generation of one view and switch to it."""
+        if name not in self.views:
+            raise KeyError(f"no view named {name}")
+        return rebuild(self.views[name], self.source, self.store, **kwargs)

@@ -1,0 +1,270 @@
+"""The views database: where read models live, never in the event tables.
+
+SQLite keeps the views in their own file (``<data_dir>/views.sqlite3``) so that a
+rebuild or a vacuum never touches the event log; PostgreSQL keeps them in the schema
+``views`` of the same database. One small adapter per backend offers the same
+interface, so views write their SQL once:
+
+- statements use ``?`` placeholders (translated to ``%s`` for psycopg);
+- ``transaction()`` is the write transaction: view rows and tracking commit together;
+- ``read()`` is a consistent read-only snapshot (registry lookup and rows agree);
+- rows come back as plain ``dict``; JSON columns are TEXT on both backends.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from archive.settings import Settings
+
+Row = dict[str, Any]
+Params = Sequence[Any]
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+def identifier(name: str) -> str:
+    """Table names are built from view names and generations; refuse anything else."""
+    if not _NAME.match(name):
+        raise ValueError(f"not a plain identifier: {name!r}")
+    return name
+
+
+class Tx:
+    """One open transaction: the only handle view code gets to the database."""
+
+    backend: Literal["sqlite", "postgres"]
+    #: appended to a SELECT that must lock the rows it reads (nothing on SQLite, whose
+    #: write transactions are already exclusive)
+    for_update: str
+
+    def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        """Run one statement; return its rows (empty for statements without rows)."""
+        raise NotImplementedError
+
+    def executemany(self, sql: str, rows: Sequence[Params]) -> None:
+        raise NotImplementedError
+
+    def lock(self, key: str) -> None:
+        """Serialise schema changes (create/drop generations) between processes."""
+        raise NotImplementedError
+
+    def one(self, sql: str, params: Params = ()) -> Row | None:
+        rows = self.execute(sql, params)
+        return rows[0] if rows else None
+
+
+class Store:
+    """A views database. Thread-safe: each thread gets its own connection."""
+
+    backend: Literal["sqlite", "postgres"]
+
+    def transaction(self) -> AbstractContextManager[Tx]:
+        raise NotImplementedError
+
+    def read(self) -> AbstractContextManager[Tx]:
+        raise NotImplementedError
+
+    def listener(
+        self, channel: str | None
+    ) -> AbstractContextManager[Callable[[float], bool] | None]:
+        """A ``wait(timeout) -> notified`` that returns True as soon as new events may
+        have arrived, or None where the backend cannot tell (the follower then polls)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- SQLite ------------------------------------------------------------------------------
+
+
+class _SQLiteTx(Tx):
+    backend = "sqlite"
+    for_update = ""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        cursor = self.conn.execute(sql, tuple(params))
+        if cursor.description is None:
+            return []
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def executemany(self, sql: str, rows: Sequence[Params]) -> None:
+        self.conn.executemany(sql, [tuple(r) for r in rows])
+
+    def lock(self, key: str) -> None:
+        """BEGIN IMMEDIATE already excludes every other writer."""
+
+
+class SQLiteStore(Store):
+    """Views in their own SQLite file, in WAL mode so readers never wait for the follower."""
+
+    backend = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._guard = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            # Autocommit mode: transactions are opened explicitly below. The connection
+            # is used by this thread only; check_same_thread is off so close() may run
+            # from any thread.
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+            with self._guard:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _begin(self, mode: str) -> Iterator[Tx]:
+        conn = self._conn()
+        conn.execute(f"BEGIN {mode}")
+        try:
+            yield _SQLiteTx(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # a failed COMMIT leaves the transaction open
+                conn.execute("ROLLBACK")
+            raise
+
+    def transaction(self) -> AbstractContextManager[Tx]:
+        return self._begin("IMMEDIATE")
+
+    def read(self) -> AbstractContextManager[Tx]:
+        return self._begin("DEFERRED")
+
+    @contextmanager
+    def listener(self, channel: str | None) -> Iterator[Callable[[float], bool] | None]:
+        yield None  # SQLite has no notifications: the follower polls
+
+    def close(self) -> None:
+        with self._guard:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------
+
+
+def _pg(sql: str) -> str:
+    """Translate ``?`` placeholders to psycopg's ``%s`` (our SQL has no literal % or ?)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class _PostgresTx(Tx):
+    backend = "postgres"
+    for_update = " FOR UPDATE"
+
+    def __init__(self, conn: psycopg.Connection[Row]) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        cursor = self.conn.execute(_pg(sql), tuple(params))
+        if cursor.description is None:
+            return []
+        return cursor.fetchall()
+
+    def executemany(self, sql: str, rows: Sequence[Params]) -> None:
+        with self.conn.cursor() as cursor:
+            cursor.executemany(_pg(sql), [tuple(r) for r in rows])
+
+    def lock(self, key: str) -> None:
+        self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"views:{key}",))
+
+
+class PostgresStore(Store):
+    """Views in the schema ``views`` of the archive's own PostgreSQL database."""
+
+    backend = "postgres"
+
+    def __init__(self, url: str, schema: str = "views", pool_size: int = 5) -> None:
+        self.url = url
+        self.schema = identifier(schema)
+        # Two processes starting together would race on CREATE SCHEMA IF NOT EXISTS.
+        with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('views:schema'))")
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+        self.pool: ConnectionPool[psycopg.Connection[Row]] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={
+                "row_factory": dict_row,
+                "autocommit": True,
+                "options": f"-c search_path={self.schema}",
+            },
+            open=True,
+            name="views",
+        )
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        with self.pool.connection() as conn, conn.transaction():
+            yield _PostgresTx(conn)
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield _PostgresTx(conn)
+
+    @contextmanager
+    def listener(self, channel: str | None) -> Iterator[Callable[[float], bool] | None]:
+        """LISTEN on the recorder's channel: the event store NOTIFYs on every insert."""
+        if channel is None:
+            yield None
+            return
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'LISTEN "{channel}"')
+
+            def wait(timeout: float) -> bool:
+                return any(True for _ in conn.notifies(timeout=timeout, stop_after=1))
+
+            yield wait
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def views_path(settings: Settings) -> Path:
+    return settings.data_dir / "views.sqlite3"
+
+
+def open_store(settings: Settings) -> Store:
+    """The views database for these settings: beside the events, never inside them."""
+    if settings.backend == "postgres":
+        assert settings.database_url is not None
+        return PostgresStore(settings.database_url, pool_size=settings.db_pool_size)
+    return SQLiteStore(views_path(settings))

@@ -1,0 +1,133 @@
+"""What every view is: named tables per generation, and one apply function per event type.
+
+A view's tables carry a generation suffix (``loan_files_g3``): a rebuild fills the next
+generation while readers keep reading the active one, then the registry switches.
+Dispatch is on ``type(event).__qualname__`` ("LoanFile.Opened"); an event type a view
+has no function for is skipped, so new event types never break an old view.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from projections.store import Row, Store, Tx, identifier
+
+Tables = dict[str, str]
+Handler = Callable[[Tx, Tables, int, Any], None]
+
+
+class Handlers(dict[str, Handler]):
+    """The apply functions of one view, registered with ``@handlers.on("LoanFile.Opened")``."""
+
+    def on(self, *qualnames: str) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            for name in qualnames:
+                self[name] = fn
+            return fn
+
+        return register
+
+
+class View:
+    """Base of every view. Subclasses set the class attributes; they hold no state."""
+
+    #: the registry key, and the prefix of nothing: table names are listed in ``tables``
+    name: ClassVar[str]
+    #: bump when the tables or the apply functions change: the status then says "stale"
+    #: and a rebuild brings the view up to date
+    schema_version: ClassVar[int]
+    #: logical table names; physical names are ``<logical>_g<generation>``
+    table_names: ClassVar[tuple[str, ...]]
+    #: DDL, formatted with the physical names, e.g. ``CREATE TABLE {loan_files} (...)``
+    ddl: ClassVar[tuple[str, ...]]
+    handlers: ClassVar[Handlers]
+
+    def tables(self, generation: int) -> Tables:
+        return {n: identifier(f"{n}_g{generation}") for n in self.table_names}
+
+    def create(self, tx: Tx, generation: int) -> None:
+        tables = self.tables(generation)
+        for statement in self.ddl:
+            tx.execute(statement.format(**tables))
+
+    def drop(self, tx: Tx, generation: int) -> None:
+        for table in self.tables(generation).values():
+            tx.execute(f"DROP TABLE IF EXISTS {table}")
+
+    def apply(self, tx: Tx, tables: Tables, position: int, event: Any) -> None:
+        """Apply one event at its log position; unknown event types are ignored."""
+        handler = self.handlers.get(type(event).__qualname__)
+        if handler is not None:
+            handler(tx, tables, position, event)
+
+    def dump(self, store: Store, generation: int | None = None) -> dict[str, list[Row]]:
+        """Every row of every table (of the active generation), in a stable order: for
+        comparing an incrementally maintained view with a rebuilt one."""
+        from projections import registry
+
+        with store.read() as tx:
+            if generation is None:
+                active = registry.active(tx, self.name)
+                if active is None:
+                    return {n: [] for n in self.table_names}
+                generation = active.generation
+            tables = self.tables(generation)
+            return {
+                logical: sorted(
+                    tx.execute(f"SELECT * FROM {physical}"),
+                    key=lambda row: json.dumps(row, sort_keys=True, default=str),
+                )
+                for logical, physical in tables.items()
+            }
+
+
+# -- small row helpers shared by the views ---------------------------------------------------
+
+
+def insert_row(tx: Tx, table: str, row: dict[str, Any]) -> None:
+    columns = ", ".join(row)
+    marks = ", ".join("?" for _ in row)
+    tx.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(row.values()))
+
+
+def update_row(tx: Tx, table: str, key: str, value: Any, changes: dict[str, Any]) -> None:
+    assignments = ", ".join(f"{column} = ?" for column in changes)
+    tx.execute(f"UPDATE {table} SET {assignments} WHERE {key} = ?", [*changes.values(), value])
+
+
+def fetch_row(tx: Tx, table: str, key: str, value: Any) -> Row | None:
+    return tx.one(f"SELECT * FROM {table} WHERE {key} = ?", (value,))
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a query: the rows, how many match in all, and the view position the
+    rows are consistent with (compare with the position a command returned)."""
+
+    items: list[dict[str, Any]]
+    total: int
+    limit: int
+    offset: int
+    position: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "items": self.items,
+            "total": self.total,
+            "limit": self.limit,
+            "offset": self.offset,
+            "position": self.position,
+        }
+
+
+MAX_LIMIT = 1000
+
+
+def check_page(limit: int, offset: int) -> None:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+    if offset < 0:
+        raise ValueError(f"offset must not be negative, got {offset}")

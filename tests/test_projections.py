@@ -1,0 +1,771 @@
+"""The read side on both backends: exactly-once following, resumption, status, rebuilds
+under readers, read-your-writes, the loan_files and audit_trail views, and the property
+that a view maintained event by event equals the same view rebuilt from scratch."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import itertools
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any, ClassVar
+
+import psycopg
+import pytest
+from factories import appraisal_fields, loan_terms, mortgage_fields, open_loan
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from archive.application import ArchiveApp
+from archive.domain import ArchiveAggregate, CommandContext, Role
+from archive.exceptions import ArchiveError
+from archive.loans import ALLOWED_TRANSITIONS, LoanStatus
+from archive.settings import Settings
+from projections import audit_trail, loan_files
+from projections.audit_trail import AuditTrailView, human_size
+from projections.follower import Follower, rebuild, status, wait_for
+from projections.loan_files import LoanFilesView
+from projections.runner import Projections
+from projections.store import Store, Tx, open_store, views_path
+from projections.view import Handlers, Tables
+
+ARCHIVIST = CommandContext("arch.ivist", Role.ARCHIVIST.value, "scan of the signed contract")
+AUDITOR = CommandContext("eva.auditor", Role.AUDITOR.value, "annual audit")
+ADMIN = CommandContext("root.admin", Role.ADMIN.value)
+
+
+@pytest.fixture
+def store(settings: Settings) -> Iterator[Store]:
+    views = open_store(settings)
+    yield views
+    views.close()
+
+
+def pdf(size: int = 1200) -> io.BytesIO:
+    head = b"%PDF-1.4 test original\n"
+    return io.BytesIO(head + b"x" * (size - len(head)))
+
+
+def change(archive: ArchiveApp, ctx: CommandContext, loan: str, method: str, *args: Any) -> int:
+    return archive.change_loan(ctx, loan, None, lambda lf: getattr(lf, method)(ctx, *args)).position
+
+
+def rebuilt_equals_incremental(view: Any, archive: ArchiveApp, store: Store) -> None:
+    incremental = view.dump(store)
+    rebuild(view, archive, store, batch_size=7)
+    assert view.dump(store) == incremental
+
+
+# -- where views live ---------------------------------------------------------------------
+
+
+def test_views_live_outside_the_event_tables(
+    settings: Settings, archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    open_loan(archive, officer)
+    Follower(LoanFilesView(), archive, store).catch_up()
+    if settings.backend == "sqlite":
+        assert views_path(settings).is_file()
+        with sqlite3.connect(settings.sqlite_path) as events_db:
+            names = {r[0] for r in events_db.execute("SELECT name FROM sqlite_master")}
+        assert not any(n.startswith(("loan_files", "projection_")) for n in names)
+    else:
+        assert settings.database_url is not None
+        with psycopg.connect(settings.database_url) as conn:
+            rows = conn.execute(
+                "SELECT table_schema FROM information_schema.tables"
+                " WHERE table_name IN ('loan_files_g1', 'projection_registry')"
+            ).fetchall()
+        assert sorted(r[0] for r in rows) == ["views", "views"]
+    assert loan_files.get(store, "CR-1") is not None
+
+
+# -- exactly once, resumable, status ----------------------------------------------------------
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashingAudit(AuditTrailView):
+    """Raises while applying the event at one position: a crash in the middle of a batch."""
+
+    crash_at: ClassVar[int] = 0
+
+    def apply(self, tx: Tx, tables: Tables, position: int, event: Any) -> None:
+        if position == self.crash_at:
+            raise Crash(position)
+        super().apply(tx, tables, position, event)
+
+
+def audit_positions(store: Store) -> list[int]:
+    return sorted(r["position"] for r in AuditTrailView().dump(store)["audit_events"])
+
+
+def test_a_crash_mid_batch_commits_nothing_of_that_batch(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    for n in range(4):
+        open_loan(archive, officer, f"CR-{n}")
+    change(archive, officer, "CR-1", "change_status", "overdue")
+    head = archive.head_position()
+
+    first = Follower(AuditTrailView(), archive, store, batch_size=3)
+    assert first.run_once() == 3
+    CrashingAudit.crash_at = 5  # the second event of the next batch (4, 5)
+    crashing = Follower(CrashingAudit(), archive, store, batch_size=3)
+    with pytest.raises(Crash):
+        crashing.run_once()
+    assert crashing.position() == 3  # tracking unchanged
+    assert audit_positions(store) == [1, 2, 3]  # event 4 was applied, then rolled back
+
+    again = Follower(AuditTrailView(), archive, store, batch_size=3)
+    assert again.catch_up() == head - 3
+    assert audit_positions(store) == list(range(1, head + 1))
+    rebuilt_equals_incremental(AuditTrailView(), archive, store)
+
+
+def test_a_restarted_follower_resumes_where_the_last_commit_left_it(
+    settings: Settings, archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    for n in range(3):
+        open_loan(archive, officer, f"CR-{n}")
+        change(archive, officer, f"CR-{n}", "change_status", "overdue")
+    view = LoanFilesView()
+    assert Follower(view, archive, store, batch_size=2).run_once() == 2
+    store.close()  # the process dies; a new one opens the views database
+    reopened = open_store(settings)
+    try:
+        follower = Follower(view, archive, reopened, batch_size=2)
+        assert follower.position() == 2
+        assert follower.catch_up() == archive.head_position() - 2
+        assert [r["status"] for r in loan_files.query(reopened).items] == ["overdue"] * 3
+        rebuilt_equals_incremental(view, archive, reopened)
+    finally:
+        reopened.close()
+
+
+def test_two_followers_of_one_view_never_apply_an_event_twice(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    for n in range(12):
+        open_loan(archive, officer, f"CR-{n}")
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            Follower(AuditTrailView(), archive, store, batch_size=2).catch_up()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=follow) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert audit_positions(store) == list(range(1, archive.head_position() + 1))
+
+
+def test_status_reports_position_head_and_lag(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    follower = Follower(LoanFilesView(), archive, store, batch_size=2)
+    empty = follower.status()
+    assert (empty.generation, empty.position, empty.head, empty.lag) == (1, 0, 0, 0)
+    for n in range(3):
+        open_loan(archive, officer, f"CR-{n}")
+    before = follower.status()
+    assert (before.position, before.head, before.lag) == (0, 3, 3)
+    follower.run_once()
+    assert follower.status().lag == 1
+    follower.catch_up()
+    after = follower.status()
+    assert (after.position, after.lag, after.stale, after.rebuilding) == (3, 0, False, None)
+    assert after.as_dict()["view"] == "loan_files"
+
+
+def test_wait_for_lets_a_client_read_its_own_write(
+    settings: Settings, archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    # On PostgreSQL the follower sleeps for a minute but wakes on the event store's NOTIFY.
+    poll = 60.0 if settings.backend == "postgres" else 0.05
+    with Projections(archive, store, poll_interval=poll) as views:
+        views.start()
+        time.sleep(0.1)  # the followers have caught up and are waiting
+        written = open_loan(archive, officer, "CR-9")
+        assert views.wait_for(written.position, timeout=10)
+        assert loan_files.get(store, "CR-9") is not None
+        assert audit_trail.query(store, loan_number="CR-9").total == 1
+        assert not views.wait_for(written.position + 100, timeout=0.2)
+        assert not wait_for(store, "audit_trail", written.position + 100, timeout=0.05)
+        assert all(s.lag == 0 for s in views.status())
+        started = time.monotonic()
+    assert time.monotonic() - started < 5  # stopping does not wait for the poll interval
+
+
+# -- rebuild while readers read ------------------------------------------------------------------
+
+
+def _upper_branch_opened(tx: Tx, t: Tables, position: int, e: Any) -> None:
+    LoanFilesView.handlers["LoanFile.Opened"](tx, t, position, e)
+    tx.execute(
+        f"UPDATE {t['loan_files']} SET branch = UPPER(branch) WHERE loan_id = ?",
+        (str(e.originator_id),),
+    )
+
+
+class UpperBranchView(LoanFilesView):
+    """A new version of the view (branches upper-cased): what a rebuild is for."""
+
+    schema_version: ClassVar[int] = 2
+    handlers: ClassVar[Handlers] = Handlers(
+        {**LoanFilesView.handlers, "LoanFile.Opened": _upper_branch_opened}
+    )
+
+
+def test_rebuild_serves_the_old_generation_until_the_switch(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    for n in range(5):
+        open_loan(archive, officer, f"CR-{n}")
+    Follower(LoanFilesView(), archive, store).catch_up()
+    seen: list[tuple[str, ...]] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                page = loan_files.query(store, limit=100)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+                return
+            seen.append(tuple(sorted({i["branch"] for i in page.items})))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+
+    def before_switch(generation: int) -> None:
+        assert generation == 2
+        current = status(store, archive.recorder, UpperBranchView())
+        assert current.generation == 1 and current.stale
+        assert current.rebuilding is not None and current.rebuilding.position == 5
+        late = open_loan(archive, officer, "CR-LATE")  # written during the rebuild
+        assert late.position == 6
+        page = loan_files.query(store, limit=100)
+        assert {i["branch"] for i in page.items} == {"Teruel"}
+        assert page.total == 5  # the old generation has no live follower in this test
+
+    assert rebuild(UpperBranchView(), archive, store, before_switch=before_switch) == 2
+    page = loan_files.query(store, limit=100)
+    done.set()
+    thread.join(10)
+    assert errors == []
+    assert {i["branch"] for i in page.items} == {"TERUEL"}
+    assert page.total == 6 and page.position == 6  # the switch applied the late write
+    # Every read saw one generation whole: the old one, then (after the switch) the new.
+    old, new = ("Teruel",), ("TERUEL",)
+    assert seen and seen[0] == old
+    switched = seen.index(new) if new in seen else len(seen)
+    assert set(seen[:switched]) == {old} and set(seen[switched:]) <= {new}
+    after = status(store, archive.recorder, UpperBranchView())
+    assert (after.generation, after.stale, after.rebuilding, after.lag) == (2, False, None, 0)
+    # The next rebuild drops the retired generation 1 and builds generation 3.
+    assert rebuild(UpperBranchView(), archive, store) == 3
+    with store.read() as tx:
+        gens = [
+            r["generation"] for r in tx.execute("SELECT generation FROM projection_generations")
+        ]
+    assert sorted(gens) == [2, 3]
+
+
+def test_the_live_follower_moves_to_the_new_generation(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    open_loan(archive, officer, "CR-1")
+    live = Follower(AuditTrailView(), archive, store, batch_size=1)
+    live.catch_up()
+    rebuild(AuditTrailView(), archive, store)
+    open_loan(archive, officer, "CR-2")
+    assert live.catch_up() == 1
+    assert live.status().generation == 2
+    assert audit_positions(store) == [1, 2]
+
+
+def test_a_stale_view_is_rebuilt_when_the_projections_start(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    open_loan(archive, officer)
+    Follower(LoanFilesView(), archive, store).catch_up()
+    assert status(store, archive.recorder, UpperBranchView()).stale
+    with Projections(archive, store, views=[UpperBranchView()], poll_interval=0.05) as views:
+        views.start()
+        deadline = time.monotonic() + 10
+        while views.status()[0].generation != 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [now] = views.status()
+    assert (now.generation, now.stale, now.lag) == (2, False, 0)
+    assert loan_files.get(store, "CR-1")["branch"] == "TERUEL"  # type: ignore[index]
+
+
+# -- loan_files ----------------------------------------------------------------------------------
+
+
+def test_loan_files_filters_and_pagination(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    branches = ["Teruel", "Huesca", "Teruel", "Zaragoza", "Teruel"]
+    products = ["mortgage", "personal", "mortgage", "business", "personal"]
+    for n, (branch, product) in enumerate(zip(branches, products, strict=True)):
+        open_loan(archive, officer, f"CR-{n}", branch=branch, product=product)
+    for n in (1, 3):
+        change(archive, officer, f"CR-{n}", "change_status", "overdue")
+        change(archive, officer, f"CR-{n}", "change_status", "non_performing")
+        change(archive, officer, f"CR-{n}", "assign_officer", "loan", "maria.lopez")
+        change(archive, officer, f"CR-{n}", "assign_officer", "collection", f"col-{n}")
+        change(archive, officer, f"CR-{n}", "classify", "doubtful")
+    change(archive, officer, "CR-3", "categorise_recovery", "recoverable", ["job loss"])
+    change(archive, officer, "CR-3", "record_repayment", "250.00", "2024-06-01")
+    reg = archive.register_collateral(officer, **mortgage_fields("CR-0"))
+    val = archive.appraise(officer, **appraisal_fields("CR-0", collateral_id=reg.id))
+    archive.review_valuation(officer, val.id, None, reviewer="Eva Ruiz", reviewed_value="120000.00")
+    doc = archive.register_document(
+        ARCHIVIST, pdf(), loan_number="CR-0", doc_type="contract", original_filename="c.pdf"
+    )
+    archive.check_fixity(AUDITOR)
+    archive.set_legal_hold(AUDITOR, doc.id, True)
+    Projections(archive, store).catch_up()
+
+    everything = loan_files.query(store, limit=2)
+    assert everything.total == 5 and [i["loan_number"] for i in everything.items] == [
+        "CR-0",
+        "CR-1",
+    ]
+    assert [i["loan_number"] for i in loan_files.query(store, limit=2, offset=4).items] == ["CR-4"]
+    assert loan_files.query(store, limit=2, offset=9).items == []
+
+    def numbers(**filters: Any) -> list[str]:
+        page = loan_files.query(store, **filters)
+        assert page.total == len(page.items)
+        return [i["loan_number"] for i in page.items]
+
+    assert numbers(branch="Teruel") == ["CR-0", "CR-2", "CR-4"]
+    assert numbers(branch="Teruel", product="personal") == ["CR-4"]
+    assert numbers(status="non_performing") == ["CR-1", "CR-3"]
+    assert numbers(classification="doubtful") == ["CR-1", "CR-3"]
+    assert numbers(classification="pass") == ["CR-0", "CR-2", "CR-4"]
+    assert numbers(recovery_category="recoverable") == ["CR-3"]
+    assert numbers(loan_officer="maria.lopez") == ["CR-1", "CR-3"]
+    assert numbers(collection_officer="col-3") == ["CR-3"]
+    assert numbers(status="settled") == []
+    with pytest.raises(ValueError):
+        loan_files.query(store, limit=0)
+
+    cr3 = loan_files.get(store, "CR-3")
+    assert cr3 is not None
+    assert (cr3["repaid"], cr3["outstanding"]) == ("250.00", "99750.00")
+    assert cr3["causes_of_default"] == ["job loss"]
+    assert [h["duty"] for h in cr3["officer_history"]] == ["loan", "collection"]
+    cr0 = loan_files.get(store, "CR-0")
+    assert cr0 is not None and cr0["principal"] == "100000.00"
+    [collateral] = cr0["collateral"]
+    assert (collateral["registration_id"], collateral["status"]) == (str(reg.id), "pending")
+    assert collateral["secured_amount"] == "120000.00"
+    [valuation] = cr0["valuations"]
+    assert valuation["overvalued"] is True and valuation["reviewed_value"] == "120000.00"
+    assert valuation["overvaluation"]["cut"] == "30000.00"
+    [document] = cr0["documents"]
+    assert document["document_id"] == str(doc.id)
+    assert (document["fixity_status"], document["legal_hold"]) == ("ok", True)
+    assert document["extraction_status"] is None and document["size"] == 1200
+    # The view agrees with the archive's own reconstruction.
+    truth = archive.loan_file("CR-3")
+    assert cr3["version"] == truth["version"] and cr3["status"] == truth["status"]
+    assert cr3["outstanding"] == str(truth["outstanding"])
+
+
+# -- audit_trail ---------------------------------------------------------------------------------
+
+
+def scripted_history(archive: ArchiveApp, officer: CommandContext) -> dict[str, Any]:
+    open_loan(archive, officer, "CR-1")
+    change(archive, officer, "CR-1", "change_status", "overdue")
+    npl = change(archive, officer, "CR-1", "change_status", "non_performing")
+    change(archive, officer, "CR-1", "assign_officer", "loan", "maria.lopez")
+    change(archive, officer, "CR-1", "assign_officer", "loan", "jose.ruiz")
+    reg = archive.register_collateral(officer, **mortgage_fields("CR-1"))
+    val = archive.appraise(officer, **appraisal_fields("CR-1", collateral_id=reg.id))
+    archive.review_valuation(officer, val.id, None, reviewer="Eva Ruiz", reviewed_value="120000.00")
+    doc = archive.register_document(
+        ARCHIVIST, pdf(), loan_number="CR-1", doc_type="contract", original_filename="contrato.pdf"
+    )
+    _, body = archive.open_original(AUDITOR, doc.id)
+    assert b"".join(body).startswith(b"%PDF-1.4")
+    archive.release_collateral(officer, reg.id, None, "2025-01-31")
+    archive.add_user(ADMIN, "eva.auditor", "auditor")
+    open_loan(archive, officer, "CR-2")
+    return {"npl": npl, "registration": reg.id, "valuation": val.id, "document": doc.id}
+
+
+def test_audit_rows_for_a_loan_history(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    ids = scripted_history(archive, officer)
+    Follower(AuditTrailView(), archive, store, batch_size=4).catch_up()
+    head = archive.head_position()
+    everything = audit_trail.query(store, limit=1000)
+    assert everything.total == head and everything.position == head
+    assert [r["position"] for r in everything.items] == list(range(1, head + 1))
+    by_position = {r["position"]: r for r in everything.items}
+
+    npl = by_position[ids["npl"]]
+    assert npl["event_type"] == "LoanFile.StatusChanged"
+    assert npl["summary"] == "status overdue → non_performing"
+    assert npl["diff"] == {"status": {"before": "overdue", "after": "non_performing"}}
+    assert (npl["actor_id"], npl["actor_role"], npl["reason"]) == (
+        "officer.one",
+        "credit_officer",
+        "test",
+    )
+    assert (npl["aggregate_type"], npl["loan_number"]) == ("LoanFile", "CR-1")
+    assert npl["occurred_at"].endswith("Z") and npl["correlation_id"]
+
+    trail = audit_trail.query(store, loan_number="CR-1", limit=1000).items
+    types = [r["event_type"] for r in trail]
+    officers = [r for r in trail if r["event_type"] == "LoanFile.OfficerAssigned"]
+    assert [r["diff"] for r in officers] == [
+        {"loan_officer": {"before": None, "after": "maria.lopez"}},
+        {"loan_officer": {"before": "maria.lopez", "after": "jose.ruiz"}},
+    ]
+    assert officers[1]["summary"] == "loan officer maria.lopez → jose.ruiz"
+    # Every aggregate filed under the loan resolves to it, the property's lien release too.
+    for expected in (
+        "MortgageRegistration.Filed",
+        "PropertyLiens.LienAdded",
+        "PropertyLiens.LienReleased",
+        "MortgageRegistration.Released",
+        "Valuation.Appraised",
+        "Valuation.Reviewed",
+        "Valuation.OvervaluationFlagged",
+        "Document.Registered",
+        "LoanDocuments.Started",
+        "LoanDocuments.DocumentFiled",
+        "Document.Downloaded",
+    ):
+        assert expected in types
+    assert "User.Registered" not in types and "LoanFile.Opened" in types
+    assert all(r["loan_number"] == "CR-1" for r in trail)
+
+    [upload] = [r for r in trail if r["event_type"] == "Document.Registered"]
+    assert upload["summary"] == "document contract uploaded (1.2 kB): contrato.pdf"
+    assert upload["actor_role"] == "archivist"
+    assert upload["diff"]["sha256"]["before"] is None
+    [download] = [r for r in trail if r["event_type"] == "Document.Downloaded"]
+    assert download["summary"] == "document contract downloaded by eva.auditor"
+    assert (download["actor_id"], download["reason"], download["diff"]) == (
+        "eva.auditor",
+        "annual audit",
+        {},
+    )
+    assert download["aggregate_id"] == str(ids["document"])
+    [released] = [r for r in trail if r["event_type"] == "MortgageRegistration.Released"]
+    assert released["diff"] == {"released_on": {"before": None, "after": "2025-01-31"}}
+
+    users = [r for r in everything.items if r["aggregate_type"] in ("User", "AccessToken")]
+    assert [r["summary"] for r in users] == [
+        "user eva.auditor registered as auditor",
+        "token issued to eva.auditor",
+    ]
+    assert all(r["loan_number"] is None for r in users)
+
+    # Filters, alone and together, and pagination.
+    downloads = audit_trail.query(store, actor_id="eva.auditor")
+    assert [r["event_type"] for r in downloads.items] == ["Document.Downloaded"]
+    statuses = audit_trail.query(store, event_type="LoanFile.StatusChanged", loan_number="CR-1")
+    assert statuses.total == 2
+    page = audit_trail.query(store, loan_number="CR-1", limit=3, offset=3)
+    assert [r["position"] for r in page.items] == [r["position"] for r in trail[3:6]]
+    assert page.total == len(trail)
+    newest = audit_trail.query(store, limit=1, descending=True).items[0]
+    assert newest["position"] == head and newest["loan_number"] == "CR-2"
+    moment = npl["occurred_at"]
+    since = audit_trail.query(store, since=moment, limit=1000)
+    assert [r["position"] for r in since.items] == list(range(ids["npl"], head + 1))
+    until = audit_trail.query(store, until=moment, limit=1000)
+    assert until.total == ids["npl"] - 1
+    assert audit_trail.query(store, since=moment, until=moment).total == 0
+    with pytest.raises(ValueError):
+        audit_trail.query(store, since="2026-01-01T00:00:00")  # no time zone
+
+
+def test_audit_trail_exports_csv_and_json_lines(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    scripted_history(archive, officer)
+    Follower(AuditTrailView(), archive, store).catch_up()
+    expected = audit_trail.query(store, loan_number="CR-1", limit=1000).items
+
+    chunks = audit_trail.export_jsonl(store, loan_number="CR-1", chunk=4)
+    assert isinstance(chunks, Iterator)
+    lines = list(chunks)
+    assert all(line.endswith("\n") for line in lines)
+    assert [json.loads(line) for line in lines] == expected
+
+    text = "".join(audit_trail.export_csv(store, loan_number="CR-1", chunk=5))
+    parsed = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert len(parsed) == len(expected)
+    assert list(parsed[0]) == list(audit_trail.COLUMNS)
+    for row, item in zip(parsed, expected, strict=True):
+        assert int(row["position"]) == item["position"]
+        assert row["summary"] == item["summary"]
+        assert json.loads(row["diff"]) == item["diff"]
+        assert row["reason"] == (item["reason"] or "")
+    everyone = list(audit_trail.export_jsonl(store))
+    assert len(everyone) == archive.head_position()
+    since = expected[-1]["occurred_at"]
+    later = [json.loads(x) for x in audit_trail.export_jsonl(store, since=since)]
+    assert later and all(r["occurred_at"] >= since for r in later)
+    with pytest.raises(TypeError):
+        list(audit_trail.export_jsonl(store, colour="red"))
+
+
+class Memo(ArchiveAggregate):
+    """An aggregate the views have never heard of."""
+
+    class Written(ArchiveAggregate.Created):
+        note: str
+
+
+def test_unknown_event_types_are_skipped_by_views_and_kept_by_the_trail(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    from uuid import uuid4
+
+    open_loan(archive, officer)
+    archive.save(Memo._start(Memo.Written, officer, uuid4(), note="hello"))
+    views = Projections(archive, store)
+    views.catch_up()
+    assert all(s.lag == 0 for s in views.status())
+    assert loan_files.query(store).total == 1
+    [memo] = audit_trail.query(store, event_type="Memo.Written").items
+    assert memo["summary"] == "written" and memo["diff"] == {
+        "note": {"before": None, "after": "hello"}
+    }
+
+
+def test_human_sizes() -> None:
+    assert human_size(999) == "999 B"
+    assert human_size(2_100_000) == "2.1 MB"
+    assert human_size(3 * 10**12) == "3.0 TB"
+
+
+# -- property: incremental == rebuilt -------------------------------------------------------------
+
+KINDS = (
+    "status",
+    "classify",
+    "officer",
+    "categorise",
+    "repay",
+    "collect",
+    "investigate",
+    "collateral",
+    "register",
+    "release",
+    "appraise",
+    "review",
+    "revalue",
+    "document",
+    "download",
+    "hold",
+)
+TIERS = ("special_mention", "substandard", "doubtful", "loss", "pass")
+CHECKLIST = (
+    "creditor_debtor_relationship_clear",
+    "willingness_to_pay",
+    "capacity_to_pay",
+    "valid_assets",
+    "asset_disposal_feasible",
+    "liabilities_investigated",
+)
+examples = itertools.count()
+
+
+def perform(
+    archive: ArchiveApp,
+    ctx: CommandContext,
+    kind: str,
+    loan: str,
+    k: int,
+    made: dict[str, list[Any]],
+    tag: int,
+) -> None:
+    def pick(what: str) -> Any:
+        found = [i for ln, i in made[what] if ln == loan] or [i for _, i in made[what]]
+        if not found:
+            raise LookupError(what)
+        return found[k % len(found)]
+
+    if kind == "status":  # a transition the rules allow, settling rarely
+        now = LoanStatus(archive.get_loan(loan).status)
+        allowed = sorted(s.value for s in ALLOWED_TRANSITIONS[now] if k == 7 or s != "settled")
+        change(archive, ctx, loan, "change_status", allowed[k % len(allowed)] if allowed else "x")
+    elif kind == "classify":
+        change(archive, ctx, loan, "classify", TIERS[k % len(TIERS)])
+    elif kind == "officer":
+        change(archive, ctx, loan, "assign_officer", ("loan", "collection")[k % 2], f"off-{k % 3}")
+    elif kind == "categorise":  # walk the loan into recovery: NPL, officers, category, plan
+        current = archive.get_loan(loan)
+        for step in ("overdue", "non_performing"):
+            if step in ALLOWED_TRANSITIONS[LoanStatus(current.status)]:
+                change(archive, ctx, loan, "change_status", step)
+                current = archive.get_loan(loan)
+        for duty in ("loan", "collection"):
+            if getattr(current, f"{duty}_officer") is None:
+                change(archive, ctx, loan, "assign_officer", duty, f"{duty}-{k % 2}")
+        category = ("recoverable", "recoverable_with_effort", "temporarily_unrecoverable")[k % 3]
+        change(archive, ctx, loan, "categorise_recovery", category, ["job loss"])
+        change(archive, ctx, loan, "set_recovery_plan", "sell the flat", "2026-01-01", "5000.00")
+    elif kind == "repay":
+        change(archive, ctx, loan, "record_repayment", f"{(k + 1) * 100}.50", "2024-06-01")
+    elif kind == "collect":
+        change(
+            archive,
+            ctx,
+            loan,
+            "record_collection_action",
+            "visit",
+            "2024-07-01",
+            "met",
+            f"{k * 10}.00",
+            "col",
+        )
+    elif kind == "investigate":
+        checklist = {item: bool((k >> i) & 1) for i, item in enumerate(CHECKLIST)}
+        change(archive, ctx, loan, "record_investigation", checklist, "2024-05-01")
+    elif kind == "collateral":
+        fields = mortgage_fields(
+            loan, cadastral_reference=f"REF{tag:05d}X{k % 2}", lien_rank=k % 3 + 1
+        )
+        made["collateral"].append((loan, archive.register_collateral(ctx, **fields).id))
+    elif kind == "register":
+        cid = pick("collateral")
+        archive.change_collateral(
+            ctx, cid, None, lambda c: c.mark_registered(ctx, f"E-{k}", "2024-02-01")
+        )
+    elif kind == "release":
+        archive.release_collateral(ctx, pick("collateral"), None, "2025-01-01")
+    elif kind == "appraise":
+        collateral = [i for ln, i in made["collateral"] if ln == loan]
+        previous = [i for ln, i in made["valuation"] if ln == loan]
+        outcome = archive.appraise(
+            ctx,
+            supersedes=previous[-1] if previous and k % 2 else None,
+            **appraisal_fields(loan, collateral_id=collateral[-1] if collateral else None),
+        )
+        made["valuation"].append((loan, outcome.id))
+    elif kind == "review":
+        value = f"{100000 + k * 10000}.00"
+        archive.review_valuation(
+            ctx, pick("valuation"), None, reviewer="Eva Ruiz", reviewed_value=value
+        )
+    elif kind == "revalue":
+        archive.change_valuation(
+            ctx,
+            pick("valuation"),
+            None,
+            lambda v: v.schedule_revaluation(ctx, f"202{5 + k % 3}-03-01"),
+        )
+    elif kind == "document":
+        outcome = archive.register_document(
+            ARCHIVIST,
+            pdf(1000 + k),
+            loan_number=loan,
+            doc_type="contract",
+            original_filename=f"d{k}.pdf",
+        )
+        made["document"].append((loan, outcome.id))
+    elif kind == "download":
+        _, body = archive.open_original(AUDITOR, pick("document"), 0, None if k % 2 else 99)
+        b"".join(body)
+    elif kind == "hold":
+        archive.set_legal_hold(AUDITOR, pick("document"), bool(k % 2))
+
+
+@hsettings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    commands=st.lists(
+        st.tuples(st.sampled_from(KINDS), st.integers(0, 1), st.integers(0, 7)),
+        min_size=1,
+        max_size=14,
+    ),
+    batch_size=st.integers(1, 6),
+    follow_every=st.integers(1, 4),
+)
+def test_incremental_views_equal_views_rebuilt_from_scratch(
+    archive: ArchiveApp,
+    officer: CommandContext,
+    store: Store,
+    commands: list[tuple[str, int, int]],
+    batch_size: int,
+    follow_every: int,
+) -> None:
+    tag = next(examples)
+    loans = [f"P{tag}-A", f"P{tag}-B"]
+    for loan in loans:
+        archive.open_loan(officer, **loan_terms(loan))
+    views = [LoanFilesView(), AuditTrailView()]
+    live = [Follower(v, archive, store, batch_size=batch_size) for v in views]
+    made: dict[str, list[Any]] = {"collateral": [], "valuation": [], "document": []}
+    for n, (kind, which, k) in enumerate(commands):
+        # A command the domain refuses records no events: nothing to project.
+        with contextlib.suppress(ArchiveError, LookupError):
+            perform(archive, officer, kind, loans[which], k, made, tag)
+        if n % follow_every == 0:
+            for follower in live:
+                follower.run_once()
+    for follower in live:
+        follower.catch_up()
+        assert follower.status().lag == 0
+    for view in views:
+        rebuilt_equals_incremental(view, archive, store)
+    # And the incremental loan view agrees with the archive's own reconstruction.
+    for loan in loans:
+        row, truth = loan_files.get(store, loan), archive.loan_file(loan)
+        assert row is not None
+        assert (row["version"], row["status"], row["outstanding"]) == (
+            truth["version"],
+            truth["status"],
+            str(truth["outstanding"]),
+        )
+        assert len(row["documents"]) == len(truth["documents"])
+        assert [d["downloads"] for d in row["documents"]] == [
+            d["downloads"] for d in truth["documents"]
+        ]
+        assert len(row["collateral"]) == len(truth["collateral"])
+        assert {v["valuation_id"] for v in row["valuations"]} == {
+            str(v["id"]) for v in truth["valuations"]
+        }
+
+
+def test_since_and_until_accept_datetimes(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    open_loan(archive, officer)
+    Follower(AuditTrailView(), archive, store).catch_up()
+    when = archive.get_loan("CR-1").created_on
+    assert audit_trail.query(store, since=when).total == 1
+    assert audit_trail.query(store, since=when + timedelta(microseconds=1)).total == 0
+    assert audit_trail.query(store, until=when + timedelta(seconds=1)).total == 1

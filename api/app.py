@@ -8,19 +8,33 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from api import collateral, documents, integrity, loans, problems, users, valuations
+from api import (
+    audit,
+    collateral,
+    documents,
+    integrity,
+    loans,
+    problems,
+    projection_status,
+    users,
+    valuations,
+)
 from archive.application import ArchiveApp
 from archive.settings import Settings
+from projections.runner import Projections
 
 
 def create_app(settings: Settings, archive: ArchiveApp | None = None) -> FastAPI:
     """Build the HTTP app around an ArchiveApp (made from ``settings`` unless given)."""
     own = archive is None
     archive = archive or ArchiveApp(settings)
+    views = Projections.open(settings, archive)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        views.start()
         yield
+        views.close()
         if own:
             archive.close()
 
@@ -31,9 +45,19 @@ def create_app(settings: Settings, archive: ArchiveApp | None = None) -> FastAPI
         lifespan=lifespan,
     )
     app.state.archive = archive
+    app.state.projections = views
     app.state.settings = settings
     problems.install(app)
-    for module in (loans, collateral, valuations, documents, users, integrity):
+    for module in (
+        loans,
+        collateral,
+        valuations,
+        documents,
+        audit,
+        projection_status,
+        users,
+        integrity,
+    ):
         app.include_router(module.router)
 
     @app.middleware("http")

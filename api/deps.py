@@ -24,6 +24,7 @@ from archive.exceptions import (
     PermissionDeniedError,
     PreconditionFailedError,
 )
+from projections.runner import Projections
 
 bearer = HTTPBearer(auto_error=False, description="A token from `loan-archive users add`.")
 
@@ -35,6 +36,28 @@ def get_archive(request: Request) -> ArchiveApp:
 
 
 Archive = Annotated[ArchiveApp, Depends(get_archive)]
+
+READ_WAIT_SECONDS = 2.0
+
+
+def fresh_views(request: Request) -> Projections:
+    """The read models, brought up to the log head as of this request, so a client
+    always reads its own earlier writes (bounded wait; 503 if the views lag behind)."""
+    views: Projections = request.app.state.projections
+    head = get_archive(request).head_position()
+    if not views.fresh(head, READ_WAIT_SECONDS):
+        raise ViewsLaggingError(
+            f"the read models have not yet reached position {head}; retry shortly"
+        )
+    return views
+
+
+Views = Annotated[Projections, Depends(fresh_views)]
+
+
+class ViewsLaggingError(ArchiveError):
+    status = 503
+    title = "Read models lagging"
 
 
 def authenticated(

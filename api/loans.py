@@ -9,11 +9,12 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command
+from api.deps import Archive, AuthFirstRoute, IfMatch, Views, context, require, run_command
 from api.encoding import jsonable
 from archive.application import Principal
 from archive.domain import Role
 from archive.loans import LoanFile
+from projections import audit_trail, loan_files
 
 router = APIRouter(prefix="/api/v1/loans", tags=["loans"], route_class=AuthFirstRoute)
 
@@ -129,27 +130,32 @@ def get_loan(
     return JSONResponse(jsonable(state), headers={"ETag": f'"{state["version"]}"'})
 
 
+HEADER_FIELDS = {
+    "originator_id",
+    "originator_version",
+    "timestamp",
+    "actor_id",
+    "actor_role",
+    "reason",
+    "correlation_id",
+    "originator_topic",
+}
+
+
 @router.get(
-    "/{loan_number}/history", summary="Every event of the loan, its collateral and valuations"
+    "/{loan_number}/history",
+    summary="Every event of the loan file and of its collateral, valuations and documents",
 )
-def history(loan_number: str, archive: Archive, who: Replayer) -> JSONResponse:
+def history(loan_number: str, archive: Archive, views: Views, who: Replayer) -> JSONResponse:
+    """Replayed from the event log (the authority), with the audit trail's one-line
+    summary and field-level diff for each event."""
+    events = archive.loan_events(loan_number)
+    annotations = {
+        row["position"]: row for row in audit_trail.rows_for_loan(views.store, loan_number)
+    }
     rows = []
-    for position, event in archive.loan_events(loan_number):
-        fields = {
-            k: v
-            for k, v in vars(event).items()
-            if k
-            not in {
-                "originator_id",
-                "originator_version",
-                "timestamp",
-                "actor_id",
-                "actor_role",
-                "reason",
-                "correlation_id",
-                "originator_topic",
-            }
-        }
+    for position, event in events:
+        audit = annotations.get(position, {})
         rows.append(
             {
                 "position": position,
@@ -162,10 +168,41 @@ def history(loan_number: str, archive: Archive, who: Replayer) -> JSONResponse:
                 "time": event.timestamp,
                 "reason": event.reason,
                 "correlation_id": event.correlation_id,
-                "fields": fields,
+                "summary": audit.get("summary"),
+                "diff": audit.get("diff"),
+                "fields": {k: v for k, v in vars(event).items() if k not in HEADER_FIELDS},
             }
         )
     return JSONResponse(jsonable(rows))
+
+
+@router.get("", summary="Current loan files (from the loan_files view), filtered and paginated")
+def list_loans(
+    views: Views,
+    who: Reader,
+    status: str | None = None,
+    classification: str | None = None,
+    recovery_category: str | None = None,
+    loan_officer: str | None = None,
+    collection_officer: str | None = None,
+    branch: str | None = None,
+    product: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JSONResponse:
+    page = loan_files.query(
+        views.store,
+        status=status,
+        classification=classification,
+        recovery_category=recovery_category,
+        loan_officer=loan_officer,
+        collection_officer=collection_officer,
+        branch=branch,
+        product=product,
+        limit=limit,
+        offset=offset,
+    )
+    return JSONResponse(jsonable(page.as_dict()))
 
 
 LOAN_COMMANDS: dict[str, tuple[type[Command], Any]] = {}

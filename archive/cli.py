@@ -37,6 +37,8 @@ app.add_typer(users_app, name="users")
 app.add_typer(loans_app, name="loans")
 app.add_typer(collateral_app, name="collateral")
 app.add_typer(valuations_app, name="valuations")
+projections_app = typer.Typer(help="Read models: status and rebuilds.", no_args_is_help=True)
+app.add_typer(projections_app, name="projections")
 
 Token = Annotated[
     str, typer.Option(envvar="ARCHIVE_TOKEN", help="Bearer token.", show_default=False)
@@ -296,9 +298,9 @@ def loans_show(
         print_json(application.loan_file(loan_number, version=version, as_of=as_of))
 
 
-@loans_app.command("history")
-def loans_history(loan_number: str, token: Token) -> None:
-    """Print every event of the loan, its collateral and valuations, in order."""
+@app.command("history")
+def history(loan_number: str, token: Token) -> None:
+    """Print the loan's timeline: every event of the file, its collateral, valuations and documents."""
     with archive() as application:
         caller(application, token, Role.AUDITOR, Role.CREDIT_OFFICER, Role.COMPLIANCE, Role.ADMIN)
         for position, event in application.loan_events(loan_number):
@@ -363,6 +365,52 @@ def valuations_review(valuation_id: UUID, token: Token, data: Data) -> None:
             body.notes,
         ),
     )
+
+
+# -- read models ---------------------------------------------------------------------------
+
+
+@contextmanager
+def read_models() -> Iterator[Any]:
+    from projections.runner import Projections
+
+    with archive() as application, Projections.open(application.settings, application) as views:
+        yield views
+
+
+@projections_app.command("status")
+def projections_status() -> None:
+    """Each view's position, the log head and the lag."""
+    with read_models() as views:
+        for s in views.status():
+            typer.echo(
+                f"{s.view:<14} generation {s.generation:<3} position {s.position:>9} "
+                f"head {s.head:>9} lag {s.lag:>7}{'  STALE: rebuild it' if s.stale else ''}"
+            )
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    name: Annotated[str | None, typer.Argument(help="One view; default: all.")] = None,
+) -> None:
+    """Replay the log into new generations of the views (readers keep being served)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with read_models() as views:
+        names = [name] if name else list(views.views)
+        for view in names:
+            if view not in views.views:
+                raise CliError(f"no view named {view}; views: {', '.join(views.views)}")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, transient=True) as progress:
+            for view in names:
+                task = progress.add_task(view, total=None)
+
+                def advance(position: int, head: int, task: Any = task) -> None:
+                    progress.update(task, completed=position, total=head)
+
+                generation = views.rebuild(view, progress=advance)
+                typer.echo(f"{view}: generation {generation} is active")
 
 
 def main() -> None:

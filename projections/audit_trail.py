@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from projections import registry
 from projections.encoding import dumps, iso_utc, loads, plain
 from projections.store import Row, Store, Tx
-from projections.view import Handlers, Page, Tables, View, check_page, insert_row
+from projections.view import MAX_LIMIT, Handlers, Page, Tables, View, check_page, insert_row
 
 EVENTS = "audit_events"
 FIELDS = "audit_fields"
@@ -615,3 +615,14 @@ def export_csv(store: Store, **filters: Any) -> Iterator[str]:
         yield line(
             [dumps(row[c]) if c == "diff" else ("" if row[c] is None else row[c]) for c in COLUMNS]
         )
+
+
+def rows_for_loan(store: Store, loan_number: str) -> Iterator[dict[str, Any]]:
+    """Every audit row of one loan, by position (all pages)."""
+    offset = 0
+    while True:
+        page = query(store, loan_number=loan_number, limit=MAX_LIMIT, offset=offset)
+        yield from page.items
+        offset += len(page.items)
+        if not page.items or offset >= page.total:
+            return

@@ -251,6 +251,7 @@ def rebuild(
     *,
     batch_size: int = 1000,
     before_switch: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> int:
     """Replay the log from position 0 into a new generation, then make it the active one.
 
@@ -259,12 +260,13 @@ def rebuild(
     follower's batch, applies what the new generation still lacks up to the head, and
     activates it, all in one transaction: readers never see a generation behind the
     one they saw before. The old generation is retired and dropped at the next rebuild.
-    Returns the new generation number.
+    ``progress(position, head)`` is called after each batch. Returns the new generation.
     """
     generation = registry.begin_generation(store, view)
     builder = Follower(view, source, store, batch_size=batch_size, generation=generation)
     while builder.run_once():
-        pass
+        if progress is not None:
+            progress(builder.position(), head_position(builder.recorder))
     if before_switch is not None:
         before_switch(generation)
     with store.transaction() as tx:

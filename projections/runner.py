@@ -78,6 +78,18 @@ class Projections:
             thread.start()
             self._threads.append(thread)
 
+    @property
+    def running(self) -> bool:
+        return bool(self._threads)
+
+    def fresh(self, head: int, timeout: float) -> bool:
+        """Make the views reflect the log up to ``head`` (a read-your-writes barrier):
+        wait for the background followers, or, when none run, catch up in this thread."""
+        if self.running:
+            return self.wait_for(head, timeout)
+        self.catch_up()
+        return True
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         for thread in self._threads:

@@ -863,6 +863,7 @@ def fuzz(tmp_path: Path) -> Iterator[FuzzTarget]:
                 "val": [str(val)],
                 "user": [*VICTIMS, "nobody.here"],
                 "doc": [str(doc), "00000000-0000-0000-0000-000000000000"],
+                "view": ["loan_files", "audit_trail", "no_such_view"],
             },
         )
     finally:
@@ -898,8 +899,9 @@ POST_BODIES: dict[str, dict[str, Any]] = {
     UPLOAD: {"loan_number": "CR-1", "doc_type": "contract", "sha256": None, "reason": "fuzz"},
     "/api/v1/documents/{doc}/legal-hold": {"on": True, "reason": "fuzz"},
     "/api/v1/documents/fixity-checks": {},
+    "/api/v1/projections/{view}/rebuild": {"reason": "fuzz"},
 }
-ADMIN_ROUTES = ("/api/v1/users", "/api/v1/documents/fixity-checks", "/legal-hold")
+ADMIN_ROUTES = ("/api/v1/users", "/api/v1/documents/fixity-checks", "/legal-hold", "/rebuild")
 GET_PATHS = [
     "/api/v1/loans/{loan}",
     "/api/v1/loans/{loan}/history",
@@ -910,6 +912,10 @@ GET_PATHS = [
     "/api/v1/integrity",
     "/api/v1/documents/{doc}",
     "/api/v1/documents/{doc}/original",
+    "/api/v1/loans",
+    "/api/v1/audit-trail",
+    "/api/v1/audit-trail/export",
+    "/api/v1/projections",
 ]
 
 json_values = st.recursive(
@@ -1017,6 +1023,13 @@ def get_requests(draw: st.DrawFn, values: dict[str, list[str]]) -> tuple[str, di
     )
     if version is not None:
         params["version"] = version
+    # The list and audit routes: paging, time windows, filters.
+    for name in ("limit", "offset", "since", "until", "status", "format", "loan_number"):
+        value = draw(st.none() | st.text(max_size=12) | st.sampled_from(["0", "-1", "5", "10000"]))
+        if value is not None:
+            params[name] = value
+    if as_of is not None and draw(st.booleans()):
+        params["since"] = as_of
     return path, params
 
 

@@ -112,7 +112,7 @@ def test_loan_commands_show_and_history(settings: Settings, archive: ArchiveApp)
     assert (past["version"], past["status"]) == (1, "performing")
     assert past["principal"] == "100000.00"
 
-    history = run(env, "loans", "history", "CR-1", "--token", token)
+    history = run(env, "history", "CR-1", "--token", token)
     assert history.returncode == 0, history.stderr
     lines = history.stdout.splitlines()
     assert len(lines) == 2, history.stdout

@@ -88,6 +88,13 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("POST", USERS + "/{name}/deactivate"): ADMINS,
     ("GET", "/api/v1/integrity"): VERIFIERS,
     ("GET", "/api/v1/integrity/loans/{loan_number}"): VERIFIERS,
+    # Read models: the loan list is for everyone; the audit trail for those who audit or
+    # check compliance; the views' status for verifiers; rebuilding them for admins.
+    ("GET", LOANS): EVERYONE,
+    ("GET", "/api/v1/audit-trail"): frozenset({AUDITOR, COMPLIANCE, ADMIN}),
+    ("GET", "/api/v1/audit-trail/export"): frozenset({AUDITOR, COMPLIANCE, ADMIN}),
+    ("GET", "/api/v1/projections"): VERIFIERS,
+    ("POST", "/api/v1/projections/{name}/rebuild"): ADMINS,
 }
 
 # The one write an auditor may make: a fixity check re-reads every original and records
@@ -231,6 +238,7 @@ def seed(settings: Settings, archive: ArchiveApp) -> World:
     }
     requests: dict[tuple[str, str], Request] = {
         ("POST", LOANS): ({}, {"json": http_body(loan_terms("CR-NEW"))}),
+        ("POST", "/api/v1/projections/{name}/rebuild"): ({"name": "audit_trail"}, {"json": {}}),
         ("POST", LOAN + "/status"): (loan, {"json": {"status": "overdue"}}),
         ("POST", LOAN + "/classification"): (loan, {"json": {"classification": "doubtful"}}),
         ("POST", LOAN + "/officers"): (loan, {"json": {"duty": "loan", "officer": "Marta"}}),

@@ -1,0 +1,77 @@
+"""The audit trail: one row per event, filterable, exportable as CSV or JSON Lines."""
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from api.deps import AuthFirstRoute, Views, require
+from api.encoding import jsonable
+from archive.application import Principal
+from archive.domain import Role
+from archive.exceptions import DomainError
+from projections import audit_trail
+
+router = APIRouter(prefix="/api/v1/audit-trail", tags=["audit"], route_class=AuthFirstRoute)
+
+Auditor = Annotated[Principal, Depends(require(Role.AUDITOR, Role.COMPLIANCE, Role.ADMIN))]
+
+
+def filters(
+    loan_number: str | None = None,
+    actor: str | None = None,
+    event_type: Annotated[str | None, Query(examples=["LoanFile.StatusChanged"])] = None,
+    since: Annotated[datetime | None, Query(description="Inclusive; ISO 8601 with zone.")] = None,
+    until: Annotated[datetime | None, Query(description="Exclusive; ISO 8601 with zone.")] = None,
+) -> dict[str, object]:
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None and moment.tzinfo is None:
+            raise DomainError(f"{name} needs a time zone, e.g. 2026-01-31T00:00:00Z")
+    return {
+        "loan_number": loan_number,
+        "actor_id": actor,
+        "event_type": event_type,
+        "since": since,
+        "until": until,
+    }
+
+
+Filters = Annotated[dict[str, object], Depends(filters)]
+
+
+@router.get("", summary="Audit rows (who, when, why, what changed), by position")
+def trail(
+    views: Views,
+    who: Auditor,
+    where: Filters,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JSONResponse:
+    page = audit_trail.query(views.store, limit=limit, offset=offset, **where)  # type: ignore[arg-type]
+    return JSONResponse(jsonable(page.as_dict()))
+
+
+@router.get(
+    "/export",
+    summary="The matching rows as CSV or JSON Lines (streamed)",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}},
+)
+def export(
+    views: Views,
+    who: Auditor,
+    where: Filters,
+    format: Annotated[Literal["csv", "jsonl"], Query()] = "csv",
+) -> StreamingResponse:
+    if format == "csv":
+        lines = audit_trail.export_csv(views.store, **where)  # type: ignore[arg-type]
+        media, suffix = "text/csv; charset=utf-8", "csv"
+    else:
+        lines = audit_trail.export_jsonl(views.store, **where)  # type: ignore[arg-type]
+        media, suffix = "application/x-ndjson", "jsonl"
+    return StreamingResponse(
+        lines,
+        media_type=media,
+        headers={"Content-Disposition": f'attachment; filename="audit-trail.{suffix}"'},
+    )

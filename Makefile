@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 # Debian packages the project needs; later issues append (e.g. tesseract-ocr).
-SYSTEM_PACKAGES := postgresql-15
+SYSTEM_PACKAGES := postgresql-15 fonts-dejavu-core
 # Debian's python3 needs python3-venv for `python3 -m venv`; other builds ship it.
 ifneq ($(shell $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null && echo ok),ok)
 SYSTEM_PACKAGES += python3-venv

@@ -16,6 +16,7 @@ from api import (
     loans,
     problems,
     projection_status,
+    reports,
     users,
     valuations,
 )
@@ -55,6 +56,7 @@ def create_app(settings: Settings, archive: ArchiveApp | None = None) -> FastAPI
         documents,
         audit,
         projection_status,
+        reports,
         users,
         integrity,
     ):

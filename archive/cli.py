@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from archive.application import ArchiveApp, Outcome, Principal, operator_context
 from archive.domain import Role
 from archive.exceptions import ArchiveError, PermissionDeniedError
+from archive.report_cli import reports_app
 from archive.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ app.add_typer(collateral_app, name="collateral")
 app.add_typer(valuations_app, name="valuations")
 projections_app = typer.Typer(help="Read models: status and rebuilds.", no_args_is_help=True)
 app.add_typer(projections_app, name="projections")
+app.add_typer(reports_app, name="reports")
 
 Token = Annotated[
     str, typer.Option(envvar="ARCHIVE_TOKEN", help="Bearer token.", show_default=False)

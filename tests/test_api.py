@@ -916,6 +916,22 @@ GET_PATHS = [
     "/api/v1/audit-trail",
     "/api/v1/audit-trail/export",
     "/api/v1/projections",
+    *(
+        "/api/v1/reports/" + name
+        for name in (
+            "npl-portfolio",
+            "officer-ledgers",
+            "npl-gaps",
+            "repeated-mortgages",
+            "overvaluation-by-agency",
+            "revaluations-due",
+            "inspections-overdue",
+            "concentration",
+            "village-group-loans",
+            "loans/{loan}/analysis",
+            "loans/{loan}/analysis.pdf",
+        )
+    ),
 ]
 
 json_values = st.recursive(
@@ -1024,7 +1040,18 @@ def get_requests(draw: st.DrawFn, values: dict[str, list[str]]) -> tuple[str, di
     if version is not None:
         params["version"] = version
     # The list and audit routes: paging, time windows, filters.
-    for name in ("limit", "offset", "since", "until", "status", "format", "loan_number"):
+    for name in (
+        "limit",
+        "offset",
+        "since",
+        "until",
+        "status",
+        "format",
+        "loan_number",
+        "top",
+        "days",
+        "currency",
+    ):
         value = draw(st.none() | st.text(max_size=12) | st.sampled_from(["0", "-1", "5", "10000"]))
         if value is not None:
             params[name] = value

@@ -229,3 +229,45 @@ def test_deleted_event_is_a_version_gap(
     assert report.breach is not None
     assert report.breach.originator_version == 3
     assert "follows" in report.breach.problem
+
+
+# -- snapshots -------------------------------------------------------------------------------
+
+
+def test_long_files_replay_from_snapshots_that_verify(
+    archive: ArchiveApp, officer: CommandContext, backend: str
+) -> None:
+    open_loan(archive, officer, "S-1", principal="100000.00")
+    moments = {}
+    for month in range(1, 250):
+        archive.change_loan(
+            officer, "S-1", None, lambda loan: loan.record_repayment(officer, "10.00", "2024-01-01")
+        )
+        if month in (99, 150):
+            moments[month + 1] = archive.get_loan("S-1").modified_on
+    assert [s.originator_version for s in archive.snapshots.get(loan_id("S-1"))] == [100, 200]
+    # Time travel lands between snapshots and agrees with a replay of the events alone.
+    for version, moment in moments.items():
+        state = archive.loan_file("S-1", as_of=moment)
+        assert state["version"] == version
+        assert state["repaid"] == Decimal("10.00") * (version - 1)
+        assert archive.loan_file("S-1", version=version)["repaid"] == state["repaid"]
+    assert archive.verify_chain().ok
+
+    # A forged snapshot is caught even though every event still verifies.
+    recorder: Any = archive.snapshots.recorder  # type: ignore[union-attr]
+    table = recorder.events_table_name
+    with recorder.datastore.transaction(commit=True) as c:
+        c.execute(f"SELECT state FROM {table} WHERE originator_version = 200")
+        state = bytes(c.fetchone()["state"])
+        forged = state.replace(
+            b'"repaid":{"_type_":"decimal_str","_data_":"1990.00"}',
+            b'"repaid":{"_type_":"decimal_str","_data_":"9990.00"}',
+        )
+        assert forged != state
+        mark = "?" if backend == "sqlite" else "%s"
+        c.execute(f"UPDATE {table} SET state = {mark} WHERE originator_version = 200", (forged,))
+    report = archive.verify_chain()
+    assert report.breach is not None
+    assert (report.breach.originator_id, report.breach.originator_version) == (loan_id("S-1"), 200)
+    assert "snapshot" in report.breach.problem

@@ -95,6 +95,23 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/audit-trail/export"): frozenset({AUDITOR, COMPLIANCE, ADMIN}),
     ("GET", "/api/v1/projections"): VERIFIERS,
     ("POST", "/api/v1/projections/{name}/rebuild"): ADMINS,
+    # Credit-management reports: for those who manage, audit or check the portfolio.
+    **{
+        ("GET", "/api/v1/reports/" + name): REPLAYERS
+        for name in (
+            "npl-portfolio",
+            "officer-ledgers",
+            "npl-gaps",
+            "repeated-mortgages",
+            "overvaluation-by-agency",
+            "revaluations-due",
+            "inspections-overdue",
+            "concentration",
+            "village-group-loans",
+            "loans/{loan_number}/analysis",
+            "loans/{loan_number}/analysis.pdf",
+        )
+    },
 }
 
 # The one write an auditor may make: a fixity check re-reads every original and records

@@ -1,0 +1,154 @@
+"""Portfolio reports and the per-loan analysis report, read from the views.
+
+Every answer names the reporting date (``as_of``) and the view ``position`` its figures
+are consistent with; compare that with the position a command returned to know whether
+the report includes your write. Money is decimal text; shares are percentages.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import Archive, AuthFirstRoute, require
+from api.encoding import jsonable
+from archive.application import Principal
+from archive.domain import Role
+from archive.exceptions import ArchiveError
+from projections import reports
+from projections.analysis import analysis_pdf, loan_analysis
+from projections.store import Store
+
+router = APIRouter(prefix="/api/v1/reports", tags=["reports"], route_class=AuthFirstRoute)
+
+READERS = (Role.AUDITOR, Role.CREDIT_OFFICER, Role.COMPLIANCE, Role.ADMIN)
+Reader = Annotated[Principal, Depends(require(*READERS))]
+
+AsOf = Annotated[date | None, Query(description="Reporting date (YYYY-MM-DD); default today.")]
+Currency = Annotated[
+    str | None,
+    Query(
+        min_length=3,
+        max_length=3,
+        description="Only amounts in this currency; required when the selection mixes currencies.",
+        examples=["EUR"],
+    ),
+]
+
+
+class ViewsUnavailableError(ArchiveError):
+    status = 503
+    title = "Views unavailable"
+
+
+def get_store(request: Request) -> Store:
+    projections = getattr(request.app.state, "projections", None)
+    if projections is None:
+        raise ViewsUnavailableError("the read views are not running on this server")
+    return projections.store
+
+
+Views = Annotated[Store, Depends(get_store)]
+
+
+def answer(body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(jsonable(body))
+
+
+@router.get("/npl-portfolio", summary="NPLs and write-offs by recovery category and class")
+def npl_portfolio(
+    store: Views, who: Reader, as_of: AsOf = None, currency: Currency = None
+) -> JSONResponse:
+    return answer(reports.npl_portfolio(store, as_of, currency))
+
+
+@router.get("/officer-ledgers", summary="NPL ledgers per loan officer and collection officer")
+def officer_ledgers(
+    store: Views, who: Reader, as_of: AsOf = None, currency: Currency = None
+) -> JSONResponse:
+    return answer(reports.officer_ledgers(store, as_of, currency))
+
+
+@router.get("/npl-gaps", summary="NPLs missing an officer or the investigation checklist")
+def npl_gaps(store: Views, who: Reader, as_of: AsOf = None) -> JSONResponse:
+    return answer(reports.npl_gaps(store, as_of))
+
+
+@router.get("/repeated-mortgages", summary="Properties securing more than one live loan")
+def repeated_mortgages(store: Views, who: Reader, as_of: AsOf = None) -> JSONResponse:
+    return answer(reports.repeated_mortgages(store, as_of))
+
+
+@router.get("/overvaluation-by-agency", summary="Appraisal agencies: overvaluation flags and cuts")
+def overvaluation_by_agency(
+    store: Views, who: Reader, as_of: AsOf = None, currency: Currency = None
+) -> JSONResponse:
+    return answer(reports.overvaluation_by_agency(store, as_of, currency))
+
+
+@router.get("/revaluations-due", summary="Valuations due for revaluation, overdue first")
+def revaluations_due(
+    store: Views,
+    who: Reader,
+    as_of: AsOf = None,
+    days: Annotated[
+        int, Query(ge=0, le=reports.MAX_DAYS, description="Look this many days ahead.")
+    ] = 30,
+) -> JSONResponse:
+    return answer(reports.revaluations_due(store, as_of, days))
+
+
+@router.get("/inspections-overdue", summary="NPLs with a monthly or quarterly inspection overdue")
+def inspections_overdue(store: Views, who: Reader, as_of: AsOf = None) -> JSONResponse:
+    return answer(reports.inspections_overdue(store, as_of))
+
+
+@router.get("/concentration", summary="Top borrowers by outstanding and their shares")
+def concentration(
+    store: Views,
+    who: Reader,
+    as_of: AsOf = None,
+    top: Annotated[int, Query(ge=1, le=reports.MAX_TOP)] = 10,
+    currency: Currency = None,
+) -> JSONResponse:
+    return answer(reports.concentration(store, as_of, top, currency))
+
+
+@router.get("/village-group-loans", summary="Village-group and cooperative loans by group")
+def village_group_loans(
+    store: Views, who: Reader, as_of: AsOf = None, currency: Currency = None
+) -> JSONResponse:
+    return answer(reports.village_group_loans(store, as_of, currency))
+
+
+@router.get("/loans/{loan_number}/analysis", summary="The analysis report of one loan (JSON)")
+def loan_analysis_json(
+    loan_number: str, archive: Archive, store: Views, who: Reader, as_of: AsOf = None
+) -> JSONResponse:
+    return answer(loan_analysis(archive, store, loan_number, as_of))
+
+
+@router.get(
+    "/loans/{loan_number}/analysis.pdf",
+    summary="The analysis report of one loan, as a PDF to file",
+    response_class=Response,
+    responses={200: {"content": {"application/pdf": {}}, "description": "The PDF report."}},
+)
+async def loan_analysis_pdf(
+    loan_number: str, archive: Archive, store: Views, who: Reader, as_of: AsOf = None
+) -> Response:
+    report = await run_in_threadpool(loan_analysis, archive, store, loan_number, as_of)
+    content = await run_in_threadpool(analysis_pdf, report)
+    number = report["loan"]["loan_number"]  # letters, digits, '.', '_', '-' only
+    return Response(
+        content,
+        media_type="application/pdf",
+        headers={
+            "Content-Disposition": f'attachment; filename="loan-analysis-{number}.pdf"',
+            "Cache-Control": "no-store",
+        },
+    )

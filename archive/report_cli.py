@@ -1,0 +1,415 @@
+"""``loan-archive reports ...``: the portfolio reports and the per-loan analysis report.
+
+Each command authenticates like the other domain commands (``--token`` or
+``ARCHIVE_TOKEN``; auditor, credit officer, compliance or admin), brings the views up to
+the head of the log, and prints the report as JSON (default) or, with ``--table``, as
+tables. ``analysis --pdf FILE`` writes the PDF report to file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import date, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from archive.domain import Role
+
+reports_app = typer.Typer(
+    help="Portfolio reports (NPLs, ledgers, collateral, concentration) and loan analyses.",
+    no_args_is_help=True,
+)
+
+READERS = (Role.AUDITOR, Role.CREDIT_OFFICER, Role.COMPLIANCE, Role.ADMIN)
+
+Token = Annotated[
+    str, typer.Option(envvar="ARCHIVE_TOKEN", help="Bearer token.", show_default=False)
+]
+AsOf = Annotated[
+    datetime | None,
+    typer.Option(formats=["%Y-%m-%d"], help="Reporting date (YYYY-MM-DD); default today."),
+]
+Currency = Annotated[
+    str | None, typer.Option(help="Only amounts in this currency (needed when mixed).")
+]
+AsTable = Annotated[bool, typer.Option("--table", help="Print tables instead of JSON.")]
+
+
+def _day(as_of: datetime | None) -> date | None:
+    return None if as_of is None else as_of.date()
+
+
+@contextmanager
+def views(token: str) -> Iterator[tuple[Any, Any]]:
+    """The archive (caller checked) and its views brought up to the head of the log."""
+    from archive.cli import archive, caller
+    from archive.settings import load_settings
+    from projections.runner import Projections
+
+    with archive() as application:
+        caller(application, token, *READERS)
+        with Projections.open(load_settings(), application) as projections:
+            projections.catch_up()
+            yield application, projections.store
+
+
+def _show(report: dict[str, Any], as_table: bool) -> None:
+    from archive.cli import print_json
+
+    if as_table:
+        print_tables(report)
+    else:
+        print_json(report)
+
+
+def _run(token: str, as_table: bool, make: Callable[[Any], dict[str, Any]]) -> None:
+    with views(token) as (_, store):
+        report = make(store)
+    _show(report, as_table)
+
+
+# -- the commands -------------------------------------------------------------------------------
+
+
+@reports_app.command("npl-portfolio")
+def npl_portfolio(
+    token: Token, as_of: AsOf = None, currency: Currency = None, table: AsTable = False
+) -> None:
+    """NPLs and write-offs by recovery category and five-tier classification."""
+    from projections import reports
+
+    _run(token, table, lambda s: reports.npl_portfolio(s, _day(as_of), currency))
+
+
+@reports_app.command("officer-ledgers")
+def officer_ledgers(
+    token: Token, as_of: AsOf = None, currency: Currency = None, table: AsTable = False
+) -> None:
+    """Each loan officer's and collection officer's NPL ledger."""
+    from projections import reports
+
+    _run(token, table, lambda s: reports.officer_ledgers(s, _day(as_of), currency))
+
+
+@reports_app.command("npl-gaps")
+def npl_gaps(token: Token, as_of: AsOf = None, table: AsTable = False) -> None:
+    """NPLs missing the loan officer, the collection officer or the investigation."""
+    from projections import reports
+
+    _run(token, table, lambda s: reports.npl_gaps(s, _day(as_of)))
+
+
+@reports_app.command("repeated-mortgages")
+def repeated_mortgages(token: Token, as_of: AsOf = None, table: AsTable = False) -> None:
+    """Properties securing more than one live loan."""
+    from projections import reports
+
+    _run(token, table, lambda s: reports.repeated_mortgages(s, _day(as_of)))
+
+
+@reports_app.command("overvaluation-by-agency")
+def overvaluation_by_agency(
+    token: Token, as_of: AsOf = None, currency: Currency = None, table: AsTable = False
+) -> None:
+    """Per appraisal agency: reviewed, flagged overvalued, share, average and max cut."""
+    from projections import reports
+
+    _run(token, table, lambda s: reports.overvaluation_by_agency(s, _day(as_of), currency))
+
+
+@reports_app.command("revaluations-due")
+def revaluations_due(
+    token: Token,
+    as_of: AsOf = None,
+    days: Annotated[int, typer.Option(min=0, help="Look this many days ahead.")] = 30,
+    table: AsTable = False,
+) -> None:
+    """Valuations in force due for revaluation within DAYS, overdue first."""
+    from projections import reports
+
+    _run(token, table, lambda s: reports.revaluations_due(s, _day(as_of), days))
+
+
+@reports_app.command("inspections-overdue")
+def inspections_overdue(token: Token, as_of: AsOf = None, table: AsTable = False) -> None:
+    """NPLs whose monthly or quarterly inspection is overdue."""
+    from projections import reports
+
+    _run(token, table, lambda s: reports.inspections_overdue(s, _day(as_of)))
+
+
+@reports_app.command("concentration")
+def concentration(
+    token: Token,
+    as_of: AsOf = None,
+    top: Annotated[int, typer.Option(min=1, help="How many borrowers.")] = 10,
+    currency: Currency = None,
+    table: AsTable = False,
+) -> None:
+    """The top borrowers by outstanding, with their shares of the live portfolio."""
+    from projections import reports
+
+    _run(token, table, lambda s: reports.concentration(s, _day(as_of), top, currency))
+
+
+@reports_app.command("village-group-loans")
+def village_group_loans(
+    token: Token, as_of: AsOf = None, currency: Currency = None, table: AsTable = False
+) -> None:
+    """Village-group and cooperative loans by group."""
+    from projections import reports
+
+    _run(token, table, lambda s: reports.village_group_loans(s, _day(as_of), currency))
+
+
+@reports_app.command("analysis")
+def analysis(
+    loan_number: str,
+    token: Token,
+    as_of: AsOf = None,
+    pdf: Annotated[
+        Path | None, typer.Option(help="Write the PDF report to this file instead.")
+    ] = None,
+    table: AsTable = False,
+) -> None:
+    """The analysis report of one loan: JSON, tables, or with --pdf a PDF to file."""
+    from projections.analysis import analysis_pdf, loan_analysis
+
+    with views(token) as (application, store):
+        report = loan_analysis(application, store, loan_number, _day(as_of))
+    if pdf is None:
+        _show(report, table)
+        return
+    pdf.write_bytes(analysis_pdf(report))
+    typer.echo(f"wrote {pdf} (chain head {report['chain_head']})", err=True)
+
+
+# -- tables -------------------------------------------------------------------------------------
+
+Column = tuple[str, str]  # (heading, key)
+
+_LISTS: dict[str, list[tuple[str, str, list[Column]]]] = {
+    # report -> [(title, key of the list, columns)]
+    "npl_gaps": [
+        (
+            "NPLs with gaps",
+            "items",
+            [
+                ("Loan", "loan_number"),
+                ("Borrower", "borrower_name"),
+                ("Status", "status"),
+                ("Missing", "missing"),
+            ],
+        )
+    ],
+    "revaluations_due": [
+        (
+            "Revaluations due",
+            "items",
+            [
+                ("Due", "revaluation_due"),
+                ("Days", "days_until_due"),
+                ("Loan", "loan_number"),
+                ("Borrower", "borrower_name"),
+                ("Agency", "agency"),
+                ("Appraised", "appraised_value"),
+                ("Reviewed", "reviewed_value"),
+                ("Cur.", "currency"),
+            ],
+        )
+    ],
+    "inspections_overdue": [
+        (
+            "Inspections overdue",
+            "items",
+            [
+                ("Loan", "loan_number"),
+                ("Borrower", "borrower_name"),
+                ("Collection officer", "collection_officer"),
+                ("Last monthly", "last_monthly"),
+                ("Last quarterly", "last_quarterly"),
+                ("Overdue", "overdue"),
+            ],
+        )
+    ],
+    "overvaluation_by_agency": [
+        (
+            "Overvaluation by appraisal agency",
+            "agencies",
+            [
+                ("Agency", "agency"),
+                ("Appraisals", "appraisals"),
+                ("Reviewed", "reviewed"),
+                ("Overvalued", "overvalued"),
+                ("Share %", "overvalued_share"),
+                ("Avg cut", "average_cut"),
+                ("Max cut", "max_cut"),
+                ("Avg cut %", "average_cut_pct"),
+                ("Max cut %", "max_cut_pct"),
+            ],
+        )
+    ],
+    "concentration": [
+        (
+            "Borrower concentration",
+            "items",
+            [
+                ("#", "rank"),
+                ("National id", "national_id"),
+                ("Borrower", "borrower_name"),
+                ("Loans", "loans"),
+                ("Outstanding", "outstanding"),
+                ("Share %", "share"),
+                ("Cumulative %", "cumulative_share"),
+            ],
+        )
+    ],
+}
+
+_LEDGER: list[Column] = [
+    ("Loan", "loan_number"),
+    ("Borrower", "borrower_name"),
+    ("Status", "status"),
+    ("Category", "recovery_category"),
+    ("Outstanding", "outstanding"),
+    ("Actions", "collection_actions"),
+    ("Last action", "last_action_date"),
+    ("Recovered", "recovered"),
+]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    return str(value)
+
+
+def _table(title: str, columns: list[Column], rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for heading, _ in columns:
+        table.add_column(heading)
+    for row in rows:
+        table.add_row(*(_cell(row.get(key)) for _, key in columns))
+    return table
+
+
+def tables(report: dict[str, Any]) -> list[Any]:
+    """The report as rich tables: a heading line of its scalar figures, then its lists."""
+    name = report["report"]
+    out: list[Any] = []
+    if name == "npl_portfolio":
+        for section in ("non_performing", "written_off"):
+            part = report[section]
+            for key, label in (
+                ("by_recovery_category", "recovery_category"),
+                ("by_classification", "classification"),
+            ):
+                out.append(
+                    _table(
+                        f"{section} by {label}: {part['count']} loans, "
+                        f"{part['outstanding']} outstanding",
+                        [(label, label), ("Loans", "count"), ("Outstanding", "outstanding")],
+                        part[key],
+                    )
+                )
+    elif name == "officer_ledgers":
+        for duty in ("loan_officers", "collection_officers"):
+            for ledger in report[duty]:
+                out.append(
+                    _table(
+                        f"{duty[:-1].replace('_', ' ')} {ledger['officer']}: {ledger['count']} "
+                        f"loans, {ledger['outstanding']} outstanding, "
+                        f"{ledger['collection_actions']} actions, {ledger['recovered']} recovered",
+                        _LEDGER,
+                        ledger["loans"],
+                    )
+                )
+    elif name == "repeated_mortgages":
+        for prop in report["properties"]:
+            out.append(
+                _table(
+                    f"{prop['cadastral_reference']} ({prop['address']}): "
+                    f"{prop['total_secured']} secured",
+                    [
+                        ("Rank", "lien_rank"),
+                        ("Loan", "loan_number"),
+                        ("Borrower", "borrower_name"),
+                        ("Secured", "secured_amount"),
+                        ("Registration", "registration_status"),
+                        ("Flagged", "flagged"),
+                    ],
+                    prop["liens"],
+                )
+            )
+    elif name == "village_group_loans":
+        for group in report["groups"]:
+            out.append(
+                _table(
+                    f"{group['group']}: {group['count']} loans, {group['outstanding']} "
+                    f"outstanding, {group['npl_count']} NPLs ({group['npl_outstanding']})",
+                    [
+                        ("Loan", "loan_number"),
+                        ("Borrower", "borrower_name"),
+                        ("Status", "status"),
+                        ("Outstanding", "outstanding"),
+                        ("NPL", "npl"),
+                        ("Actions", "collection_actions"),
+                        ("Last action", "last_action_date"),
+                    ],
+                    group["loans"],
+                )
+            )
+    elif name == "loan_analysis":
+        loan = report["loan"]
+        out.append(
+            _table(
+                f"Loan {loan['loan_number']}",
+                [("Field", "field"), ("Value", "value")],
+                [{"field": k, "value": v} for k, v in loan.items()]
+                + [
+                    {"field": "coverage %", "value": report["coverage"]["percent"]},
+                    {"field": "chain head", "value": report["chain_head"]},
+                ],
+            )
+        )
+        out.append(
+            _table(
+                "History",
+                [
+                    ("Pos.", "position"),
+                    ("Time", "time"),
+                    ("Actor", "actor"),
+                    ("Event", "event"),
+                    ("Summary", "summary"),
+                    ("Reason", "reason"),
+                ],
+                report["history"],
+            )
+        )
+    for title, key, columns in _LISTS.get(name, []):
+        out.append(_table(title, columns, report[key]))
+    return out
+
+
+def print_tables(report: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console()
+    figures = {
+        k: v for k, v in report.items() if not isinstance(v, list | dict) and k not in ("report",)
+    }
+    console.print(
+        f"[bold]{report['report']}[/bold]  "
+        + "  ".join(f"{k}={_cell(v)}" for k, v in figures.items() if k != "report")
+    )
+    for table in tables(report):
+        console.print(table)

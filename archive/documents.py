@@ -32,6 +32,13 @@ class DocumentType(StrEnum):
     OTHER = "other"
 
 
+class ExtractionStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class FixityOutcome(StrEnum):
     OK = "ok"
     CHANGED = "changed"
@@ -133,6 +140,8 @@ class Document(ArchiveAggregate):
             doc.legal_hold = False
             doc.downloads = 0
             doc.last_fixity = None
+            doc.extraction = {"status": ExtractionStatus.PENDING.value, "attempt": 0}
+            doc.extracted_pages = None
 
     class Superseded(ArchiveAggregate.Event):
         superseded_by: UUID
@@ -164,6 +173,61 @@ class Document(ArchiveAggregate):
                 "outcome": self.outcome,
                 "checked_at": self.timestamp,
                 "observed_sha256": self.observed_sha256,
+            }
+
+    class ExtractionStarted(ArchiveAggregate.Event):
+        """A worker claims the extraction: one claim per attempt wins (optimistic lock)."""
+
+        worker: str
+        attempt: int
+
+        def apply(self, doc: Document) -> None:
+            doc.extraction = {
+                "status": ExtractionStatus.RUNNING.value,
+                "attempt": self.attempt,
+                "worker": self.worker,
+                "started_at": self.timestamp,
+            }
+
+    class TextExtracted(ArchiveAggregate.Event):
+        attempt: int
+        pages: list[dict[str, Any]]
+        engine: str
+        engine_version: str
+        languages: str
+        settings: dict[str, Any]
+
+        def apply(self, doc: Document) -> None:
+            doc.extraction = {
+                "status": ExtractionStatus.DONE.value,
+                "attempt": self.attempt,
+                "finished_at": self.timestamp,
+                "engine": self.engine,
+                "engine_version": self.engine_version,
+                "languages": self.languages,
+                "pages": len(self.pages),
+                "failed_pages": sum(1 for p in self.pages if p.get("error")),
+            }
+            doc.extracted_pages = len(self.pages)
+
+    class ExtractionFailed(ArchiveAggregate.Event):
+        attempt: int
+        reason: str
+
+        def apply(self, doc: Document) -> None:
+            doc.extraction = {
+                "status": ExtractionStatus.FAILED.value,
+                "attempt": self.attempt,
+                "finished_at": self.timestamp,
+                "reason": self.reason,
+            }
+
+    class ReindexRequested(ArchiveAggregate.Event):
+        def apply(self, doc: Document) -> None:
+            doc.extraction = {
+                "status": ExtractionStatus.PENDING.value,
+                "attempt": doc.extraction["attempt"],
+                "requested_at": self.timestamp,
             }
 
     @classmethod
@@ -203,10 +267,37 @@ class Document(ArchiveAggregate):
             observed_size=size,
         )
 
+    def start_extraction(self, ctx: CommandContext, worker: str) -> int:
+        """Claim the extraction (pending, or running but abandoned); returns the attempt."""
+        if self.extraction["status"] in (ExtractionStatus.DONE, ExtractionStatus.FAILED):
+            raise DomainError("this document's text is already extracted; request a reindex")
+        attempt = self.extraction["attempt"] + 1
+        self._trigger(self.ExtractionStarted, ctx, worker=worker, attempt=attempt)
+        return attempt
+
+    def _check_claim(self, attempt: int) -> None:
+        current = self.extraction
+        if current["status"] != ExtractionStatus.RUNNING or current["attempt"] != attempt:
+            raise DomainError(f"extraction attempt {attempt} of {self.id} is no longer current")
+
+    def record_text(self, ctx: CommandContext, attempt: int, **result: Any) -> None:
+        self._check_claim(attempt)
+        self._trigger(self.TextExtracted, ctx, attempt=attempt, **result)
+
+    def record_extraction_failure(self, ctx: CommandContext, attempt: int, reason: str) -> None:
+        self._check_claim(attempt)
+        self._trigger(self.ExtractionFailed, ctx, attempt=attempt, reason=reason[:2000])
+
+    def request_reindex(self, ctx: CommandContext) -> None:
+        if self.extraction["status"] in (ExtractionStatus.PENDING, ExtractionStatus.RUNNING):
+            raise DomainError(f"extraction of {self.id} is already {self.extraction['status']}")
+        self._trigger(self.ReindexRequested, ctx)
+
     def state(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "version": self.version,
+            "extraction": self.extraction,
             "loan_number": self.loan_number,
             "collateral_id": self.collateral_id,
             "valuation_id": self.valuation_id,

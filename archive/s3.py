@@ -1,80 +1,118 @@
 """Originals in an S3 bucket with Object Lock (SeaweedFS, MinIO, AWS), through the minio SDK.
 
-``put`` follows the protocol of ``archive.blobstore``:
+How ``put`` makes an original durable
+-------------------------------------
 
-1. Stream the source through ``HashingReader`` (SHA-256, size, limit) into a temporary
-   object ``incoming/<uuid>`` without retention, so that it can be removed again. The
-   upload is ``put_object(length=-1, part_size=16 MiB, num_parallel_uploads=2)``: up to
-   16 MiB a single PUT, above that a multipart upload. Memory stays bounded by a few
-   parts whatever the size of the file (measured: a 300 MB upload peaks at ~90 MB RSS
-   for the whole Python process).
-2. Verify what the server stored: while streaming, the MD5 of every part is computed on
-   the same boundaries minio uses, and the server's ETag must equal the AWS convention
-   (plain MD5 for a single PUT, ``md5(md5(part1)..md5(partN))-N`` for multipart).
-   SeaweedFS 4.48 follows that convention for PutObject and CompleteMultipartUpload, so
-   no re-read of the temporary object is needed.
-3. Same bytes already final (``sha256/ab/cd/<hex>`` exists): drop the temporary object,
-   ``created=False``. Otherwise a server-side copy makes it final, WITH retention
-   (``Retention(mode, now + retention_days)`` when ``retention_days > 0`` and the bucket
-   has Object Lock), then the temporary object version is removed.
+1. **Hash first.** The source is read once through ``HashingReader`` (SHA-256, size,
+   limit). A seekable source (e.g. an open file) is rewound afterwards;
+   any other source is spooled meanwhile to an anonymous temporary file (``TMPDIR``,
+   unlinked at once, so a crash leaves nothing behind). Nothing has reached S3 yet: a
+   declared SHA-256 that does not match, a file over the limit or a failing source
+   leave nothing to clean up.
+2. **Same bytes already there?** When ``sha256/ab/cd/<hex>`` exists with the size and the
+   ETag these bytes give (else: when reading it back gives this SHA-256),
+   ``created=False`` and nothing is uploaded. A current version that does NOT hold
+   these bytes (a forged PUT, see below) is logged and covered by a new, good version.
+3. **Upload straight to the content address, verified before it exists.** Always a
+   multipart upload (a single part for small files), at most three 8 MiB parts in
+   flight (memory: a few parts, whatever the file size). Each part's MD5 goes along as
+   ``Content-MD5``, so the server refuses bytes damaged on the way (``BadDigest``;
+   SeaweedFS checks Content-MD5 but NOT the signed ``x-amz-content-sha256``) --
+   ``checkpoint("written")``; the second read was hashed again, so a source that changed
+   in between is refused -- ``checkpoint("verified")``. Until here the upload is
+   unfinished and invisible: any failure aborts it, and a killed process leaves it
+   behind, listed by ``temporary_keys`` as ``<key>?uploadId=<id>`` (``discard_temporary``
+   aborts it). CompleteMultipartUpload then makes the object exist at once, already
+   under retention (``x-amz-object-lock-*`` headers on CreateMultipartUpload,
+   ``Retention(mode, now + retention_days)`` when ``retention_days > 0`` and the bucket
+   has Object Lock), with ``If-None-Match: *`` so that two racing uploads of the same
+   bytes cannot stack versions: the loser gets ``PreconditionFailed`` and reports the
+   winner's object, ``created=False``. Last, the server's ETag must equal the AWS
+   convention ``md5(md5(part1)..md5(partN))-N``, which SeaweedFS 4.48 follows (any other
+   ETag, e.g. with SSE-KMS, is checked by reading the object back), and its size and
+   retention are checked -- ``checkpoint("final")``.
 
-The copy is ``compose_object`` with an explicit byte range, i.e. CreateMultipartUpload
-(carrying the Object Lock headers) + UploadPartCopy (5 GiB pieces above 5 GiB) +
-CompleteMultipartUpload: the final object exists only once complete and already under
-retention. ``copy_object`` is NOT used: SeaweedFS 4.48 accepts CopyObject with
-``x-amz-object-lock-*`` headers but silently drops them (the copy has no retention and no
-legal hold), and a separate PutObjectRetention afterwards would leave a window. Nor is
-the copy's ETag compared: SeaweedFS derives the ETag of a copied part from its internal
-4 MiB chunks (``md5-of-chunk-md5s-4``), not from the bytes; the final is checked by size
-and its version is recorded, and the fixity check (``digest``) re-reads it later.
+Why not a temporary object and a server-side copy
+-------------------------------------------------
 
-Why a server-side copy rather than spooling to a local file and uploading once: measured
-on SeaweedFS 4.48 (loopback, 2 vCPU, 200 MB file, best of interleaved rounds):
+That protocol was built and measured first: stream to ``incoming/<uuid>`` (put_object,
+length=-1, 16 MiB parts, 2 parallel) computing the part MD5s, compare the ETag, then
+``compose_object`` to the final key with retention, then remove the temporary version.
+On SeaweedFS 4.48 the server-side copy rewrites every byte (the data directory grows by
+the object's size; ~300 MB/s on this machine, a third of the upload time again), and it
+has two traps: CopyObject silently DROPS ``x-amz-object-lock-*`` headers (the copy has no
+retention and no legal hold; only UploadPartCopy, i.e. ``compose_object`` with a byte
+range, keeps them), and the ETag of a copied part is derived from SeaweedFS's internal
+4 MiB chunks (``md5-of-chunk-md5s-4``), comparable to nothing the client computed.
 
-=========================================  =========  ========
-raw ``put_object(file, length)`` defaults   ~100 MB/s  1.00
-raw ``put_object`` 16 MiB x 2 parallel      see below
-``S3BlobStore.put`` (this module)           ~xx MB/s   x.xx
-=========================================  =========  ========
+Throughput, 200 MB file, loopback SeaweedFS 4.48, 2 vCPU shared with other work (hence
+the spread), three runs of 8-10 interleaved rounds, as a ratio to raw
+``put_object(bucket, key, file, size)`` with minio's defaults (5 MiB parts, 3 parallel):
 
-SeaweedFS does rewrite all bytes on a server-side copy (the data directory grows by the
-object's size), but at ~300-350 MB/s, about a third of the upload time; spooling would
-add a local write, a full local re-read and MD5 before the upload (not overlapped with
-it) and needs free local disk for the largest upload per concurrent request, for no gain
-in speed. The streamed variant overlaps hashing with the parallel part uploads.
+========================================================  ============  ============
+variant                                                    best          median
+========================================================  ============  ============
+raw put_object, minio defaults                             110-166 MB/s  73-126 MB/s
+raw put_object, 8 MiB parts x 3                            1.02-1.08     0.95-1.29
+temp object + ETag check + compose copy (first version)    0.52-0.58     0.53-0.57
+**this module**, seekable source (a file)                  0.86-0.90     0.88-0.97
+**this module**, non-seekable source (spooled to TMPDIR)   0.70-0.81     0.77-0.82
+========================================================  ============  ============
 
-Semantics worth knowing (S3, not SeaweedFS quirks): an Object Lock bucket is versioned.
-Retention protects object *versions*: deleting a retained version, shortening its
-retention or removing a legal-held version is refused (``AccessDenied``), but a plain
-DELETE of the key adds a delete marker and a plain PUT adds a newer version; both
-succeed, and then ``open``/``stat``/``digest`` (which address the current version) see
-the change while the retained original stays readable by its version id. ``StoredBlob``
-and ``BlobInfo`` carry the ``version_id`` so that the caller can notice. Through the
-filer HTTP API (``/buckets/<bucket>/<key>.versions/v_<id>``) SeaweedFS lets anyone who
-can reach the filer overwrite a version's bytes regardless of Object Lock; the object
-then loses its version id and retention. Keep the filer port private.
+Peak RSS of a whole Python process putting a generated (non-seekable) 300 MB source:
+84 MiB, of which 51 MiB is the interpreter with its imports. The price of this protocol:
+the bytes are read twice locally, and a non-seekable source needs room in ``TMPDIR`` for
+the largest upload times the number of concurrent uploads. (``ArchiveApp`` hands ``put``
+a ``PrefixedReader``, which is not seekable, over the API's already spooled upload file:
+giving it ``seekable``/``seek``/``tell`` would spare that second copy.)
+
+Semantics worth knowing
+-----------------------
+
+These are S3's, not SeaweedFS quirks: an Object Lock bucket is versioned, and retention
+protects object *versions*. Deleting a retained version, shortening its retention or
+removing a legal-held version is refused (``AccessDenied``); but a plain DELETE of the
+key adds a delete marker and a plain PUT adds a newer version, and both succeed. Then
+``open``/``stat``/``digest`` (which address the current version) see the change while
+the retained original stays readable by its version id; ``StoredBlob``/``BlobInfo``
+carry the ``version_id`` so that a caller can notice, and ``put`` of the same bytes again
+makes a good version current. Through the filer HTTP API
+(``/buckets/<bucket>/<key>.versions/v_<id>``) SeaweedFS lets anyone who can reach the
+filer overwrite a version's bytes regardless of Object Lock; the object then loses its
+version id and its retention. Keep the filer port private. SeaweedFS answers
+PutObjectLegalHold on a missing key with HTTP 500 (which minio retries for seconds), so
+``set_legal_hold`` checks that the key exists first.
+
+This module uses minio's public API plus five of its private methods, stable across
+minio 7.x: ``_create_multipart_upload``, ``_upload_part``, ``_abort_multipart_upload``,
+``_list_multipart_uploads`` and ``_execute`` (for CompleteMultipartUpload with
+``If-None-Match``); pin ``minio<8``.
 
 Credentials come from the settings as ``SecretStr`` and are handed to the minio client
-only; they appear in no message, log line or repr of this module.
+only; they appear in no message, log line or repr of this module, and storage errors are
+re-raised as ``BlobError`` without minio's exception chain.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
-import io
 import logging
 import math
-import uuid
+import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, TypeVar
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+from xml.sax.saxutils import escape
 
 import urllib3
 from minio import Minio
-from minio.commonconfig import ComposeSource
+from minio.datatypes import CompleteMultipartUploadResult
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
-from minio.retention import Retention
-from minio.time import from_iso8601utc
+from minio.time import from_iso8601utc, to_iso8601utc
 
 from archive.blobstore import (
     CHUNK,
@@ -86,6 +124,7 @@ from archive.blobstore import (
     Readable,
     StoredBlob,
     content_key,
+    hash_stream,
     key_digest,
 )
 
@@ -95,97 +134,74 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINAL_PREFIX = "sha256/"
-TEMP_PREFIX = "incoming/"
-PART_SIZE = 16 * 1024 * 1024
-PARALLEL_UPLOADS = 2
-MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
+UPLOAD_MARK = "?uploadId="
+PART_SIZE = 8 * 1024 * 1024
 MIN_PART_SIZE = 5 * 1024 * 1024
+MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
+PARALLEL_UPLOADS = 3
+HASH_CHUNK = 4 * 1024 * 1024  # reads of the first pass
 
 _MISSING = {"NoSuchKey", "NoSuchVersion", "NoSuchObject"}
 _NO_RETENTION = {"ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration"}
 _NO_HOLD = {"NoSuchObjectLegalHold", "ObjectLockConfigurationNotFoundError"}
+_STORAGE_ERRORS = (MinioException, urllib3.exceptions.HTTPError)
 
 T = TypeVar("T")
 
 
+class _Raced(Exception):
+    """``If-None-Match: *`` refused the write: the final object appeared meanwhile."""
+
+
 def part_size_for(limit: int | None) -> int:
-    """16 MiB parts, larger when ``limit`` bytes would need more than 10,000 of them."""
+    """8 MiB parts, larger (whole MiB) when ``limit`` bytes would need over 10,000 of them."""
     if limit is None:
         return PART_SIZE
-    needed = math.ceil(limit / MAX_PARTS)
     mib = 1024 * 1024
-    return max(PART_SIZE, math.ceil(needed / mib) * mib)
+    return max(PART_SIZE, math.ceil(math.ceil(limit / MAX_PARTS) / mib) * mib)
 
 
-class _PartHasher:
-    """What minio reads: fills each read to the size asked for, MD5s every part.
+def multipart_etag(digests: list[bytes]) -> str:
+    """The ETag S3 gives a multipart upload: ``md5(md5(part1)..md5(partN))-N``."""
+    joined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
+    return f"{joined}-{len(digests)}"
 
-    minio's ``put_object(length=-1)`` reads ``part_size + 1`` bytes per part and carries
-    the extra byte over, so parts start at multiples of ``part_size``; the MD5s are
-    taken on exactly those boundaries. Filling reads (instead of handing minio whatever
-    short chunk the source returns) also spares minio's quadratic ``part += chunk``.
-    """
 
-    def __init__(self, source: HashingReader, part_size: int) -> None:
-        self.source = source
-        self.part_size = part_size
-        self.failed: BaseException | None = None  # raised by the source, not by storage
-        self._digests: list[bytes] = []
-        self._md5 = hashlib.md5(usedforsecurity=False)
-        self._in_part = 0
-        self._pending = b""
-
-    def read(self, size: int = -1, /) -> bytes:
-        want = size if size and size > 0 else CHUNK
-        pieces: list[bytes] = []
-        got = 0
-        if self._pending:
-            pieces.append(self._pending)
-            got, self._pending = len(self._pending), b""
-        try:
-            while got < want:
-                data = self.source.read(want - got)
-                if not data:
-                    break
-                pieces.append(data)
-                got += len(data)
-        except BaseException as exc:
-            self.failed = exc
-            raise
-        if got > want:  # a source that returned more than it was asked for
-            last = pieces.pop()
-            keep = len(last) - (got - want)
-            pieces.append(last[:keep])
-            self._pending = last[keep:]
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        self._hash(data)
-        return data
-
-    def _hash(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            take = min(len(view), self.part_size - self._in_part)
-            self._md5.update(view[:take])
-            self._in_part += take
-            view = view[take:]
-            if self._in_part == self.part_size:
-                self._digests.append(self._md5.digest())
-                self._md5 = hashlib.md5(usedforsecurity=False)
-                self._in_part = 0
-
-    def etag(self) -> str:
-        """The ETag an S3 server gives the object minio uploaded from this reader."""
-        digests = list(self._digests)
-        if self._in_part or not digests:
-            digests.append(self._md5.digest())
-        if len(digests) == 1:
-            return digests[0].hex()
-        joined = hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()
-        return f"{joined}-{len(digests)}"
+def _md5(data: bytes) -> bytes:
+    return hashlib.md5(data, usedforsecurity=False).digest()
 
 
 def _etag(value: str | None) -> str:
     return (value or "").strip().strip('"').lower()
+
+
+def _content_md5(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+def _rewind_position(source: Readable) -> int | None:
+    """Where a seekable source stands now (to read it a second time), else None."""
+    try:
+        if source.seekable():  # type: ignore[attr-defined]
+            return int(source.tell())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None
+
+
+def _read_exactly(stream: IO[bytes] | Readable, size: int) -> bytes:
+    pieces: list[bytes] = []
+    got = 0
+    while got < size:
+        data = stream.read(size - got)
+        if not data:
+            break
+        pieces.append(data)
+        got += len(data)
+    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    if len(data) > size:  # a source that returned more than it was asked for
+        raise BlobError("the source changed between the two reads of the upload")
+    return data
 
 
 class S3BlobStore(BlobStore):
@@ -200,6 +216,7 @@ class S3BlobStore(BlobStore):
         retention_days: int = 0,
         part_size: int = PART_SIZE,
         parallel_uploads: int = PARALLEL_UPLOADS,
+        spool_dir: Path | None = None,
         endpoint: str = "",
     ) -> None:
         if part_size < MIN_PART_SIZE:
@@ -212,6 +229,7 @@ class S3BlobStore(BlobStore):
         self.retention_days = retention_days
         self.part_size = part_size
         self.parallel_uploads = max(1, parallel_uploads)
+        self.spool_dir = spool_dir
         self.endpoint = endpoint
         self._object_lock: bool | None = None
 
@@ -236,7 +254,7 @@ class S3BlobStore(BlobStore):
                 secure=secure,
                 region=settings.s3_region or None,
             )
-        except ValueError as exc:  # minio's own messages name the endpoint, not the keys
+        except ValueError as exc:  # minio's messages name the endpoint, never the keys
             raise BlobError(f"invalid ARCHIVE_S3_ENDPOINT {endpoint!r}: {exc}") from None
         return cls(
             client,
@@ -261,120 +279,236 @@ class S3BlobStore(BlobStore):
                 self._object_lock = True
             except S3Error as exc:
                 if exc.code not in _NO_RETENTION:
-                    raise self._error("reading the Object Lock configuration", None, exc) from None
+                    raise self._error(
+                        "reading the Object Lock configuration of", None, exc
+                    ) from None
                 self._object_lock = False
                 if self.retention_days:
                     log.warning(
                         "bucket %s has no Object Lock: originals are stored WITHOUT retention",
                         self.bucket,
                     )
-            except (MinioException, urllib3.exceptions.HTTPError) as exc:
-                raise self._error("reading the Object Lock configuration", None, exc) from None
+            except _STORAGE_ERRORS as exc:
+                raise self._error("reading the Object Lock configuration of", None, exc) from None
         return self._object_lock
 
-    def _retention(self) -> Retention | None:
+    def _lock_headers(self) -> dict[str, str]:
         if self.retention_days <= 0 or not self.enforces_retention:
-            return None
+            return {}
         until = datetime.now(UTC).replace(microsecond=0) + timedelta(days=self.retention_days)
-        return Retention(self.retention_mode, until)
+        return {
+            "x-amz-object-lock-mode": self.retention_mode,
+            "x-amz-object-lock-retain-until-date": to_iso8601utc(until),
+        }
 
-    # -- the port ------------------------------------------------------------------
+    # -- put -----------------------------------------------------------------------
 
     def put(
         self, source: Readable, *, expected_sha256: str | None = None, limit: int | None = None
     ) -> StoredBlob:
-        reader = _PartHasher(HashingReader(source, limit), self.part_size)
-        temp = f"{TEMP_PREFIX}{uuid.uuid4().hex}"
-        self.enforces_retention  # noqa: B018  (asked before any byte moves: fails early)
-        uploaded = None
-        try:
-            try:
-                uploaded = self.client.put_object(
-                    self.bucket,
-                    temp,
-                    reader,  # type: ignore[arg-type]
-                    length=-1,
-                    part_size=self.part_size,
-                    num_parallel_uploads=self.parallel_uploads,
-                )
-            except BaseException as exc:
-                if exc is reader.failed or not _is_storage_error(exc):
-                    raise  # the source's own error (or the limit): as it is
-                raise self._error("uploading", temp, exc) from None
-            sha256 = reader.source.sha256()
-            size = reader.source.size
+        _ = self.enforces_retention  # asked now: an unreachable S3 fails before any reading
+        reader = HashingReader(source, limit)
+        start = _rewind_position(source)
+        with contextlib.ExitStack() as stack:
+            spool: IO[bytes] | None = None
+            if start is None:
+                spool = stack.enter_context(tempfile.TemporaryFile(dir=self.spool_dir))
+            while chunk := reader.read(HASH_CHUNK):
+                if spool is not None:
+                    spool.write(chunk)
+            sha256, size = reader.sha256(), reader.size
             self.check_expected(sha256, expected_sha256)
-            if _etag(uploaded.etag) != reader.etag():
-                self._verify_by_reading(temp, uploaded.version_id, sha256, size)
-            key = content_key(sha256)
-            existing = self.stat(key)
-            if existing is not None:
-                return StoredBlob(
-                    key, sha256, size, existing.version_id, existing.retain_until, created=False
+            if size > MAX_PARTS * self.part_size:
+                raise BlobError(
+                    f"{size} bytes need more than {MAX_PARTS} parts of {self.part_size} bytes"
                 )
-            return self._make_final(temp, uploaded.version_id, key, sha256, size)
-        except BaseException as exc:
-            if uploaded is None and not isinstance(exc, Exception):
-                self._abort_uploads(temp)  # minio aborts on Exception only (e.g. not Ctrl-C)
-            raise
-        finally:
-            if uploaded is not None:
-                self._remove_temp(temp, uploaded.version_id)
 
-    def _make_final(
+            def rewound() -> IO[bytes] | Readable:
+                if spool is not None:
+                    spool.seek(0)
+                    return spool
+                source.seek(start)  # type: ignore[attr-defined]
+                return source
+
+            key = content_key(sha256)
+            existing, current = self._existing(key, sha256, size, rewound)
+            if existing is not None:
+                return existing
+            try:
+                return self._upload(key, rewound(), sha256, size, over_current=current)
+            except _Raced:  # someone else stored the same bytes a moment ago
+                existing, _current = self._existing(key, sha256, size, rewound)
+                if existing is None:
+                    raise BlobError(f"S3 refused to store {self.bucket}/{key}") from None
+                return existing
+
+    def _existing(
+        self, key: str, sha256: str, size: int, body: Callable[[], IO[bytes] | Readable]
+    ) -> tuple[StoredBlob | None, bool]:
+        """(the final object if it already holds these bytes, whether a current version exists)
+
+        Its ETag is compared with the one these bytes would get (one more local read of
+        ``body``); when that differs (another part size, another ETag convention) the
+        object itself is read back and hashed.
+        """
+        try:
+            found = self.client.stat_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in _MISSING:
+                return None, False
+            raise self._error("reading the status of", key, exc) from None
+        except _STORAGE_ERRORS as exc:
+            raise self._error("reading the status of", key, exc) from None
+        if found.size == size and (
+            _etag(found.etag) == self._local_etag(body(), size)
+            or hash_stream(self.open(key)) == (sha256, size)
+        ):
+            info = self._info(key, found)
+            blob = StoredBlob(key, sha256, size, info.version_id, info.retain_until, created=False)
+            return blob, True
+        log.warning(
+            "the current version of %s/%s does not hold its bytes: storing them again",
+            self.bucket,
+            key,
+        )
+        return None, True
+
+    def _local_etag(self, body: IO[bytes] | Readable, size: int) -> str:
+        digests = []
+        for length in self._part_lengths(size):
+            digests.append(_md5(_read_exactly(body, length)))
+        return multipart_etag(digests)
+
+    def _part_lengths(self, size: int) -> list[int]:
+        if size == 0:
+            return [0]
+        full, rest = divmod(size, self.part_size)
+        return [self.part_size] * full + ([rest] if rest else [])
+
+    def _upload(
         self,
-        temp: str,
-        temp_version: str | None,
         key: str,
+        body: IO[bytes] | Readable,
         sha256: str,
         size: int,
+        *,
+        over_current: bool,
     ) -> StoredBlob:
-        retention = self._retention()
-
-        def copy() -> str | None:
-            if size == 0:  # nothing to copy; UploadPartCopy cannot take an empty range
-                empty = io.BytesIO(b"")
-                return self.client.put_object(
-                    self.bucket, key, empty, 0, retention=retention
-                ).version_id
-            source = ComposeSource(
-                self.bucket, temp, version_id=temp_version, offset=0, length=size
-            )
-            return self.client.compose_object(
-                self.bucket, key, [source], retention=retention
-            ).version_id
-
-        version_id = self._call("making final", key, copy)
-        info = self._stat(key, version_id)
-        if info is None or info.size != size:
+        """Send the bytes to ``key`` as a multipart upload (even a single part): the object
+        exists only once every part was accepted and the bytes were checked again."""
+        headers = {"Content-Type": "application/octet-stream", **self._lock_headers()}
+        # Never a second version over a good one: only a damaged current one is covered.
+        guard = {} if over_current else {"If-None-Match": "*"}
+        upload_id = self._call(
+            "starting the upload of",
+            key,
+            lambda: self.client._create_multipart_upload(self.bucket, key, dict(headers)),
+        )
+        completed = None
+        try:
+            etags, digests, sent = self._send_parts(key, upload_id, body, size)
+            self.checkpoint("written")  # an unfinished upload: listed by temporary_keys
+            if sent != sha256:
+                raise BlobError("the source changed between the two reads of the upload")
+            self.checkpoint("verified")
+            completed = self._complete(key, upload_id, etags, guard)
+        finally:
+            if completed is None:
+                try:
+                    self.client._abort_multipart_upload(self.bucket, key, upload_id)
+                except Exception as exc:  # never hides the first failure; reconcile lists it
+                    log.warning("could not abort the upload of %s/%s: %s", self.bucket, key, exc)
+        expected = multipart_etag(digests)
+        if _etag(completed.etag) != expected and hash_stream(self.open(key)) != (sha256, size):
             raise BlobError(
-                f"S3 copy of {self.bucket}/{temp} to {key} holds "
-                f"{'nothing' if info is None else f'{info.size} bytes'}, expected {size}"
+                f"S3 stored something other than the bytes sent to {self.bucket}/{key} "
+                f"(ETag {completed.etag}, expected {expected})"
             )
-        if retention is not None and info.retain_until is None:
+        found = self._call(
+            "reading the status of", key, lambda: self.client.stat_object(self.bucket, key)
+        )
+        info = self._info(key, found)
+        if info.size != size:
+            raise BlobError(f"S3 holds {info.size} bytes at {self.bucket}/{key}, expected {size}")
+        if headers.get("x-amz-object-lock-mode") and info.retain_until is None:
             raise BlobError(f"S3 did not apply retention to {self.bucket}/{key}")
+        self.checkpoint("final")
         return StoredBlob(key, sha256, size, info.version_id, info.retain_until, created=True)
 
-    def _verify_by_reading(self, temp: str, version_id: str | None, sha256: str, size: int) -> None:
-        """The ETag is not the MD5 convention (e.g. encrypted storage): re-read and hash."""
-        digest = hashlib.sha256()
-        length = 0
-        try:
-            response = self.client.get_object(self.bucket, temp, version_id=version_id)
-            try:
-                for chunk in response.stream(CHUNK):
-                    digest.update(chunk)
-                    length += len(chunk)
-            finally:
-                response.close()
-                response.release_conn()
-        except (MinioException, urllib3.exceptions.HTTPError) as exc:
-            raise self._error("re-reading", temp, exc) from None
-        if (digest.hexdigest(), length) != (sha256, size):
-            raise BlobError(
-                f"S3 stored something other than the bytes sent to {self.bucket}/{temp} "
-                f"({length} bytes, SHA-256 {digest.hexdigest()}; sent {size} bytes, {sha256})"
+    def _send_parts(
+        self, key: str, upload_id: str, body: IO[bytes] | Readable, size: int
+    ) -> tuple[list[str], list[bytes], str]:
+        """Upload the parts, at most ``parallel_uploads`` in flight (memory stays flat).
+
+        Each worker takes its part's MD5 and sends it as Content-MD5; this thread reads
+        the next part meanwhile and hashes them all again. Returns the part ETags, the
+        part MD5s and the SHA-256 of what was sent.
+        """
+        etags: dict[int, str] = {}
+        digests: dict[int, bytes] = {}
+
+        def send(number: int, data: bytes) -> str:
+            digests[number] = digest = _md5(data)
+            extra = {"Content-MD5": _content_md5(digest)}
+            return self._call(
+                f"uploading part {number} of",
+                key,
+                lambda: self.client._upload_part(self.bucket, key, data, extra, upload_id, number),
             )
+
+        in_flight: dict[Future[str], int] = {}
+
+        def collect(until: int) -> None:
+            while len(in_flight) > until:
+                done, _pending = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    etags[in_flight.pop(future)] = future.result()
+
+        again = hashlib.sha256()
+        pool = ThreadPoolExecutor(self.parallel_uploads, thread_name_prefix="s3-part")
+        try:
+            for number, length in enumerate(self._part_lengths(size), start=1):
+                data = _read_exactly(body, length)  # while the others are on their way
+                if len(data) != length:
+                    raise BlobError("the source changed between the two reads of the upload")
+                again.update(data)
+                collect(self.parallel_uploads - 1)
+                in_flight[pool.submit(send, number, data)] = number
+                del data
+            collect(0)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        numbers = sorted(etags)
+        return [etags[n] for n in numbers], [digests[n] for n in numbers], again.hexdigest()
+
+    def _complete(
+        self, key: str, upload_id: str, etags: list[str], guard: dict[str, str]
+    ) -> CompleteMultipartUploadResult:
+        body = "".join(
+            f"<Part><PartNumber>{number}</PartNumber><ETag>{escape(etag)}</ETag></Part>"
+            for number, etag in enumerate(etags, start=1)
+        )
+        xml = f"<CompleteMultipartUpload>{body}</CompleteMultipartUpload>".encode()
+        headers = {
+            "Content-Type": "application/xml",
+            "Content-MD5": _content_md5(hashlib.md5(xml, usedforsecurity=False).digest()),
+            **guard,
+        }
+
+        def complete() -> CompleteMultipartUploadResult:
+            response = self.client._execute(
+                "POST",
+                self.bucket,
+                key,
+                body=xml,
+                headers=headers,
+                query_params={"uploadId": upload_id},
+            )
+            return CompleteMultipartUploadResult(response)
+
+        return self._call("completing the upload of", key, complete, guarded=True)
+
+    # -- reading -------------------------------------------------------------------
 
     def open(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         key_digest(key)  # refuses anything that is not a content address
@@ -389,7 +523,7 @@ class S3BlobStore(BlobStore):
             if exc.code == "InvalidRange":  # start at or past the end, as a file would
                 return
             raise self._error("reading", key, exc) from None
-        except (MinioException, urllib3.exceptions.HTTPError) as exc:
+        except _STORAGE_ERRORS as exc:
             raise self._error("reading", key, exc) from None
         complete = False
         try:
@@ -405,17 +539,17 @@ class S3BlobStore(BlobStore):
 
     def stat(self, key: str) -> BlobInfo | None:
         key_digest(key)
-        return self._stat(key)
-
-    def _stat(self, key: str, version_id: str | None = None) -> BlobInfo | None:
         try:
-            found = self.client.stat_object(self.bucket, key, version_id=version_id)
+            found = self.client.stat_object(self.bucket, key)
         except S3Error as exc:
             if exc.code in _MISSING:
                 return None
             raise self._error("reading the status of", key, exc) from None
-        except (MinioException, urllib3.exceptions.HTTPError) as exc:
+        except _STORAGE_ERRORS as exc:
             raise self._error("reading the status of", key, exc) from None
+        return self._info(key, found)
+
+    def _info(self, key: str, found: Any) -> BlobInfo:
         version = found.version_id if found.version_id not in (None, "", "null") else None
         retain_until: datetime | None = None
         hold = False
@@ -423,7 +557,7 @@ class S3BlobStore(BlobStore):
             headers = found.metadata or {}
             until = headers.get("x-amz-object-lock-retain-until-date")
             held = headers.get("x-amz-object-lock-legal-hold")
-            if held is not None:  # the HEAD answered both (S3, MinIO, SeaweedFS do)
+            if held is not None:  # the HEAD answered both (AWS, MinIO and SeaweedFS do)
                 retain_until = from_iso8601utc(until) if until else None
                 hold = held.upper() == "ON"
             else:
@@ -438,7 +572,7 @@ class S3BlobStore(BlobStore):
             if exc.code in _NO_RETENTION:
                 return None
             raise self._error("reading the retention of", key, exc) from None
-        except (MinioException, urllib3.exceptions.HTTPError) as exc:
+        except _STORAGE_ERRORS as exc:
             raise self._error("reading the retention of", key, exc) from None
         return retention.retain_until_date if retention else None
 
@@ -449,7 +583,7 @@ class S3BlobStore(BlobStore):
             if exc.code in _NO_HOLD:
                 return False
             raise self._error("reading the legal hold of", key, exc) from None
-        except (MinioException, urllib3.exceptions.HTTPError) as exc:
+        except _STORAGE_ERRORS as exc:
             raise self._error("reading the legal hold of", key, exc) from None
 
     def keys(self) -> Iterator[str]:
@@ -458,15 +592,32 @@ class S3BlobStore(BlobStore):
                 yield name
 
     def temporary_keys(self) -> Iterator[str]:
-        """Temporary objects, and multipart uploads a killed process never finished."""
-        names = set(self._list(TEMP_PREFIX))
-        names.update(name for name, _upload in self._multipart_uploads(TEMP_PREFIX))
-        yield from sorted(names)
+        """Uploads a killed process never finished, as ``<key>?uploadId=<id>``.
+
+        ``put`` writes no temporary objects; the only leftover it can have is an unfinished
+        multipart upload, which S3 keeps (and bills) until it is aborted, but never shows
+        as an object.
+        """
+        found = (f"{name}{UPLOAD_MARK}{upload}" for name, upload in self._uploads(FINAL_PREFIX))
+        yield from sorted(found)
+
+    def discard_temporary(self, name: str) -> None:
+        """Abort an unfinished upload listed by ``temporary_keys``."""
+        key, mark, upload_id = name.partition(UPLOAD_MARK)
+        if not (mark and upload_id and key.startswith(FINAL_PREFIX)):
+            raise BlobError(f"not an unfinished upload: {name!r}")
+        self._call(
+            "aborting the upload of",
+            key,
+            lambda: self.client._abort_multipart_upload(self.bucket, key, upload_id),
+        )
 
     def set_legal_hold(self, key: str, on: bool) -> None:
         key_digest(key)
         if not self.enforces_retention:
             raise BlobError(f"bucket {self.bucket} has no Object Lock: legal holds are impossible")
+        if self.stat(key) is None:  # SeaweedFS answers 500, not NoSuchKey, for a missing key
+            raise BlobError(f"original {key} is missing from storage")
         try:
             if on:
                 self.client.enable_object_legal_hold(self.bucket, key)
@@ -476,7 +627,7 @@ class S3BlobStore(BlobStore):
             if exc.code in _MISSING:
                 raise BlobError(f"original {key} is missing from storage") from None
             raise self._error("setting the legal hold of", key, exc) from None
-        except (MinioException, urllib3.exceptions.HTTPError) as exc:
+        except _STORAGE_ERRORS as exc:
             raise self._error("setting the legal hold of", key, exc) from None
 
     # -- internals -----------------------------------------------------------------
@@ -486,49 +637,41 @@ class S3BlobStore(BlobStore):
             for found in self.client.list_objects(self.bucket, prefix=prefix, recursive=True):
                 if found.object_name and not found.is_dir:
                     yield found.object_name
-        except (MinioException, urllib3.exceptions.HTTPError) as exc:
+        except _STORAGE_ERRORS as exc:
             raise self._error("listing", prefix, exc) from None
 
-    def _multipart_uploads(self, prefix: str, name: str | None = None) -> Iterator[tuple[str, str]]:
-        # minio-py has no public ListMultipartUploads; its private one is stable in 7.x.
+    def _uploads(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """Unfinished multipart uploads under ``prefix`` (name, upload id)."""
         key_marker: str | None = None
         upload_marker: str | None = None
         try:
             while True:
                 page = self.client._list_multipart_uploads(
                     self.bucket,
-                    prefix=name or prefix,
+                    prefix=prefix,
                     key_marker=key_marker,
                     upload_id_marker=upload_marker,
                 )
                 for upload in page.uploads:
-                    if upload.object_name and (name is None or upload.object_name == name):
-                        yield upload.object_name, upload.upload_id or ""
+                    if upload.object_name and upload.upload_id:
+                        yield upload.object_name, upload.upload_id
                 if not page.is_truncated or not page.uploads:
                     return
                 key_marker = page.uploads[-1].object_name
                 upload_marker = page.uploads[-1].upload_id
-        except (MinioException, urllib3.exceptions.HTTPError) as exc:
+        except _STORAGE_ERRORS as exc:
             raise self._error("listing the unfinished uploads under", prefix, exc) from None
 
-    def _abort_uploads(self, temp: str) -> None:
-        try:
-            for name, upload_id in list(self._multipart_uploads(TEMP_PREFIX, temp)):
-                self.client._abort_multipart_upload(self.bucket, name, upload_id)
-        except Exception as exc:  # best effort: reconcile reports what is left
-            log.warning("could not abort the upload of %s/%s: %s", self.bucket, temp, exc)
-
-    def _remove_temp(self, temp: str, version_id: str | None) -> None:
-        """Remove the temporary object version itself (not a delete marker over it)."""
-        try:
-            self.client.remove_object(self.bucket, temp, version_id=version_id)
-        except Exception as exc:  # never hides the outcome of put; reconcile reports it
-            log.warning("could not remove temporary object %s/%s: %s", self.bucket, temp, exc)
-
-    def _call(self, action: str, key: str | None, func: Callable[[], T]) -> T:
+    def _call(
+        self, action: str, key: str | None, func: Callable[[], T], *, guarded: bool = False
+    ) -> T:
         try:
             return func()
-        except (MinioException, urllib3.exceptions.HTTPError, ValueError) as exc:
+        except S3Error as exc:
+            if guarded and exc.code == "PreconditionFailed":
+                raise _Raced from None
+            raise self._error(action, key, exc) from None
+        except _STORAGE_ERRORS as exc:
             raise self._error(action, key, exc) from None
 
     def _error(self, action: str, key: str | None, exc: BaseException) -> BlobError:
@@ -537,14 +680,16 @@ class S3BlobStore(BlobStore):
             reason = f"{exc.code}: {exc.message}"
             if exc.code == "NoSuchBucket":
                 reason = f"the bucket {self.bucket} does not exist"
-        elif isinstance(exc, (ServerError, InvalidResponseError)):
+            elif exc.code == "BadDigest":
+                reason = "the server received other bytes than were sent (BadDigest)"
+        elif isinstance(exc, ServerError | InvalidResponseError):
             reason = f"unexpected answer from the server: {exc}"
+        elif isinstance(exc, urllib3.exceptions.MaxRetryError) and isinstance(
+            exc.reason, urllib3.exceptions.ResponseError
+        ):
+            reason = f"the S3 server kept failing ({exc.reason})"
         elif isinstance(exc, urllib3.exceptions.HTTPError):
             reason = f"cannot reach the S3 server ({exc})"
         else:
             reason = str(exc)
         return BlobError(f"S3 storage failed {action} {where}: {reason}")
-
-
-def _is_storage_error(exc: BaseException) -> bool:
-    return isinstance(exc, (MinioException, urllib3.exceptions.HTTPError))

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from postgres_cluster import PostgresCluster
+from seaweedfs import SeaweedFS
 
 # ---------------------------------------------------------------------------
 # PostgreSQL fixtures (tests/postgres_cluster.py)
@@ -99,13 +100,35 @@ def officer() -> CommandContext:
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["filesystem"])
+@pytest.fixture(scope="session")
+def seaweedfs(request: pytest.FixtureRequest) -> SeaweedFS:
+    """One throwaway SeaweedFS (master, volume, filer, S3) on free loopback ports."""
+    server = SeaweedFS()
+    request.addfinalizer(server.stop)
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    request.addfinalizer(lambda: signal.signal(signal.SIGTERM, previous))
+    return server.start()
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs: SeaweedFS) -> Iterator[str]:
+    """A fresh bucket with Object Lock for one test, removed afterwards."""
+    bucket = seaweedfs.create_bucket()
+    yield bucket
+    seaweedfs.drop_bucket(bucket)
+
+
+@pytest.fixture(params=["filesystem", "s3"])
 def blob_backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
 @pytest.fixture
 def doc_settings(blob_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    if blob_backend == "s3":
+        server: SeaweedFS = request.getfixturevalue("seaweedfs")
+        bucket = request.getfixturevalue("s3_bucket")
+        return server.settings(tmp_path, bucket, retention_days=1, demo_data=False)
     return Settings(data_dir=tmp_path, demo_data=False)
 
 
@@ -117,10 +140,13 @@ def doc_archive(doc_settings: Settings) -> Iterator[ArchiveApp]:
 
 
 @pytest.fixture
-def tamper(blob_backend: str, doc_settings: Settings):  # type: ignore[no-untyped-def]
+def tamper(blob_backend: str, doc_settings: Settings, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """Change a stored original's bytes behind the archive's back."""
 
     def change(archive: ArchiveApp, key: str, content: bytes) -> None:
+        if blob_backend == "s3":  # the filer API bypasses S3 Object Lock
+            request.getfixturevalue("seaweedfs").overwrite(doc_settings.s3_bucket, key, content)
+            return
         path = doc_settings.blob_root / key
         path.chmod(0o644)
         path.write_bytes(content)

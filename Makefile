@@ -10,8 +10,8 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-# Debian packages the project needs; later issues append (e.g. tesseract-ocr).
-SYSTEM_PACKAGES := postgresql-15 fonts-dejavu-core
+# Debian packages the project needs (server binaries, OCR engine and languages, fonts).
+SYSTEM_PACKAGES := postgresql-15 fonts-dejavu-core tesseract-ocr tesseract-ocr-spa tesseract-ocr-eng
 # Debian's python3 needs python3-venv for `python3 -m venv`; other builds ship it.
 ifneq ($(shell $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null && echo ok),ok)
 SYSTEM_PACKAGES += python3-venv
@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml | $(VENV_PY)
 	touch $@
 
 run: install
-	$(VENV)/bin/loan-archive serve
+	$(VENV)/bin/loan-archive serve --with-worker
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -476,6 +476,16 @@ class ArchiveApp(Application[UUID]):
                     raise
         raise AssertionError("unreachable")
 
+    def claim_extraction(self, ctx: CommandContext, document: Document, worker: str) -> int:
+        """Claim a document's extraction at the version just read; returns the attempt.
+        Of racing workers exactly one wins; the others get a ConflictError."""
+        attempt = document.start_extraction(ctx, worker)
+        self._commit(document)
+        return attempt
+
+    def request_reindex(self, ctx: CommandContext, document_id: UUID) -> Outcome:
+        return self.change_document(ctx, document_id, lambda d: d.request_reindex(ctx))
+
     def open_original(
         self, ctx: CommandContext, document_id: UUID, start: int = 0, end: int | None = None
     ) -> tuple[Document, Iterator[bytes]]:

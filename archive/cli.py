@@ -10,7 +10,9 @@ Errors print one line to stderr and exit non-zero.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -103,6 +105,9 @@ def report(outcome: Outcome) -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Default: ARCHIVE_HOST.")] = None,
     port: Annotated[int | None, typer.Option(help="Default: ARCHIVE_PORT.")] = None,
+    with_worker: Annotated[
+        bool, typer.Option("--with-worker", help="Also run an OCR worker in this process.")
+    ] = False,
 ) -> None:
     """Serve the HTTP API (seeding demo data into an empty archive when enabled)."""
     import uvicorn
@@ -116,12 +121,80 @@ def serve(
         tokens_file = settings.data_dir / "demo-tokens.txt"
         seed(application, tokens_file)
         typer.echo(f"Seeded demo loan files. Demo users and their tokens: {tokens_file}", err=True)
-    uvicorn.run(
-        create_app(settings, application),
-        host=host or settings.host,
-        port=port or settings.port,
-        log_level=settings.log_level,
-    )
+    stop = threading.Event()
+    if with_worker:
+        threading.Thread(
+            target=run_worker, args=(application, stop), name="ocr-worker", daemon=True
+        ).start()
+    try:
+        uvicorn.run(
+            create_app(settings, application),
+            host=host or settings.host,
+            port=port or settings.port,
+            log_level=settings.log_level,
+        )
+    finally:
+        stop.set()
+
+
+def run_worker(application: ArchiveApp, stop: threading.Event, name: str | None = None) -> None:
+    """Follow the log and extract text until ``stop`` is set."""
+    from archive.worker import ExtractionWorker, default_worker_name
+    from projections.store import open_store
+
+    with open_store(application.settings) as store:
+        worker = ExtractionWorker(
+            application,
+            store,
+            name=name or default_worker_name(),
+            languages=application.settings.ocr_languages,
+        )
+        worker.run_forever(stop)
+
+
+@app.command()
+def worker(
+    name: Annotated[
+        str | None,
+        typer.Option(help="Worker identity; default ocr@<hostname>. Unique per process."),
+    ] = None,
+) -> None:
+    """Run an OCR worker: extract the text of every registered original (Ctrl-C stops)."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with archive() as application:
+        try:
+            run_worker(application, stop, name)
+        except KeyboardInterrupt:
+            stop.set()
+
+
+@app.command()
+def reindex(
+    token: Token,
+    document: Annotated[UUID | None, typer.Option(help="One document.")] = None,
+    all_failed: Annotated[
+        bool, typer.Option("--all-failed", help="Every document whose extraction failed.")
+    ] = False,
+    reason: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Ask the workers to extract again (e.g. after a Tesseract upgrade); the old result stays."""
+    if (document is None) == (not all_failed):
+        raise CliError("give either --document ID or --all-failed")
+    with archive() as application:
+        who = caller(application, token, Role.ARCHIVIST, Role.ADMIN)
+        ctx = who.context(reason or "reindex")
+        if document is not None:
+            targets = [document]
+        else:
+            targets = [
+                d
+                for d in application.document_ids()
+                if application.get_document(d).extraction["status"] == "failed"
+            ]
+        for target in targets:
+            application.request_reindex(ctx, target)
+    typer.echo(f"reindex requested for {len(targets)} documents")
 
 
 # -- users ---------------------------------------------------------------------------------

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
         3650, ge=0, le=36500, description="Object Lock retention of originals; 0 = none."
     )
     max_upload_bytes: int = Field(10 * 1024**3, ge=1, description="Largest original accepted.")
+    ocr_languages: str = Field(
+        "spa+eng", pattern=r"^[a-z_]{3,}(\+[a-z_]{3,})*$", description="Tesseract languages."
+    )
     demo_data: bool = Field(True, description="Seed demo loan files into an empty archive.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

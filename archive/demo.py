@@ -1,9 +1,17 @@
-"""A small demo archive, seeded once into an empty store so a newcomer sees something at once."""
+"""A small demo archive, seeded once into an empty store so a newcomer sees something at once.
+
+The demo originals are generated scans (Spanish text rendered, skewed, saved as image-only
+PDF, TIFF and PNG), so the OCR worker has real work and a newcomer's first search hits.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
 
 from archive.application import ArchiveApp, operator_context
 from archive.domain import CommandContext, Role
@@ -176,4 +184,60 @@ def seed(archive: ArchiveApp, tokens_file: Path) -> dict[str, str]:
         secured_amount="18000.00",
         currency_code="EUR",
     )
+    scans = (
+        ("CR-2023-0001", "mortgage_deed", "escritura-hipoteca.pdf", DEED, 1.5, "PDF"),
+        ("CR-2023-0001", "valuation_report", "tasacion.tiff", VALUATION, -2.0, "TIFF"),
+        ("CR-2022-0417", "collection_notice", "requerimiento-pago.png", NOTICE, 0.0, "PNG"),
+    )
+    archivist = CommandContext("demo.archivist", Role.ARCHIVIST.value, "demo data")
+    for loan_number, doc_type, filename, lines, skew, fmt in scans:
+        archive.register_document(
+            archivist,
+            io.BytesIO(scan(lines, skew, fmt)),
+            loan_number=loan_number,
+            doc_type=doc_type,
+            original_filename=filename,
+        )
     return tokens
+
+
+DEED = (
+    "ESCRITURA DE PRÉSTAMO CON GARANTÍA HIPOTECARIA",
+    "En Teruel, a uno de marzo de dos mil veintitrés, ante mí, Notario,",
+    "COMPARECEN Doña María José Fernández Núñez, con D.N.I. 12345678Z,",
+    "y la Caja Rural de Teruel, Sociedad Cooperativa de Crédito.",
+    "La prestataria hipoteca la vivienda de la Calle Mayor 12, Teruel,",
+    "referencia catastral 9872023VH5797S0001WX, en garantía de un",
+    "préstamo de ciento ochenta mil euros (180.000,00 EUR).",
+    "Cláusula tercera. Interés anual del tres coma veinticinco por ciento.",
+)
+VALUATION = (
+    "CERTIFICADO DE TASACIÓN",
+    "Sociedad de tasación: Tasaciones Aragón, S.A. Tasador: Luis Gómez.",
+    "Inmueble: vivienda en Calle Mayor 12, 44001 Teruel.",
+    "Referencia catastral 9872023VH5797S0001WX.",
+    "Método de comparación. Valor de tasación: 240.000,00 euros.",
+)
+NOTICE = (
+    "REQUERIMIENTO DE PAGO",
+    "Agropecuaria Los Olmos, S.L. Préstamo CR-2022-0417.",
+    "Les comunicamos que mantienen cuotas impagadas por importe de",
+    "doce mil cuatrocientos euros. Rogamos regularicen la deuda.",
+)
+FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf")
+
+
+def scan(lines: Sequence[str], skew: float, fmt: str, dpi: int = 200) -> bytes:
+    """Render lines as a scanned page (slightly skewed, greyscale) in ``fmt``."""
+    size = round(11 * dpi / 72)
+    face = ImageFont.truetype(str(FONT), size) if FONT.exists() else ImageFont.load_default(size)
+    margin, step = dpi, round(size * 1.6)
+    page = Image.new("L", (round(8.27 * dpi), 2 * margin + step * len(lines)), 255)
+    draw = ImageDraw.Draw(page)
+    for i, line in enumerate(lines):
+        draw.text((margin, margin + i * step), line, font=face, fill=20)
+    if skew:
+        page = page.rotate(skew, resample=Image.Resampling.BICUBIC, fillcolor=255)
+    out = io.BytesIO()
+    page.save(out, format=fmt, resolution=dpi, dpi=(dpi, dpi))
+    return out.getvalue()

@@ -261,6 +261,19 @@ def verify(
     typer.echo(f"ok: {result.events_checked} events in {result.aggregates_checked} chains verified")
 
 
+@app.command("init-storage")
+def init_storage() -> None:
+    """Create the S3 bucket with Object Lock if it is missing (the filesystem needs nothing)."""
+    with archive() as application:
+        store = application.blobs
+        ensure = getattr(store, "ensure_bucket", None)
+        if ensure is None:
+            typer.echo(f"filesystem store at {application.settings.blob_root}: nothing to do")
+            return
+        created = ensure()
+        typer.echo(f"bucket {application.settings.s3_bucket} {'created' if created else 'exists'}")
+
+
 @app.command("reconcile")
 def reconcile_command(token: Token) -> None:
     """Compare storage with the log: orphan objects, missing or changed originals (recorded)."""

@@ -268,6 +268,18 @@ class S3BlobStore(BlobStore):
     def __repr__(self) -> str:
         return f"S3BlobStore(endpoint={self.endpoint!r}, bucket={self.bucket!r})"
 
+    def ensure_bucket(self) -> bool:
+        """Create the bucket with Object Lock if it does not exist; True if created.
+        Object Lock can only be enabled when a bucket is created, so this is the one place."""
+        try:
+            if self.client.bucket_exists(self.bucket):
+                return False
+            self.client.make_bucket(self.bucket, object_lock=True)
+        except S3Error as exc:
+            raise BlobError(f"cannot create bucket {self.bucket}: {exc.code}") from None
+        self._object_lock = None
+        return True
+
     # -- Object Lock ---------------------------------------------------------------
 
     @property  # type: ignore[override]

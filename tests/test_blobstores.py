@@ -695,3 +695,19 @@ def test_s3_unreachable_server_is_a_blob_error(tmp_path: Path) -> None:
     with pytest.raises(BlobError, match="cannot reach the S3 server") as failed:
         store.put(io.BytesIO(b"x"))
     assert "not-a-secret-at-all" not in str(failed.value)
+
+
+def test_init_storage_creates_an_object_lock_bucket_once(
+    seaweedfs: SeaweedFS, tmp_path: Path
+) -> None:
+    settings = seaweedfs.settings(tmp_path, "fresh-originals", retention_days=1)
+    store = open_blob_store(settings)
+    assert isinstance(store, S3BlobStore)
+    try:
+        assert store.ensure_bucket() is True
+        assert store.enforces_retention is True
+        assert store.ensure_bucket() is False
+        blob = store.put(io.BytesIO(b"%PDF-1.7 original"))
+        assert store.stat(blob.key).retain_until is not None
+    finally:
+        seaweedfs.drop_bucket("fresh-originals")

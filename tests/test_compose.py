@@ -100,11 +100,15 @@ def test_compose_file_has_no_problems() -> None:
 
 def test_compose_file_has_the_expected_services() -> None:
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
-    assert {"postgres", "s3", "api", "ocr-worker"} <= set(services)
+    assert {"postgres", "s3", "storage-init", "api", "ocr-worker"} <= set(services)
     api = services["api"]
     assert api["environment"]["ARCHIVE_DATABASE_URL"].startswith("postgresql://archive:${")
-    for dependency in ("postgres", "s3"):
-        assert api["depends_on"][dependency]["condition"] == "service_healthy"
+    assert api["environment"]["ARCHIVE_BLOB_URL"].startswith("s3://")
+    assert api["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # The bucket must exist, with Object Lock, before anything stores an original.
+    assert services["storage-init"]["command"] == "loan-archive init-storage"
+    assert services["storage-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
+    assert api["depends_on"]["storage-init"]["condition"] == "service_completed_successfully"
     assert services["ocr-worker"]["deploy"]["replicas"] >= 2
 
 

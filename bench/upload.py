@@ -1,0 +1,158 @@
+"""Upload throughput: originals through the HTTP API into SeaweedFS, against raw minio (issue 3).
+
+For files of 1 MB, 50 MB and 500 MB (fresh random bytes each round, so nothing dedupes):
+
+(a) ``POST /api/v1/documents`` to a real ``uvicorn`` server of the archive, backed by S3
+    on a throwaway SeaweedFS (multipart upload, SHA-256, Content-MD5, Object Lock);
+(b) raw ``minio.put_object`` of the same file to the same server, same process as the
+    client, in the same run.
+
+Rounds interleave (a b, b a, ...); the best round of each counts. Also printed: the
+server process's peak RSS (VmHWM), which must stay flat whatever the file size.
+Target: (a)/(b) >= 0.8.
+
+    .venv/bin/python bench/upload.py [--sizes 1,50,500] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(1, str(ROOT))
+
+import httpx  # noqa: E402
+from factories import loan_terms, settings_json  # noqa: E402
+from seaweedfs import SeaweedFS  # noqa: E402
+
+from archive.application import ArchiveApp, operator_context  # noqa: E402
+from archive.domain import CommandContext  # noqa: E402
+
+MB = 1_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_file(path: Path, size: int) -> None:
+    """A PDF-looking file of fresh random bytes (random so no round dedupes another)."""
+    with path.open("wb") as out:
+        out.write(b"%PDF-1.7\n")
+        left = size - 9
+        while left > 0:
+            chunk = os.urandom(min(left, 4 * 1024 * 1024))
+            out.write(chunk)
+            left -= len(chunk)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,50,500", help="sizes in MB, comma-separated")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+
+    work = Path(tempfile.mkdtemp(prefix="bench-upload-"))
+    server = SeaweedFS().start()
+    process = None
+    try:
+        bucket = server.create_bucket()
+        settings = server.settings(work, bucket, retention_days=1, demo_data=False)
+        archive = ArchiveApp(settings)
+        archive.open_loan(CommandContext("bench", "credit_officer"), **loan_terms("CR-1"))
+        token = archive.add_user(operator_context(), "bench.archivist", "archivist")
+        archive.close()
+
+        port = free_port()
+        code = (
+            "import json, sys, uvicorn\n"
+            "from api.app import create_app\n"
+            "from archive.settings import Settings\n"
+            "uvicorn.run(create_app(Settings(**json.loads(sys.argv[1]))),"
+            f" host='127.0.0.1', port={port}, log_level='warning')\n"
+        )
+        env = {**os.environ, "TMPDIR": str(work)}
+        process = subprocess.Popen([sys.executable, "-c", code, settings_json(settings)], env=env)
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(150):
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raw_client = archive.blobs.client  # type: ignore[attr-defined]
+        headers = {"Authorization": f"Bearer {token}"}
+
+        def via_api(path: Path) -> float:
+            start = time.perf_counter()
+            with path.open("rb") as handle:
+                answer = httpx.post(
+                    f"{base}/api/v1/documents",
+                    headers=headers,
+                    data={"loan_number": "CR-1", "doc_type": "contract"},
+                    files={"file": (path.name, handle, "application/pdf")},
+                    timeout=900,
+                )
+            elapsed = time.perf_counter() - start
+            assert answer.status_code == 201, answer.text
+            return elapsed
+
+        def raw(path: Path) -> float:
+            start = time.perf_counter()
+            with path.open("rb") as handle:
+                raw_client.put_object(bucket, f"raw/{path.name}", handle, path.stat().st_size)
+            return time.perf_counter() - start
+
+        print(f"{'size':>7} {'round':>5} {'side':<8} {'MB/s':>8}")
+        results: dict[int, dict[str, float]] = {}
+        for size in sizes:
+            best = {"api": 0.0, "raw": 0.0}
+            for round_ in range(args.rounds):
+                order = ("api", "raw") if round_ % 2 == 0 else ("raw", "api")
+                for side in order:
+                    path = work / f"f{size}-{round_}-{side}.pdf"
+                    make_file(path, size * MB)
+                    seconds = via_api(path) if side == "api" else raw(path)
+                    path.unlink()
+                    rate = size / seconds
+                    best[side] = max(best[side], rate)
+                    print(f"{size:>5}MB {round_ + 1:>5} {side:<8} {rate:>8.1f}")
+            results[size] = best
+        rss = peak_rss_mib(process.pid)
+
+        print()
+        print(f"{'size':>7} {'API MB/s':>9} {'raw MB/s':>9} {'ratio':>6}  target")
+        for size, best in results.items():
+            ratio = best["api"] / best["raw"]
+            verdict = "ok" if ratio >= 0.8 else "BELOW"
+            print(
+                f"{size:>5}MB {best['api']:>9.1f} {best['raw']:>9.1f} {ratio:>6.2f}  >=0.8 {verdict}"
+            )
+        print(f"server peak RSS over the whole run: {rss:.0f} MiB (largest file {max(sizes)} MB)")
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=30)
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

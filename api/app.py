@@ -17,6 +17,7 @@ from api import (
     problems,
     projection_status,
     reports,
+    search,
     users,
     valuations,
 )
@@ -57,6 +58,7 @@ def create_app(settings: Settings, archive: ArchiveApp | None = None) -> FastAPI
         audit,
         projection_status,
         reports,
+        search,
         users,
         integrity,
     ):

@@ -9,6 +9,7 @@ Errors print one line to stderr and exit non-zero.
 
 from __future__ import annotations
 
+import html
 import json
 import signal
 import sys
@@ -460,10 +461,51 @@ def valuations_review(valuation_id: UUID, token: Token, data: Data) -> None:
 
 @contextmanager
 def read_models() -> Iterator[Any]:
+    with archive() as application, read_models_of(application) as views:
+        yield views
+
+
+@contextmanager
+def read_models_of(application: ArchiveApp) -> Iterator[Any]:
+    """The read models, caught up with the log (a CLI has no background followers)."""
     from projections.runner import Projections
 
-    with archive() as application, Projections.open(application.settings, application) as views:
+    with Projections.open(application.settings, application) as views:
+        views.catch_up()
         yield views
+
+
+@app.command("search")
+def search_command(
+    query: Annotated[str, typer.Argument(help='Words, "phrases", OR, -exclusion, prefix*.')],
+    token: Token,
+    loan: Annotated[str | None, typer.Option(help="Only this loan number.")] = None,
+    doc_type: Annotated[str | None, typer.Option("--type", help="Only this document type.")] = None,
+    borrower: Annotated[str | None, typer.Option(help="Part of a name, or a national id.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
+) -> None:
+    """Search the text of the originals; prints one line per page hit."""
+    from projections.search import search
+
+    with archive() as application:
+        caller(application, token, Role.COMPLIANCE, Role.AUDITOR, Role.CREDIT_OFFICER)
+        with read_models_of(application) as views:
+            page = search(
+                views.store,
+                query,
+                loan_number=loan,
+                doc_type=doc_type,
+                borrower=borrower,
+                limit=limit,
+            )
+    typer.echo(f"{page.total} pages match")
+    for hit in page.items:
+        marked = hit["snippet"].replace("<mark>", "[").replace("</mark>", "]")
+        snippet = html.unescape(marked)
+        typer.echo(
+            f"{hit['loan_number']:<14} {hit['doc_type']:<20} {str(hit['document_id'])[:8]} "
+            f"p.{hit['page_number']:<3} {' '.join(snippet.split())}"
+        )
 
 
 @projections_app.command("status")

@@ -16,6 +16,7 @@ from archive.settings import Settings
 from projections.audit_trail import AuditTrailView
 from projections.follower import EventSource, Follower, ViewStatus, rebuild, wait_for
 from projections.loan_files import LoanFilesView
+from projections.search import SearchView
 from projections.store import Store, open_store
 from projections.view import View
 
@@ -23,7 +24,7 @@ log = logging.getLogger("projections")
 
 
 def default_views() -> list[View]:
-    return [LoanFilesView(), AuditTrailView()]
+    return [LoanFilesView(), AuditTrailView(), SearchView()]
 
 
 class Projections:

@@ -916,6 +916,7 @@ GET_PATHS = [
     "/api/v1/audit-trail",
     "/api/v1/audit-trail/export",
     "/api/v1/projections",
+    "/api/v1/search",
     *(
         "/api/v1/reports/" + name
         for name in (

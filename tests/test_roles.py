@@ -95,6 +95,8 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/api/v1/audit-trail/export"): frozenset({AUDITOR, COMPLIANCE, ADMIN}),
     ("GET", "/api/v1/projections"): VERIFIERS,
     ("POST", "/api/v1/projections/{name}/rebuild"): ADMINS,
+    # Full-text search of the originals: compliance, auditors and credit officers.
+    ("GET", "/api/v1/search"): frozenset({COMPLIANCE, AUDITOR, OFFICER}),
     # Credit-management reports: for those who manage, audit or check the portfolio.
     **{
         ("GET", "/api/v1/reports/" + name): REPLAYERS
@@ -256,6 +258,7 @@ def seed(settings: Settings, archive: ArchiveApp) -> World:
     requests: dict[tuple[str, str], Request] = {
         ("POST", LOANS): ({}, {"json": http_body(loan_terms("CR-NEW"))}),
         ("POST", "/api/v1/projections/{name}/rebuild"): ({"name": "audit_trail"}, {"json": {}}),
+        ("GET", "/api/v1/search"): ({}, {"params": {"q": "tasación"}}),
         ("POST", LOAN + "/status"): (loan, {"json": {"status": "overdue"}}),
         ("POST", LOAN + "/classification"): (loan, {"json": {"classification": "doubtful"}}),
         ("POST", LOAN + "/officers"): (loan, {"json": {"duty": "loan", "officer": "Marta"}}),

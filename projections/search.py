@@ -1,0 +1,828 @@
+"""The search view: full text over every extracted page, with the document's metadata.
+
+Tables per generation, the same on both backends:
+
+- ``search_loans``: the borrower of each loan (name, national id);
+- ``search_documents``: one row per document (type, file name, upload time,
+  supersession, the last extraction);
+- ``search_pages``: one narrow row per extracted page, carrying the document's
+  filterable metadata (loan, type, upload time, borrower keys, superseded), so that a
+  filtered search joins one small row per match;
+- ``search_text``: the page text, where it is indexed.
+
+Indexing:
+
+- SQLite: an FTS5 table over ``search_text`` (external content: the text is stored
+  once), tokenizer ``unicode61 remove_diacritics 2``: case and accents fold, letters
+  and digits make words, everything else separates them.
+- PostgreSQL: a ``tsvector`` column with a GIN index, built with the configuration
+  ``es_unaccent`` of the views schema (``views.es_unaccent``): Spanish with ``unaccent``
+  before the Spanish stemmer, so "tasacion" finds "TASACIÓN" and stems match
+  ("tasaciones"). It is given only the words of the text (punctuation replaced by
+  spaces, as SQLite's tokenizer sees it), so both backends split words alike whatever
+  the server's locale: 9872023VH5797S0001WX is one word after "ref." or before a comma.
+  Spanish stop words ("de", "la") are not indexed there; SQLite indexes every word.
+
+The text comes from ``Document.TextExtracted`` events: a rebuild replays the log and
+never runs OCR again. A second ``TextExtracted`` for a document (a reindex) replaces
+that document's pages; a failed reindex attempt leaves the pages of the last good one.
+A superseded document stays searchable; its hits say ``superseded``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any, ClassVar, NamedTuple
+
+from archive.documents import DocumentType
+from projections import registry
+from projections.encoding import iso_utc
+from projections.query_syntax import (
+    AnyOf,
+    Query,
+    QueryError,
+    clean_text,
+    has_control,
+    parse,
+    to_fts5,
+    to_tsquery_sql,
+    word_text,
+    words,
+)
+from projections.store import Row, Store, Tx, identifier
+from projections.view import (
+    Handlers,
+    Page,
+    Tables,
+    View,
+    check_page,
+    fetch_row,
+    insert_row,
+    update_row,
+)
+
+log = logging.getLogger("projections")
+
+LOANS = "search_loans"
+DOCUMENTS = "search_documents"
+PAGES = "search_pages"
+TEXT = "search_text"
+FTS = "search_fts"  # SQLite only: the FTS5 index over search_text
+
+#: PostgreSQL text search configuration, created in the views schema
+TS_CONFIG = "es_unaccent"
+#: page ids are <log position> * stride + <index of the page in its event>: the same
+#: ids on every rebuild, so a rebuilt generation equals the incremental one row for row
+PAGE_ID_STRIDE = 100_000
+#: PostgreSQL indexes the first this many characters of a page (a tsvector holds at
+#: most 1 MB); SQLite indexes all of it
+PG_INDEX_CHARS = 250_000
+MAX_OFFSET = 100_000
+MAX_FILTER_CHARS = 200
+#: about how many characters of the page a snippet shows
+SNIPPET_CHARS = 200
+
+handlers = Handlers()
+
+_COMMON_DDL = (
+    "CREATE TABLE {search_loans} ("
+    " loan_number TEXT PRIMARY KEY,"
+    " borrower_name TEXT NOT NULL,"
+    " borrower_national_id TEXT NOT NULL)",
+    "CREATE TABLE {search_documents} ("
+    " document_id TEXT PRIMARY KEY,"
+    " loan_number TEXT NOT NULL,"
+    " doc_type TEXT NOT NULL,"
+    " original_filename TEXT NOT NULL,"
+    " media_type TEXT NOT NULL,"
+    " uploaded_at TEXT NOT NULL,"
+    " borrower_name TEXT NOT NULL,"
+    " borrower_key TEXT NOT NULL,"
+    " borrower_id_key TEXT NOT NULL,"
+    " supersedes TEXT,"
+    " superseded_by TEXT,"
+    " extraction_attempt INTEGER,"
+    " engine TEXT,"
+    " engine_version TEXT,"
+    " languages TEXT,"
+    " pages INTEGER NOT NULL,"
+    " extracted_at TEXT,"
+    " updated_at TEXT NOT NULL,"
+    " position BIGINT NOT NULL)",
+    "CREATE INDEX {search_documents}_loan ON {search_documents} (loan_number)",
+)
+_PAGES = (
+    "CREATE TABLE {{search_pages}} ("
+    " page_id {id} PRIMARY KEY,"
+    " document_id TEXT NOT NULL,"
+    " page_number INTEGER NOT NULL,"
+    " method TEXT,"
+    " confidence DOUBLE PRECISION,"
+    " attempt INTEGER NOT NULL,"
+    " loan_number TEXT NOT NULL,"
+    " doc_type TEXT NOT NULL,"
+    " uploaded_at TEXT NOT NULL,"
+    " borrower_key TEXT NOT NULL,"
+    " borrower_id_key TEXT NOT NULL,"
+    " superseded INTEGER NOT NULL)"
+)
+_SQLITE_DDL = (
+    # INTEGER PRIMARY KEY is SQLite's rowid: what FTS5 hands out and looks text up by
+    _PAGES.format(id="INTEGER"),
+    "CREATE TABLE {search_text} (page_id INTEGER PRIMARY KEY, text TEXT NOT NULL)",
+    "CREATE VIRTUAL TABLE {search_fts} USING fts5(text, content='{search_text}',"
+    " content_rowid='page_id', tokenize='unicode61 remove_diacritics 2')",
+)
+_POSTGRES_DDL = (
+    _PAGES.format(id="BIGINT"),
+    "CREATE TABLE {search_text} ("
+    " page_id BIGINT PRIMARY KEY, text TEXT NOT NULL, tsv tsvector NOT NULL)",
+    "CREATE INDEX {search_text}_tsv ON {search_text} USING gin (tsv)",
+)
+
+
+_PAGE_INDEXES = (
+    "CREATE INDEX {search_pages}_document ON {search_pages} (document_id, page_number)",
+    "CREATE INDEX {search_pages}_loan ON {search_pages} (loan_number)",
+    "CREATE INDEX {search_pages}_type ON {search_pages} (doc_type, uploaded_at)",
+    "CREATE INDEX {search_pages}_uploaded ON {search_pages} (uploaded_at)",
+    "CREATE INDEX {search_pages}_borrower ON {search_pages} (borrower_id_key)",
+)
+
+
+class SearchView(View):
+    name: ClassVar[str] = "search"
+    schema_version: ClassVar[int] = 1
+    table_names: ClassVar[tuple[str, ...]] = (LOANS, DOCUMENTS, PAGES, TEXT, FTS)
+    handlers: ClassVar[Handlers] = handlers
+    #: the tables both backends write alike; ``create`` adds the pages and text tables,
+    #: whose key and index types differ
+    ddl: ClassVar[tuple[str, ...]] = _COMMON_DDL
+
+    def create(self, tx: Tx, generation: int) -> None:
+        tables = self.tables(generation)
+        if tx.backend == "postgres":
+            install_text_search(tx)
+            statements = (*self.ddl, *_POSTGRES_DDL, *_PAGE_INDEXES)
+        else:
+            statements = (*self.ddl, *_SQLITE_DDL, *_PAGE_INDEXES)
+        for statement in statements:
+            tx.execute(statement.format(**tables))
+
+    def dump(self, store: Store, generation: int | None = None) -> dict[str, list[Row]]:
+        """Every row of the tables (the FTS5 index is derived from search_text)."""
+        with store.read() as tx:
+            if generation is None:
+                active = registry.active(tx, self.name)
+                if active is None:
+                    return {n: [] for n in self.table_names if n != FTS}
+                generation = active.generation
+            tables = self.tables(generation)
+            return {
+                logical: sorted(
+                    tx.execute(f"SELECT * FROM {physical}"),
+                    key=lambda row: json.dumps(row, sort_keys=True, default=str),
+                )
+                for logical, physical in tables.items()
+                if logical != FTS
+            }
+
+
+def install_text_search(tx: Tx) -> None:
+    """The ``unaccent`` extension and the configuration ``es_unaccent`` (a copy of
+    ``spanish`` with ``unaccent`` before the stemmer), once per database.
+
+    An advisory lock serialises processes that start together, and the checks run
+    after it: the second process sees what the first committed and creates nothing.
+    """
+    tx.lock("search:text-search-configuration")
+    found = tx.one("SELECT current_schema() AS name")
+    schema = identifier(str(found["name"])) if found and found["name"] else "public"
+    extension = tx.one(
+        "SELECT n.nspname AS name FROM pg_extension e"
+        " JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'unaccent'"
+    )
+    if extension is None:
+        try:
+            tx.execute(f"CREATE EXTENSION IF NOT EXISTS unaccent SCHEMA {schema}")
+        except Exception as exc:
+            raise RuntimeError(
+                "the search view needs PostgreSQL's unaccent extension (package "
+                "postgresql-contrib); a superuser can run CREATE EXTENSION unaccent"
+            ) from exc
+        unaccent_schema = schema
+    else:
+        unaccent_schema = identifier(str(extension["name"]))
+    exists = tx.one(
+        "SELECT 1 AS found FROM pg_ts_config c JOIN pg_namespace n ON n.oid = c.cfgnamespace"
+        " WHERE c.cfgname = ? AND n.nspname = ?",
+        (TS_CONFIG, schema),
+    )
+    if exists is not None:
+        return
+    config = f"{schema}.{TS_CONFIG}"
+    tx.execute(f"CREATE TEXT SEARCH CONFIGURATION {config} (COPY = pg_catalog.spanish)")
+    tx.execute(
+        f"ALTER TEXT SEARCH CONFIGURATION {config} ALTER MAPPING FOR"
+        " asciiword, word, hword, hword_part, asciihword, hword_asciipart"
+        f" WITH {unaccent_schema}.unaccent, pg_catalog.spanish_stem"
+    )
+    tx.execute(
+        f"ALTER TEXT SEARCH CONFIGURATION {config} ALTER MAPPING FOR"
+        f" numword, numhword, hword_numpart WITH {unaccent_schema}.unaccent, pg_catalog.simple"
+    )
+
+
+# -- keys for the borrower filter --------------------------------------------------------------
+
+
+def fold_word(text: str) -> str:
+    """Lower case, without accents: "PÉREZ" -> "perez"."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
+def fold(text: str) -> str:
+    """Lower case, without accents, single spaces: "Ana  PÉREZ" -> "ana perez"."""
+    return " ".join(fold_word(clean_text(text)).split())
+
+
+def id_key(text: str) -> str:
+    """A national id without case, spaces, dots or dashes: "12.345.678-z" -> "12345678Z"."""
+    return "".join(words(clean_text(text))).upper()
+
+
+# -- apply ---------------------------------------------------------------------------------
+
+
+@handlers.on("LoanFile.Opened")
+def _loan_opened(tx: Tx, t: Tables, position: int, e: Any) -> None:
+    insert_row(
+        tx,
+        t[LOANS],
+        {
+            "loan_number": e.loan_number,
+            "borrower_name": e.borrower_name,
+            "borrower_national_id": e.borrower_national_id,
+        },
+    )
+
+
+@handlers.on("Document.Registered")
+def _registered(tx: Tx, t: Tables, position: int, e: Any) -> None:
+    loan = fetch_row(tx, t[LOANS], "loan_number", e.loan_number)
+    name = str(loan["borrower_name"]) if loan else ""
+    national_id = str(loan["borrower_national_id"]) if loan else ""
+    insert_row(
+        tx,
+        t[DOCUMENTS],
+        {
+            "document_id": str(e.originator_id),
+            "loan_number": e.loan_number,
+            "doc_type": e.doc_type,
+            "original_filename": e.original_filename,
+            "media_type": e.media_type,
+            "uploaded_at": iso_utc(e.timestamp),
+            "borrower_name": name,
+            "borrower_key": fold(name),
+            "borrower_id_key": id_key(national_id),
+            "supersedes": None if e.supersedes is None else str(e.supersedes),
+            "superseded_by": None,
+            "extraction_attempt": None,
+            "engine": None,
+            "engine_version": None,
+            "languages": None,
+            "pages": 0,
+            "extracted_at": None,
+            "updated_at": iso_utc(e.timestamp),
+            "position": position,
+        },
+    )
+
+
+@handlers.on("Document.Superseded")
+def _superseded(tx: Tx, t: Tables, position: int, e: Any) -> None:
+    document_id = str(e.originator_id)
+    update_row(
+        tx,
+        t[DOCUMENTS],
+        "document_id",
+        document_id,
+        {
+            "superseded_by": str(e.superseded_by),
+            "updated_at": iso_utc(e.timestamp),
+            "position": position,
+        },
+    )
+    tx.execute(f"UPDATE {t[PAGES]} SET superseded = 1 WHERE document_id = ?", (document_id,))
+
+
+def _page_number(value: Any, default: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str | Decimal):
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return default
+    return number if 0 <= number < 2**31 else default
+
+
+def _confidence(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _short(value: Any, limit: int = 200) -> str | None:
+    return None if value is None else str(value)[:limit]
+
+
+def page_rows(position: int, event: Any) -> Iterator[tuple[Any, ...]]:
+    """(page_id, page_number, text, method, confidence) of every page with text."""
+    pages = list(event.pages)
+    if len(pages) >= PAGE_ID_STRIDE:
+        log.warning(
+            "document %s has %d pages; the search view indexes the first %d",
+            event.originator_id,
+            len(pages),
+            PAGE_ID_STRIDE - 1,
+        )
+    for index, page in enumerate(pages[: PAGE_ID_STRIDE - 1]):
+        if not isinstance(page, Mapping):
+            continue
+        text = clean_text(str(page.get("text") or ""))
+        if not text.strip():
+            continue
+        yield (
+            position * PAGE_ID_STRIDE + index,
+            _page_number(page.get("number"), index + 1),
+            text,
+            _short(page.get("method"), 40),
+            _confidence(page.get("confidence")),
+        )
+
+
+def _delete_pages(tx: Tx, t: Tables, document_id: str) -> None:
+    ids = f"SELECT page_id FROM {t[PAGES]} WHERE document_id = ?"
+    if tx.backend == "sqlite":
+        # External content: FTS5 forgets a row given the values it indexed.
+        tx.execute(
+            f"INSERT INTO {t[FTS]} ({t[FTS]}, rowid, text)"
+            f" SELECT 'delete', page_id, text FROM {t[TEXT]} WHERE page_id IN ({ids})",
+            (document_id,),
+        )
+    tx.execute(f"DELETE FROM {t[TEXT]} WHERE page_id IN ({ids})", (document_id,))
+    tx.execute(f"DELETE FROM {t[PAGES]} WHERE document_id = ?", (document_id,))
+
+
+def _insert_pages(
+    tx: Tx, t: Tables, document: Row, attempt: int, rows: list[tuple[Any, ...]]
+) -> None:
+    if not rows:
+        return
+    meta = (
+        document["loan_number"],
+        document["doc_type"],
+        document["uploaded_at"],
+        document["borrower_key"],
+        document["borrower_id_key"],
+        0 if document["superseded_by"] is None else 1,
+    )
+    tx.executemany(
+        f"INSERT INTO {t[PAGES]} (page_id, document_id, page_number, method, confidence,"
+        " attempt, loan_number, doc_type, uploaded_at, borrower_key, borrower_id_key,"
+        " superseded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(pid, document["document_id"], n, m, c, attempt, *meta) for pid, n, _, m, c in rows],
+    )
+    if tx.backend == "sqlite":
+        texts = [(pid, text) for pid, _, text, _, _ in rows]
+        tx.executemany(f"INSERT INTO {t[TEXT]} (page_id, text) VALUES (?, ?)", texts)
+        tx.executemany(f"INSERT INTO {t[FTS]} (rowid, text) VALUES (?, ?)", texts)
+        return
+    tx.executemany(
+        f"INSERT INTO {t[TEXT]} (page_id, text, tsv) VALUES (?, ?, to_tsvector('{TS_CONFIG}', ?))",
+        [(pid, text, word_text(text[:PG_INDEX_CHARS])) for pid, _, text, _, _ in rows],
+    )
+
+
+@handlers.on("Document.TextExtracted")
+def _text_extracted(tx: Tx, t: Tables, position: int, e: Any) -> None:
+    document_id = str(e.originator_id)
+    document = fetch_row(tx, t[DOCUMENTS], "document_id", document_id)
+    if document is None:  # pragma: no cover - a document's events follow its registration
+        raise LookupError(f"document {document_id} has no row")
+    _delete_pages(tx, t, document_id)
+    _insert_pages(tx, t, document, int(e.attempt), list(page_rows(position, e)))
+    update_row(
+        tx,
+        t[DOCUMENTS],
+        "document_id",
+        document_id,
+        {
+            "extraction_attempt": int(e.attempt),
+            "engine": _short(getattr(e, "engine", None)),
+            "engine_version": _short(getattr(e, "engine_version", None)),
+            "languages": _short(getattr(e, "languages", None)),
+            "pages": len(e.pages),
+            "extracted_at": iso_utc(e.timestamp),
+            "updated_at": iso_utc(e.timestamp),
+            "position": position,
+        },
+    )
+
+
+# -- filters ---------------------------------------------------------------------------------
+
+
+def _filter_text(value: Any, what: str) -> str:
+    text = str(value)
+    if has_control(text):
+        raise QueryError(f"the {what} filter contains control or invisible characters")
+    text = unicodedata.normalize("NFC", text).strip()
+    if not text:
+        raise QueryError(f"the {what} filter is empty")
+    if len(text) > MAX_FILTER_CHARS:
+        raise QueryError(f"the {what} filter is at most {MAX_FILTER_CHARS} characters long")
+    return text
+
+
+def _day(value: date | str, what: str) -> date:
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value).strip())
+    except ValueError:
+        raise QueryError(f"{what} must be a date like 2025-01-31, got {value!r}") from None
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class Conditions(NamedTuple):
+    """SQL conditions on the pages (alias ``p``), their parameters, and whether one of
+    them can use an index (loan, type, upload date) to narrow the candidates first."""
+
+    where: list[str]
+    params: list[Any]
+    indexed: bool
+
+
+def filters(
+    *,
+    loan_number: str | None = None,
+    doc_type: str | None = None,
+    borrower: str | None = None,
+    uploaded_from: date | str | None = None,
+    uploaded_to: date | str | None = None,
+    include_superseded: bool = True,
+) -> Conditions:
+    """The conditions for the given filters; QueryError for a value that cannot be one."""
+    where: list[str] = []
+    params: list[Any] = []
+    if loan_number is not None:
+        where.append("p.loan_number = ?")
+        params.append(_filter_text(loan_number, "loan number"))
+    if doc_type is not None:
+        try:
+            kind = DocumentType(_filter_text(doc_type, "document type"))
+        except ValueError:
+            known = ", ".join(t.value for t in DocumentType)
+            raise QueryError(f"unknown document type {doc_type!r}; one of {known}") from None
+        where.append("p.doc_type = ?")
+        params.append(kind.value)
+    if borrower is not None:
+        text = _filter_text(borrower, "borrower")
+        name, national_id = fold(text), id_key(text)
+        either: list[str] = []
+        if name:
+            either.append("p.borrower_key LIKE ? ESCAPE '\\'")
+            params.append("%" + _escape_like(name) + "%")
+        if national_id:
+            either.append("p.borrower_id_key = ?")
+            params.append(national_id)
+        where.append("(" + " OR ".join(either) + ")")
+    start = None if uploaded_from is None else _day(uploaded_from, "uploaded_from")
+    end = None if uploaded_to is None else _day(uploaded_to, "uploaded_to")
+    if start is not None and end is not None and start > end:
+        raise QueryError(f"uploaded_from {start} is after uploaded_to {end}")
+    if start is not None:
+        where.append("p.uploaded_at >= ?")
+        params.append(iso_utc(datetime.combine(start, time.min, UTC)))
+    if end is not None and end < date.max:
+        where.append("p.uploaded_at < ?")
+        params.append(iso_utc(datetime.combine(end + timedelta(days=1), time.min, UTC)))
+    indexed = bool(where) and not (borrower is not None and len(where) == 1)
+    if not include_superseded:
+        where.append("p.superseded = 0")
+    return Conditions(where, params, indexed)
+
+
+# -- snippets --------------------------------------------------------------------------------
+
+# Every lower-case Latin letter with diacritics, under its base letter: "a" -> "aàáâãäåāăą".
+_VARIANTS: dict[str, str] = {}
+for _code in range(0x00C0, 0x0250):
+    _char = chr(_code).lower()
+    _base = fold_word(_char)
+    if len(_base) == 1 and _base != _char and _base.isalnum():
+        if _char not in _VARIANTS.get(_base, ""):
+            _VARIANTS[_base] = _VARIANTS.get(_base, _base) + _char
+_WORD_START = r"(?<![^\W_])"
+_WORD_END = r"(?![^\W_])"
+
+
+def _loose(word: str) -> str:
+    """A regex for ``word`` whatever its case and accents."""
+    return "".join(f"[{_VARIANTS[c]}]" if c in _VARIANTS else re.escape(c) for c in fold_word(word))
+
+
+Matcher = tuple[tuple[str, ...], bool]  # (words in sequence, the last one is a prefix)
+
+
+def highlighter(matchers: Iterable[Matcher]) -> re.Pattern[str] | None:
+    """One regex finding every match of any matcher in a lower-cased text, longest
+    phrases first. (Matching lower-cased text is several times faster than IGNORECASE.)"""
+    patterns = []
+    for found, prefix in sorted(set(matchers), key=lambda m: -len(m[0])):
+        body = r"[\W_]+".join(_loose(w) for w in found if w)
+        if body:
+            tail = r"[^\W_]*" if prefix else _WORD_END
+            patterns.append(_WORD_START + body + tail)
+    return re.compile("|".join(patterns)) if patterns else None
+
+
+def query_matchers(query: Query) -> list[Matcher]:
+    """What FTS5 matches for the positive terms: words and phrases, exact or prefix."""
+    found: list[Matcher] = []
+    for clause in query.positive:
+        for term in clause.terms if isinstance(clause, AnyOf) else (clause,):
+            found.append((term.words, term.prefix))
+    return found
+
+
+_LEXEME = re.compile(r"'((?:[^'\\]|''|\\.)+)'")
+
+
+def lexeme_matchers(tsquery: str) -> list[Matcher]:
+    """PostgreSQL matches stems: a word is highlighted when it starts with one of the
+    query's lexemes ("tasacion" lights up "tasaciones", "hipotec" "hipoteca")."""
+    found = []
+    for raw in _LEXEME.findall(tsquery):
+        lexeme = raw.replace("''", "'").replace("\\\\", "\\")
+        found.append(((lexeme,), True))
+    return found
+
+
+def snippet(text: str, pattern: re.Pattern[str] | None) -> str:
+    """About SNIPPET_CHARS characters of ``text`` around its densest matches, HTML-escaped,
+    the matches in <mark>; "…" where the page goes on."""
+    spans: list[tuple[int, int]] = []
+    if pattern is not None:
+        lowered = text.lower()
+        if len(lowered) != len(text):  # a letter whose lower case is longer ("İ")
+            lowered, pattern = text, re.compile(pattern.pattern, re.IGNORECASE)
+        for match in pattern.finditer(lowered):
+            spans.append(match.span())
+            if len(spans) >= 200:
+                break
+    start = 0
+    if spans:
+        lead = SNIPPET_CHARS // 4
+        # The window starting `lead` characters before a match that holds most matches.
+        best, most, right = 0, 0, 0
+        for i, (first, _) in enumerate(spans):
+            while right < len(spans) and spans[right][0] < first - lead + SNIPPET_CHARS:
+                right += 1
+            if right - i > most:
+                best, most = i, right - i
+        start = max(0, spans[best][0] - lead)
+        start = text.rfind(" ", 0, start) + 1 if start > 0 else 0
+    end = min(len(text), start + SNIPPET_CHARS)
+    if end < len(text):
+        cut = text.rfind(" ", start + SNIPPET_CHARS // 2, end)
+        end = cut if cut > 0 else end
+    for s, e in spans:  # never cut a match in two
+        if s < end < e:
+            end = e
+    out = ["…"] if start > 0 else []
+    at = start
+    for s, e in spans:
+        if e <= start or s >= end:
+            continue
+        out.append(html.escape(text[at:s]))
+        out.append(f"<mark>{html.escape(text[s:e])}</mark>")
+        at = e
+    out.append(html.escape(text[at:end]))
+    if end < len(text):
+        out.append("…")
+    return " ".join("".join(out).split())
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def _ranked_sqlite(
+    tx: Tx, t: Tables, query: Query, where: Conditions, limit: int, offset: int
+) -> tuple[int, list[Row]]:
+    fts = t[FTS]
+    match = to_fts5(query)
+    if not where.where:
+        # FTS5 counts matches from its doclists alone, without reading a row.
+        counted = tx.one(f"SELECT COUNT(*) AS n FROM {fts} WHERE {fts} MATCH ?", (match,))
+        total = int(counted["n"]) if counted else 0
+        if offset >= total:
+            return total, []
+        rows = tx.execute(
+            f"SELECT rowid AS page_id, -bm25({fts}) AS score FROM {fts} WHERE {fts} MATCH ?"
+            " ORDER BY score DESC, page_id LIMIT ? OFFSET ?",
+            (match, limit, offset),
+        )
+        return total, rows
+    conditions = "".join(f" AND {w}" for w in where.where)
+    params: list[Any] = [match, *where.params]
+    if where.indexed:
+        # Page ids follow log positions, so one loan's pages, or one period's, lie in a
+        # narrow id range: FTS5 then reads only that stretch of its doclists.
+        bounds = tx.one(
+            f"SELECT COUNT(*) AS n, MIN(page_id) AS lo, MAX(page_id) AS hi FROM {t[PAGES]} p"
+            " WHERE " + " AND ".join(where.where),
+            where.params,
+        )
+        if bounds is None or not bounds["n"]:
+            return 0, []
+        conditions += f" AND {fts}.rowid BETWEEN ? AND ?"
+        params += [bounds["lo"], bounds["hi"]]
+    # One pass over the matches for the ranking and the total; bm25() must run in the
+    # FTS5 query itself, hence the materialised CTE. CROSS JOIN keeps FTS5 the outer
+    # loop: driven from an index on the pages, FTS5 would be asked once per candidate
+    # row and bm25() would recompute its statistics every time (seconds, not ms).
+    base = (
+        f" FROM {fts} CROSS JOIN {t[PAGES]} p ON p.page_id = {fts}.rowid"
+        f" WHERE {fts} MATCH ?{conditions}"
+    )
+    rows = tx.execute(
+        f"WITH hits AS MATERIALIZED (SELECT p.page_id, -bm25({fts}) AS score{base})"
+        " SELECT page_id, score, COUNT(*) OVER () AS total FROM hits"
+        " ORDER BY score DESC, page_id LIMIT ? OFFSET ?",
+        [*params, limit, offset],
+    )
+    if rows:
+        return int(rows[0]["total"]), rows
+    if offset == 0:
+        return 0, []
+    counted = tx.one(f"SELECT COUNT(*) AS n{base}", params)
+    return (int(counted["n"]) if counted else 0), []
+
+
+def tsquery_text(tx: Tx, query: Query) -> tuple[str, str]:
+    """The tsquery of ``query`` and of its positive part, as PostgreSQL prints them ('' when
+    only stop words remain).
+
+    Built from parameters by ``phraseto_tsquery``/``to_tsquery``; the printed form is
+    then bound (``?::tsquery``) in the statements that use it."""
+    positive, negative = to_tsquery_sql(query, TS_CONFIG)
+    neg_sql = negative.sql if negative is not None else "''::tsquery"
+    neg_params = negative.params if negative is not None else ()
+    row = tx.one(
+        "SELECT CASE WHEN numnode(x.pos) = 0 THEN '' ELSE (x.pos && !! x.neg)::text END AS q,"
+        " x.pos::text AS pos"
+        f" FROM (SELECT {positive.sql} AS pos, {neg_sql} AS neg) x",
+        [*positive.params, *neg_params],
+    )
+    if not row or not row["q"]:
+        return "", ""
+    return str(row["q"]), str(row["pos"])
+
+
+def _ranked_postgres(
+    tx: Tx, ts: str, t: Tables, where: Conditions, limit: int, offset: int
+) -> tuple[int, list[Row]]:
+    # A pooled connection prepares statements it runs often; a generic plan cannot know
+    # how many pages a tsquery or a filter selects, so plan every search afresh.
+    tx.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+    params = where.params
+    if where.where:
+        base = (
+            f" FROM {t[TEXT]} x JOIN {t[PAGES]} p ON p.page_id = x.page_id"
+            " WHERE x.tsv @@ ?::tsquery" + "".join(f" AND {w}" for w in where.where)
+        )
+    else:
+        base = f" FROM {t[TEXT]} x WHERE x.tsv @@ ?::tsquery"
+    counted = tx.one(f"SELECT COUNT(*) AS n{base}", [ts, *params])
+    total = int(counted["n"]) if counted else 0
+    if offset >= total:
+        return total, []
+    rows = tx.execute(
+        f"SELECT x.page_id, ts_rank(x.tsv, ?::tsquery) AS score{base}"
+        " ORDER BY score DESC, x.page_id LIMIT ? OFFSET ?",
+        [ts, ts, *params, limit, offset],
+    )
+    return total, rows
+
+
+def _details(tx: Tx, t: Tables, ids: list[int]) -> dict[int, Row]:
+    if not ids:
+        return {}
+    marks = ", ".join("?" for _ in ids)
+    rows = tx.execute(
+        "SELECT p.page_id, p.document_id, p.page_number, p.method, p.confidence, p.attempt,"
+        " p.loan_number, p.doc_type, d.original_filename, d.uploaded_at, d.superseded_by,"
+        f" x.text FROM {t[PAGES]} p JOIN {t[TEXT]} x ON x.page_id = p.page_id"
+        f" JOIN {t[DOCUMENTS]} d ON d.document_id = p.document_id"
+        f" WHERE p.page_id IN ({marks})",
+        ids,
+    )
+    return {int(r["page_id"]): r for r in rows}
+
+
+def _hit(row: Row, score: Any, pattern: re.Pattern[str] | None) -> dict[str, Any]:
+    confidence = row["confidence"]
+    return {
+        "document_id": row["document_id"],
+        "loan_number": row["loan_number"],
+        "doc_type": row["doc_type"],
+        "original_filename": row["original_filename"],
+        "uploaded_at": row["uploaded_at"],
+        "page_number": int(row["page_number"]),
+        "snippet": snippet(str(row["text"]), pattern),
+        "rank": float(score),
+        "superseded": row["superseded_by"] is not None,
+        "superseded_by": row["superseded_by"],
+        "extraction_attempt": int(row["attempt"]),
+        "method": row["method"],
+        "confidence": None if confidence is None else float(confidence),
+    }
+
+
+def search(
+    store: Store,
+    q: str | Query,
+    *,
+    loan_number: str | None = None,
+    doc_type: str | None = None,
+    borrower: str | None = None,
+    uploaded_from: date | str | None = None,
+    uploaded_to: date | str | None = None,
+    include_superseded: bool = True,
+    limit: int = 20,
+    offset: int = 0,
+) -> Page:
+    """Pages matching the query ``q`` (see ``projections.query_syntax``) and every given
+    filter, best first: the total, and one page of hits with a highlighted snippet.
+
+    ``borrower`` is a part of the borrower's name (case and accents ignored) or their
+    national id; ``uploaded_from``/``uploaded_to`` are inclusive UTC dates of upload.
+    Ranks are comparable within one backend only (bm25 on SQLite, ts_rank on
+    PostgreSQL; higher is better). Raises QueryError (422) for a query or filter that
+    cannot be searched as given.
+    """
+    query = q if isinstance(q, Query) else parse(q)
+    try:
+        check_page(limit, offset)
+    except ValueError as exc:
+        raise QueryError(str(exc)) from None
+    if offset > MAX_OFFSET:
+        raise QueryError(f"offset must not exceed {MAX_OFFSET}; narrow the search instead")
+    where = filters(
+        loan_number=loan_number,
+        doc_type=doc_type,
+        borrower=borrower,
+        uploaded_from=uploaded_from,
+        uploaded_to=uploaded_to,
+        include_superseded=include_superseded,
+    )
+    with store.read() as tx:
+        current = registry.active(tx, SearchView.name)
+        if current is None:
+            return Page([], 0, limit, offset, 0)
+        t = SearchView().tables(current.generation)
+        if tx.backend == "sqlite":
+            total, ranked = _ranked_sqlite(tx, t, query, where, limit, offset)
+            matchers = query_matchers(query)
+        else:
+            ts, positive = tsquery_text(tx, query)
+            total, ranked = _ranked_postgres(tx, ts, t, where, limit, offset) if ts else (0, [])
+            matchers = lexeme_matchers(positive)
+        details = _details(tx, t, [int(r["page_id"]) for r in ranked])
+    pattern = highlighter(matchers)
+    items = [
+        _hit(details[int(r["page_id"])], r["score"], pattern)
+        for r in ranked
+        if int(r["page_id"]) in details
+    ]
+    return Page(items, total, limit, offset, current.position)

@@ -15,7 +15,7 @@ Indexing:
 - SQLite: an FTS5 table over ``search_text`` (external content: the text is stored
   once), tokenizer ``unicode61 remove_diacritics 2``: case and accents fold, letters
   and digits make words, everything else separates them.
-- PostgreSQL: a ``tsvector`` column with a GIN index, built with the configuration
+- PostgreSQL: a ``tsvector`` column of ``search_pages`` with a GIN index, built with the configuration
   ``es_unaccent`` of the views schema (``views.es_unaccent``): Spanish with ``unaccent``
   before the Spanish stemmer, so "tasacion" finds "TASACIÓN" and stems match
   ("tasaciones"). It is given only the words of the text (punctuation replaced by
@@ -132,20 +132,21 @@ _PAGES = (
     " uploaded_at TEXT NOT NULL,"
     " borrower_key TEXT NOT NULL,"
     " borrower_id_key TEXT NOT NULL,"
-    " superseded INTEGER NOT NULL)"
+    " superseded INTEGER NOT NULL{extra})"
 )
 _SQLITE_DDL = (
     # INTEGER PRIMARY KEY is SQLite's rowid: what FTS5 hands out and looks text up by
-    _PAGES.format(id="INTEGER"),
+    _PAGES.format(id="INTEGER", extra=""),
     "CREATE TABLE {search_text} (page_id INTEGER PRIMARY KEY, text TEXT NOT NULL)",
     "CREATE VIRTUAL TABLE {search_fts} USING fts5(text, content='{search_text}',"
     " content_rowid='page_id', tokenize='unicode61 remove_diacritics 2')",
 )
 _POSTGRES_DDL = (
-    _PAGES.format(id="BIGINT"),
-    "CREATE TABLE {search_text} ("
-    " page_id BIGINT PRIMARY KEY, text TEXT NOT NULL, tsv tsvector NOT NULL)",
-    "CREATE INDEX {search_text}_tsv ON {search_text} USING gin (tsv)",
+    # The tsvector sits in the narrow page row: counting and ranking never read the text,
+    # and a filter is a condition on the same row.
+    _PAGES.format(id="BIGINT", extra=", tsv tsvector NOT NULL"),
+    "CREATE TABLE {search_text} (page_id BIGINT PRIMARY KEY, text TEXT NOT NULL)",
+    "CREATE INDEX {search_pages}_tsv ON {search_pages} USING gin (tsv)",
 )
 
 
@@ -400,21 +401,26 @@ def _insert_pages(
         document["borrower_id_key"],
         0 if document["superseded_by"] is None else 1,
     )
-    tx.executemany(
-        f"INSERT INTO {t[PAGES]} (page_id, document_id, page_number, method, confidence,"
-        " attempt, loan_number, doc_type, uploaded_at, borrower_key, borrower_id_key,"
-        " superseded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(pid, document["document_id"], n, m, c, attempt, *meta) for pid, n, _, m, c in rows],
+    columns = (
+        "page_id, document_id, page_number, method, confidence, attempt, loan_number,"
+        " doc_type, uploaded_at, borrower_key, borrower_id_key, superseded"
     )
+    marks = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+    pages = [(pid, document["document_id"], n, m, c, attempt, *meta) for pid, n, _, m, c in rows]
+    texts = [(pid, text) for pid, _, text, _, _ in rows]
     if tx.backend == "sqlite":
-        texts = [(pid, text) for pid, _, text, _, _ in rows]
+        tx.executemany(f"INSERT INTO {t[PAGES]} ({columns}) VALUES ({marks})", pages)
         tx.executemany(f"INSERT INTO {t[TEXT]} (page_id, text) VALUES (?, ?)", texts)
         tx.executemany(f"INSERT INTO {t[FTS]} (rowid, text) VALUES (?, ?)", texts)
         return
     tx.executemany(
-        f"INSERT INTO {t[TEXT]} (page_id, text, tsv) VALUES (?, ?, to_tsvector('{TS_CONFIG}', ?))",
-        [(pid, text, word_text(text[:PG_INDEX_CHARS])) for pid, _, text, _, _ in rows],
+        f"INSERT INTO {t[PAGES]} ({columns}, tsv) VALUES ({marks}, to_tsvector('{TS_CONFIG}', ?))",
+        [
+            (*page, word_text(text[:PG_INDEX_CHARS]))
+            for page, (_, text) in zip(pages, texts, strict=True)
+        ],
     )
+    tx.executemany(f"INSERT INTO {t[TEXT]} (page_id, text) VALUES (?, ?)", texts)
 
 
 @handlers.on("Document.TextExtracted")
@@ -534,14 +540,21 @@ def filters(
 
 # -- snippets --------------------------------------------------------------------------------
 
-# Every lower-case Latin letter with diacritics, under its base letter: "a" -> "aàáâãäåāăą".
-_VARIANTS: dict[str, str] = {}
-for _code in range(0x00C0, 0x0250):
-    _char = chr(_code).lower()
-    _base = fold_word(_char)
-    if len(_base) == 1 and _base != _char and _base.isalnum():
-        if _char not in _VARIANTS.get(_base, ""):
-            _VARIANTS[_base] = _VARIANTS.get(_base, _base) + _char
+
+def _latin_variants() -> dict[str, str]:
+    """Every lower-case Latin letter with diacritics, under its base letter:
+    "a" -> "aàáâãäåāăą..."."""
+    variants: dict[str, str] = {}
+    for code in range(0x00C0, 0x0250):
+        char = chr(code).lower()
+        base = fold_word(char)
+        known = variants.get(base, base)
+        if len(base) == 1 and base != char and base.isalnum() and char not in known:
+            variants[base] = known + char
+    return variants
+
+
+_VARIANTS = _latin_variants()
 _WORD_START = r"(?<![^\W_])"
 _WORD_END = r"(?![^\W_])"
 
@@ -716,20 +729,16 @@ def _ranked_postgres(
     # how many pages a tsquery or a filter selects, so plan every search afresh.
     tx.execute("SET LOCAL plan_cache_mode = force_custom_plan")
     params = where.params
-    if where.where:
-        base = (
-            f" FROM {t[TEXT]} x JOIN {t[PAGES]} p ON p.page_id = x.page_id"
-            " WHERE x.tsv @@ ?::tsquery" + "".join(f" AND {w}" for w in where.where)
-        )
-    else:
-        base = f" FROM {t[TEXT]} x WHERE x.tsv @@ ?::tsquery"
+    base = f" FROM {t[PAGES]} p WHERE p.tsv @@ ?::tsquery" + "".join(
+        f" AND {w}" for w in where.where
+    )
     counted = tx.one(f"SELECT COUNT(*) AS n{base}", [ts, *params])
     total = int(counted["n"]) if counted else 0
     if offset >= total:
         return total, []
     rows = tx.execute(
-        f"SELECT x.page_id, ts_rank(x.tsv, ?::tsquery) AS score{base}"
-        " ORDER BY score DESC, x.page_id LIMIT ? OFFSET ?",
+        f"SELECT p.page_id, ts_rank(p.tsv, ?::tsquery) AS score{base}"
+        " ORDER BY score DESC, p.page_id LIMIT ? OFFSET ?",
         [ts, ts, *params, limit, offset],
     )
     return total, rows

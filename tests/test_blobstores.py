@@ -394,7 +394,7 @@ def test_s3_killed_while_reading_the_source_leaves_nothing(
 
 MEMORY_CHILD = textwrap.dedent(
     """
-    import hashlib, json, resource, sys
+    import hashlib, json, sys
     sys.path.insert(0, sys.argv[1])
     from pathlib import Path
     from archive.settings import Settings
@@ -421,7 +421,10 @@ MEMORY_CHILD = textwrap.dedent(
     else:
         store = open_blob_store(Settings(**config))
     blob = store.put(Generated())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM is this process image's own peak; ru_maxrss would carry over the peak of the
+    # (large) pytest process this child was forked from, across exec.
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024
     expected, source = hashlib.sha256(), Generated()
     while chunk := source.read():
         expected.update(chunk)

@@ -165,7 +165,9 @@ def _pdf_pages(
     if reader is None:
         repaired = pdf.repair_truncated(data)
         if repaired is not None:
-            notes.append("repaired: the PDF had no trailer (cut short?); pages were recovered")
+            notes.append(
+                "repaired: the PDF had no trailer (cut short?); one was added to read the rest"
+            )
             data = repaired
             reader, count, problem = _open_pypdf(data)
     path = _write(workdir, "document.pdf", data)

@@ -1,52 +1,66 @@
 """Light preprocessing: only what measurably helped, and only where it helps.
 
-Kept: **adaptive binarisation for unevenly lit pages.** ``prepare`` estimates the paper's
-brightness in a grid of tiles (the 90th percentile of each tile of an 8x-reduced copy, a
-few milliseconds per A4 page); when it varies by more than ``UNEVEN_SPREAD`` grey levels
-between the 10th and 90th percentile tile (a shadow from a book's fold, a phone photo,
-a yellowed edge), Tesseract is told to binarise with Leptonica's tiled Otsu
-(``thresholding_method=1``) instead of its global Otsu. Everything else goes to
-Tesseract as it is, in grey.
+Kept, in ``prepare`` (about 0.01 s per A4 page at 300 dpi, 0.03 s when it deskews;
+Tesseract takes 2-3 s on the same page):
 
-Measured with ``bench/ocr.py --preprocessing`` (10-line pages of the deed drawn in DejaVu
-Serif and degraded as in tests/ocr_fixtures.py; mean character accuracy over 3 seeds;
-Tesseract 5.3.0, spa+eng, psm 1; "tiled" is tiled Otsu everywhere, "auto" is this module):
+1. **Deskewing** when the text lines slope by ``DESKEW_MIN_DEG`` (2) to
+   ``DESKEW_MAX_DEG`` (5) degrees. Tesseract's layout analysis drops about 30 % of the
+   lines of a page turned 2.5-3 degrees clockwise (every page tried, 10 and 36 lines);
+   at 2 degrees and less, either way, it reads as well as level, and turning such pages
+   only reshuffles which characters it gets wrong (measured with a 1-degree threshold:
+   -0.003 to +0.004, and accents or a code lost on some pages), so they are left alone.
+   ``estimate_skew`` finds the slope from projection profiles of a copy 200 pixels on
+   its short side (7-12 ms); the page is then turned with nearest-neighbour resampling
+   (15-25 ms; bilinear costs 90 ms and read no better, bicubic read worse), corners
+   filled with the paper's grey.
+2. **Adaptive binarisation for unevenly lit pages.** The paper's brightness is taken in
+   a 6x8 grid of tiles (90th percentile of each); when it varies by more than
+   ``UNEVEN_SPREAD`` grey levels between the 10th and 90th percentile tile (a shadow
+   from a book's fold, a phone photo, a yellowed edge), Tesseract binarises with
+   Leptonica's tiled Otsu (``thresholding_method=1``) instead of its global Otsu.
 
-=================  ======  ======  ======  ======  ======  ======  =======  ======
-condition          none    median  smooth  autoc.  upscale tiled   sauvola  auto
-=================  ======  ======  ======  ======  ======  ======  =======  ======
-300 dpi            0.9875  0.9949  0.9903  0.9898  n/a     0.9881  0.9852   0.9875
-200 dpi            0.9875  0.9960  0.9926  0.9892  0.8578  0.9869  0.9881   0.9875
-150 dpi            0.9784  0.9932  0.9892  0.9852  0.8714  0.9824  0.9784   0.9784
-100 dpi            0.9608  0.9898  0.9767  0.9716  0.9005  0.9676  0.9608   0.9608
-grain, 300 dpi     0.9954  0.9943  0.9932  0.9943  n/a     0.9846  0.9937   0.9954
-specks, 300 dpi    0.9903  0.9920  0.9886  0.9909  n/a     0.9892  0.9881   0.9903
-faded, 300 dpi     0.9812  0.8914  0.9630  0.8931  n/a     0.9778  0.9744   0.9812
-shadow, 300 dpi    0.7332  0.7321  0.7088  0.7332  n/a     0.9892  0.9898   0.9892
-skew 3°, 300 dpi   0.9829  0.9937  0.9790  0.9841  n/a     0.9818  0.9846   0.9829
-JPEG q30, 200 dpi  0.9824  0.9966  0.9886  0.9818  0.8328  0.9863  0.9727   0.9824
-mean               0.9580  0.9574  0.9570  0.9513  n/a     0.9834  0.9816   0.9836
-=================  ======  ======  ======  ======  ======  ======  =======  ======
+Everything else goes to Tesseract as it is, in grey.
 
-Cost per A4 page at 300 dpi on one core (Tesseract itself: 2.1-2.8 s on a loaded
-machine): the unevenness check 0.003 s, median 3x3 0.46 s, smooth 0.05 s, autocontrast
-0.01 s; tiled Otsu and Sauvola cost nothing measurable inside Tesseract.
+Measured with ``bench/ocr.py --preprocessing``: 10-line pages of the deed in DejaVu Serif,
+degraded as in tests/ocr_fixtures.py (turned 1.0-1.8 degrees unless stated), mean
+character accuracy over 3 seeds, Tesseract 5.3.0, spa+eng, psm 1. "tiled" is tiled
+Otsu on every page; "auto" is this module:
 
-Why not the others:
+=================  ======  ======  ======  =======  ======  =======  ======  ======
+condition          none    median  autoc.  upscale  tiled   sauvola  deskew  auto
+=================  ======  ======  ======  =======  ======  =======  ======  ======
+300 dpi            0.9875  0.9949  0.9898  n/a      0.9881  0.9852   0.9875  0.9875
+200 dpi            0.9875  0.9960  0.9892  0.8578   0.9869  0.9881   0.9875  0.9875
+150 dpi            0.9784  0.9932  0.9852  0.8714   0.9824  0.9784   0.9784  0.9784
+100 dpi            0.9608  0.9898  0.9716  0.9005   0.9676  0.9608   0.9608  0.9608
+grain, 300 dpi     0.9954  0.9943  0.9943  n/a      0.9846  0.9937   0.9954  0.9954
+specks, 300 dpi    0.9903  0.9920  0.9909  n/a      0.9892  0.9881   0.9903  0.9903
+faded, 300 dpi     0.9812  0.8914  0.8931  n/a      0.9778  0.9744   0.9812  0.9812
+shadow, 300 dpi    0.7332  0.7321  0.7332  n/a      0.9892  0.9898   0.7332  0.9892
+skew +3°, 300 dpi  0.9829  0.9937  0.9841  n/a      0.9818  0.9846   0.9875  0.9875
+skew -3°, 300 dpi  0.6997  0.6997  0.6997  n/a      0.6997  0.6997   0.9858  0.9858
+JPEG q30, 200 dpi  0.9824  0.9966  0.9818  0.8328   0.9863  0.9727   0.9824  0.9824
+mean               0.9345  0.9340  0.9284  n/a      0.9576  0.9559   0.9609  0.9842
+=================  ======  ======  ======  =======  ======  =======  ======  ======
 
-- tiled Otsu everywhere fixes shadows (0.73 -> 0.99) but costs elsewhere (grain
+Cost per A4 page at 300 dpi on one core: skew estimate 0.007-0.012 s, turn 0.014-0.023
+s, unevenness check 0.003 s, median 3x3 0.53-0.88 s, autocontrast 0.013-0.024 s; tiled
+Otsu and Sauvola cost nothing measurable inside Tesseract (2.1-4.7 s per page on a
+shared, loaded machine whichever the method). Ranges are over runs at different loads.
+
+Not kept:
+
+- tiled Otsu on every page fixes shadows (0.73 -> 0.99) but costs elsewhere (grain
   0.995 -> 0.985) and splits codes: the cadastral reference came out as
-  "987202 3VH5797S0001WX" on 2 of 3 clean 300 dpi pages. Hence only on uneven pages:
-  "auto" equals "none" on every condition but the shadow, and tiled Otsu there.
+  "987202 3VH5797S0001WX" on 2 of 3 clean 300 dpi pages. Hence only on uneven pages.
 - a 3x3 median helps low-resolution and noisy scans (100 dpi 0.961 -> 0.990) but wrecks
-  faded print (0.981 -> 0.891), leaves the mean unchanged, and costs a fifth of a page.
+  faded print (0.981 -> 0.891), does nothing for the mean, and costs a fifth of a page.
 - upscaling low-resolution scans to 300 dpi makes things worse (0.83-0.90): Tesseract
   reads the interpolated noise as marks. For the same reason PDF pages are rendered at
   their scan's own resolution (``ocr.pdf.render_page``).
-- smoothing and autocontrast: no better than nothing on average.
-- deskewing: Tesseract's own layout analysis copes with the 1-3° of a feeder scan
-  (skew 3°: 0.983, as good as the 1.0-1.8° pages); rotation by 90/180/270° is OSD's job
-  (psm 1).
+- autocontrast: no better than nothing on average, and bad on faded print.
+- rotation by 90/180/270 degrees is not preprocessing here: Tesseract's OSD does it
+  inside the OCR run (``--psm 1``, see ``ocr.tesseract``).
 """
 
 from __future__ import annotations
@@ -58,7 +72,7 @@ from dataclasses import dataclass
 from typing import Any
 
 UNEVEN_SPREAD = 40  # grey levels of paper brightness, 10th to 90th percentile tile
-DESKEW_MIN_DEG = 1.0  # Tesseract starts dropping lines at about 2.5° clockwise
+DESKEW_MIN_DEG = 2.0  # Tesseract drops lines from about 2.5° clockwise; below, it copes
 DESKEW_MAX_DEG = 5.0
 _GRID = (6, 8)
 _TILED_OTSU = ("-c", "thresholding_method=1")
@@ -76,25 +90,34 @@ class Prepared:
     image: Any
     dpi: float | None
     tesseract_args: tuple[str, ...]
-    deskewed_deg: float = 0.0
 
 
 def prepare(image: Any, dpi: float | None) -> Prepared:
     angle = estimate_skew(image)
     if angle is not None and DESKEW_MIN_DEG <= abs(angle) <= DESKEW_MAX_DEG:
-        image = deskew(image, angle)
-    else:
-        angle = 0.0
+        image = deskew(image, angle, fill=paper_level(image))
     args = _TILED_OTSU if paper_spread(image) > UNEVEN_SPREAD else ()
-    return Prepared(image, dpi, args, round(angle, 2))
+    return Prepared(image, dpi, args)
 
 
-def deskew(image: Any, angle: float) -> Any:
-    """``image`` turned by ``angle`` degrees counter-clockwise, grown to keep the corners."""
+def deskew(image: Any, angle: float, *, fill: int = 255) -> Any:
+    """``image`` turned by ``angle`` degrees counter-clockwise, grown to keep the corners,
+    which are filled with ``fill`` (the paper's grey: white corners on grey paper would
+    look like uneven light to the binariser)."""
     from PIL import Image
 
-    fill = 1 if image.mode == "1" else 255
+    if image.mode == "1":
+        fill = 1 if fill >= 128 else 0
     return image.rotate(angle, resample=Image.Resampling.NEAREST, expand=True, fillcolor=fill)
+
+
+def paper_level(image: Any) -> int:
+    """The paper's grey: the 90th percentile of a small copy's histogram."""
+    if image.mode != "L":
+        return 255
+    factor = max(1, min(image.size) // 256)
+    small = image.reduce(factor) if factor > 1 else image
+    return _percentile(small.histogram(), 0.9)
 
 
 def estimate_skew(image: Any, *, coarse: float = 0.5, fine: float = 0.1) -> float | None:

@@ -2,12 +2,13 @@
 
 Tables per generation, the same on both backends:
 
-- ``search_loans``: the borrower of each loan (name, national id);
+- ``search_loans``: the borrower of each loan (name, national id, and both folded for
+  the borrower filter, which resolves to loan numbers first);
 - ``search_documents``: one row per document (type, file name, upload time,
   supersession, the last extraction);
 - ``search_pages``: one narrow row per extracted page, carrying the document's
-  filterable metadata (loan, type, upload time, borrower keys, superseded), so that a
-  filtered search joins one small row per match;
+  filterable metadata (loan, type, upload time, superseded), so that a filtered search
+  reads one small row per match (and, on PostgreSQL, the page's tsvector);
 - ``search_text``: the page text, where it is indexed.
 
 Indexing:
@@ -96,7 +97,10 @@ _COMMON_DDL = (
     "CREATE TABLE {search_loans} ("
     " loan_number TEXT PRIMARY KEY,"
     " borrower_name TEXT NOT NULL,"
-    " borrower_national_id TEXT NOT NULL)",
+    " borrower_national_id TEXT NOT NULL,"
+    " borrower_key TEXT NOT NULL,"
+    " borrower_id_key TEXT NOT NULL)",
+    "CREATE INDEX {search_loans}_national_id ON {search_loans} (borrower_id_key)",
     "CREATE TABLE {search_documents} ("
     " document_id TEXT PRIMARY KEY,"
     " loan_number TEXT NOT NULL,"
@@ -104,9 +108,6 @@ _COMMON_DDL = (
     " original_filename TEXT NOT NULL,"
     " media_type TEXT NOT NULL,"
     " uploaded_at TEXT NOT NULL,"
-    " borrower_name TEXT NOT NULL,"
-    " borrower_key TEXT NOT NULL,"
-    " borrower_id_key TEXT NOT NULL,"
     " supersedes TEXT,"
     " superseded_by TEXT,"
     " extraction_attempt INTEGER,"
@@ -130,8 +131,6 @@ _PAGES = (
     " loan_number TEXT NOT NULL,"
     " doc_type TEXT NOT NULL,"
     " uploaded_at TEXT NOT NULL,"
-    " borrower_key TEXT NOT NULL,"
-    " borrower_id_key TEXT NOT NULL,"
     " superseded INTEGER NOT NULL{extra})"
 )
 _SQLITE_DDL = (
@@ -155,7 +154,6 @@ _PAGE_INDEXES = (
     "CREATE INDEX {search_pages}_loan ON {search_pages} (loan_number)",
     "CREATE INDEX {search_pages}_type ON {search_pages} (doc_type, uploaded_at)",
     "CREATE INDEX {search_pages}_uploaded ON {search_pages} (uploaded_at)",
-    "CREATE INDEX {search_pages}_borrower ON {search_pages} (borrower_id_key)",
 )
 
 
@@ -273,15 +271,14 @@ def _loan_opened(tx: Tx, t: Tables, position: int, e: Any) -> None:
             "loan_number": e.loan_number,
             "borrower_name": e.borrower_name,
             "borrower_national_id": e.borrower_national_id,
+            "borrower_key": fold(e.borrower_name),
+            "borrower_id_key": id_key(e.borrower_national_id),
         },
     )
 
 
 @handlers.on("Document.Registered")
 def _registered(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    loan = fetch_row(tx, t[LOANS], "loan_number", e.loan_number)
-    name = str(loan["borrower_name"]) if loan else ""
-    national_id = str(loan["borrower_national_id"]) if loan else ""
     insert_row(
         tx,
         t[DOCUMENTS],
@@ -292,9 +289,6 @@ def _registered(tx: Tx, t: Tables, position: int, e: Any) -> None:
             "original_filename": e.original_filename,
             "media_type": e.media_type,
             "uploaded_at": iso_utc(e.timestamp),
-            "borrower_name": name,
-            "borrower_key": fold(name),
-            "borrower_id_key": id_key(national_id),
             "supersedes": None if e.supersedes is None else str(e.supersedes),
             "superseded_by": None,
             "extraction_attempt": None,
@@ -397,15 +391,13 @@ def _insert_pages(
         document["loan_number"],
         document["doc_type"],
         document["uploaded_at"],
-        document["borrower_key"],
-        document["borrower_id_key"],
         0 if document["superseded_by"] is None else 1,
     )
     columns = (
         "page_id, document_id, page_number, method, confidence, attempt, loan_number,"
-        " doc_type, uploaded_at, borrower_key, borrower_id_key, superseded"
+        " doc_type, uploaded_at, superseded"
     )
-    marks = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
+    marks = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
     pages = [(pid, document["document_id"], n, m, c, attempt, *meta) for pid, n, _, m, c in rows]
     texts = [(pid, text) for pid, _, text, _, _ in rows]
     if tx.backend == "sqlite":
@@ -480,12 +472,16 @@ def _escape_like(text: str) -> str:
 
 
 class Conditions(NamedTuple):
-    """SQL conditions on the pages (alias ``p``), their parameters, and whether one of
-    them can use an index (loan, type, upload date) to narrow the candidates first."""
+    """SQL conditions on the pages (alias ``p``; ``{search_loans}`` stands for the loans
+    table), their parameters, and whether one of them can use an index (loan, borrower,
+    type, upload date) to narrow the candidates first."""
 
     where: list[str]
     params: list[Any]
     indexed: bool
+
+    def sql(self, t: Tables) -> list[str]:
+        return [w.format(**t) for w in self.where]
 
 
 def filters(
@@ -512,16 +508,21 @@ def filters(
         where.append("p.doc_type = ?")
         params.append(kind.value)
     if borrower is not None:
+        # The borrower's loans first (one small table), then their pages by loan number.
         text = _filter_text(borrower, "borrower")
         name, national_id = fold(text), id_key(text)
         either: list[str] = []
         if name:
-            either.append("p.borrower_key LIKE ? ESCAPE '\\'")
+            either.append("l.borrower_key LIKE ? ESCAPE '\\'")
             params.append("%" + _escape_like(name) + "%")
         if national_id:
-            either.append("p.borrower_id_key = ?")
+            either.append("l.borrower_id_key = ?")
             params.append(national_id)
-        where.append("(" + " OR ".join(either) + ")")
+        where.append(
+            "p.loan_number IN (SELECT l.loan_number FROM {search_loans} l WHERE "
+            + " OR ".join(either)
+            + ")"
+        )
     start = None if uploaded_from is None else _day(uploaded_from, "uploaded_from")
     end = None if uploaded_to is None else _day(uploaded_to, "uploaded_to")
     if start is not None and end is not None and start > end:
@@ -532,7 +533,7 @@ def filters(
     if end is not None and end < date.max:
         where.append("p.uploaded_at < ?")
         params.append(iso_utc(datetime.combine(end + timedelta(days=1), time.min, UTC)))
-    indexed = bool(where) and not (borrower is not None and len(where) == 1)
+    indexed = bool(where)
     if not include_superseded:
         where.append("p.superseded = 0")
     return Conditions(where, params, indexed)
@@ -666,14 +667,15 @@ def _ranked_sqlite(
             (match, limit, offset),
         )
         return total, rows
-    conditions = "".join(f" AND {w}" for w in where.where)
+    sql = where.sql(t)
+    conditions = "".join(f" AND {w}" for w in sql)
     params: list[Any] = [match, *where.params]
     if where.indexed:
         # Page ids follow log positions, so one loan's pages, or one period's, lie in a
         # narrow id range: FTS5 then reads only that stretch of its doclists.
         bounds = tx.one(
             f"SELECT COUNT(*) AS n, MIN(page_id) AS lo, MAX(page_id) AS hi FROM {t[PAGES]} p"
-            " WHERE " + " AND ".join(where.where),
+            " WHERE " + " AND ".join(sql),
             where.params,
         )
         if bounds is None or not bounds["n"]:
@@ -730,7 +732,7 @@ def _ranked_postgres(
     tx.execute("SET LOCAL plan_cache_mode = force_custom_plan")
     params = where.params
     base = f" FROM {t[PAGES]} p WHERE p.tsv @@ ?::tsquery" + "".join(
-        f" AND {w}" for w in where.where
+        f" AND {w}" for w in where.sql(t)
     )
     counted = tx.one(f"SELECT COUNT(*) AS n{base}", [ts, *params])
     total = int(counted["n"]) if counted else 0

@@ -168,17 +168,25 @@ def scanned_page(lines: Sequence[str] = DEED_LINES, *, dpi: int = 300, seed: int
 
 
 def scanned_document(
-    n_pages: int, *, dpi: int = 300, lines_per_page: int = 36, seed: int = 0
+    n_pages: int,
+    *,
+    dpi: int = 300,
+    lines_per_page: int = 36,
+    seed: int = 0,
+    skew: tuple[float, float] = (1.0, 3.0),
 ) -> list[Page]:
-    """Full A4 pages of shuffled deed clauses, each skewed (1-3 degrees) and degraded."""
+    """Full A4 pages of shuffled deed clauses, each skewed (``skew`` degrees, either way)
+    and degraded."""
     rng = random.Random(seed)
     pool = [*DEED_LINES, *ANNEX_LINES, *CLAUSE_LINES]
     pages = []
     for number in range(n_pages):
         lines = rng.sample(pool, min(lines_per_page, len(pool)))
         page = render_page(lines, dpi=dpi, height_in=11.69)
-        skew = rng.choice((-1, 1)) * rng.uniform(1.0, 3.0)
-        pages.append(Page(degrade(page.image, skew_deg=skew, seed=seed * 1000 + number), page.text))
+        angle = rng.choice((-1, 1)) * rng.uniform(*skew)
+        pages.append(
+            Page(degrade(page.image, skew_deg=angle, seed=seed * 1000 + number), page.text)
+        )
     return pages
 
 

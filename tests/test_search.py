@@ -48,7 +48,14 @@ from projections.query_syntax import (
     word_text,
 )
 from projections.runner import Projections
-from projections.search import TS_CONFIG, SearchView, install_text_search, search
+from projections.search import (
+    TS_CONFIG,
+    SearchView,
+    highlighter,
+    install_text_search,
+    search,
+    snippet,
+)
 from projections.store import Store, open_store
 from projections.view import Page
 
@@ -282,6 +289,24 @@ def test_queries_without_anything_to_look_for_are_refused(text: str) -> None:
     assert refused.value.status == 422
 
 
+def test_snippets_are_escaped_highlighted_and_centred_on_the_matches() -> None:
+    pattern = highlighter(
+        [(("tasacion",), False), (("préstamo", "hipotecario"), False), (("hipotec",), True)]
+    )
+    assert snippet("INFORME DE TASACIÓN: «Préstamo  HIPOTECARIO» <b>&</b>", pattern) == (
+        "INFORME DE <mark>TASACIÓN</mark>: «<mark>Préstamo HIPOTECARIO</mark>»"
+        " &lt;b&gt;&amp;&lt;/b&gt;"
+    )
+    assert snippet("hipotecas y tasaciones", pattern) == "<mark>hipotecas</mark> y tasaciones"
+    long = " ".join(["relleno"] * 100) + " la TASACIÓN consta " + " ".join(["fin"] * 100)
+    centred = snippet(long, pattern)
+    assert centred.startswith("…") and centred.endswith("…")
+    assert "<mark>TASACIÓN</mark>" in centred and len(centred) < 260
+    assert snippet("sin coincidencias", pattern) == "sin coincidencias"
+    assert snippet("İSTANBUL tasación", pattern) == "İSTANBUL <mark>tasación</mark>"
+    assert highlighter([]) is None
+
+
 def test_word_text_keeps_only_words() -> None:
     assert word_text(f"Ref.catastral:{REF_A}, «x»—y") == f"Ref catastral {REF_A} x y"
 
@@ -400,6 +425,14 @@ def test_pagination_total_and_order(corpus: Corpus) -> None:
     assert [len(p.items) for p in pages] == [2, 2, 2, 0]
     assert [h for p in pages for h in p.items] == everything.items
     assert pages[0].position == corpus.archive.head_position()
+    # The same with a filter (another plan on SQLite: one pass, total by window).
+    cr2 = corpus.find(BROAD, loan_number="CR-2", limit=50)
+    assert cr2.total == 3
+    tail = corpus.find(BROAD, loan_number="CR-2", limit=2, offset=2)
+    assert (tail.total, tail.items) == (3, cr2.items[2:])
+    beyond = corpus.find(BROAD, loan_number="CR-2", limit=2, offset=5)
+    assert (beyond.total, beyond.items) == (3, [])
+    assert corpus.find(BROAD, borrower="saez", limit=2, offset=9).total == 3
 
 
 def test_hits_carry_the_document_and_a_highlighted_escaped_snippet(

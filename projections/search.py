@@ -159,7 +159,8 @@ _PAGE_INDEXES = (
 
 class SearchView(View):
     name: ClassVar[str] = "search"
-    schema_version: ClassVar[int] = 1
+    #: 2: text in its own table; filters, and on PostgreSQL the tsvector, on the page row
+    schema_version: ClassVar[int] = 2
     table_names: ClassVar[tuple[str, ...]] = (LOANS, DOCUMENTS, PAGES, TEXT, FTS)
     handlers: ClassVar[Handlers] = handlers
     #: the tables both backends write alike; ``create`` adds the pages and text tables,

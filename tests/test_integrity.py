@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from factories import appraisal_fields, mortgage_fields, open_loan
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, assume, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
@@ -181,6 +181,8 @@ def test_flipping_any_byte_names_that_event(
     tampered: Any = bytes(blob) if column == "state" else blob.decode("utf-8", "replace")
     if tampered == original:  # a replacement character can map back; nothing was changed
         return
+    # PostgreSQL text columns cannot hold NUL at all: no attacker can store that topic.
+    assume(not (raw.backend == "postgres" and column == "topic" and "\x00" in tampered))
     raw.write(row["position"], column, tampered)
     try:
         report = archive.verify_chain()

@@ -243,24 +243,24 @@ def delinquency(
         )
         yield change("classify", lambda loan, c: loan.classify(c, "pass"), "arrears cleared")
         return False
-        yield change(
-            "change_status",
-            lambda loan, c: loan.change_status(c, "non_performing"),
-            "90 days past due",
-        )
-        yield change("classify", lambda loan, c: loan.classify(c, "substandard"), "non-performing")
-        yield change(
-            "record_collection_action",
-            lambda loan, c: loan.record_collection_action(
-                c,
-                "legal_action",
-                day + timedelta(days=95),
-                OUTCOMES["legal_action"],
-                0,
-                loan.collection_officer,
-            ),
-        )
-        return True
+    yield change(
+        "change_status",
+        lambda loan, c: loan.change_status(c, "non_performing"),
+        "90 days past due",
+    )
+    yield change("classify", lambda loan, c: loan.classify(c, "substandard"), "non-performing")
+    yield change(
+        "record_collection_action",
+        lambda loan, c: loan.record_collection_action(
+            c,
+            "legal_action",
+            day + timedelta(days=95),
+            OUTCOMES["legal_action"],
+            0,
+            loan.collection_officer,
+        ),
+    )
+    return True
 
 
 @dataclass

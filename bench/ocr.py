@@ -128,7 +128,6 @@ def accuracy(texts: list[str], pages: list[fx.Page]) -> float:
 
 
 def throughput(args: argparse.Namespace) -> int:
-    cores = pool.available_cores()
     print(f"generating {args.pages} pages ...", flush=True)
     # Feeder-scan skew (under a degree): both sides do the same work. Steeper pages are
     # deskewed by extract() and lose lines in raw Tesseract (see --preprocessing).
@@ -136,7 +135,12 @@ def throughput(args: argparse.Namespace) -> int:
     if len(pages) >= 4:
         pages[1] = fx.rotated(pages[1], 90)
         pages[2] = fx.rotated(pages[2], 180)
-    work = Path(tempfile.mkdtemp(prefix="bench-ocr-"))
+    with tempfile.TemporaryDirectory(prefix="bench-ocr-") as tmp:
+        return _throughput(args, pages, Path(tmp))
+
+
+def _throughput(args: argparse.Namespace, pages: list[fx.Page], work: Path) -> int:
+    cores = pool.available_cores()
     paths, blobs = [], []
     for i, page in enumerate(pages):
         blob = fx.png(page.image)
@@ -365,8 +369,8 @@ def measure_one(job: tuple[str, str, int, str]) -> tuple[str, str, int, float | 
     if image is None:
         return cond, variant, seed, None, False
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "page.pgm")
-        image.save(path, format="PPM")
+        path = os.path.join(tmp, "page.tif")
+        image.save(path, format="TIFF")
         config = " ".join(["--psm", "1", "--oem", "1", "--dpi", str(dpi), *extra])
         data = pytesseract.image_to_data(
             path, lang=languages, config=config, output_type=pytesseract.Output.DICT
@@ -451,8 +455,8 @@ def preprocessing(args: argparse.Namespace) -> int:
 
 def _tesseract_seconds(image: Any, extra: list[str], languages: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "page.pgm")
-        image.save(path, format="PPM")
+        path = os.path.join(tmp, "page.tif")
+        image.save(path, format="TIFF")
         start = time.perf_counter()
         subprocess.run(
             [

@@ -78,7 +78,7 @@ def ocr_page(task: PageTask) -> PageResult:
         tempfile.tempdir = workdir  # pytesseract's own temporary files go there too
         text, confidence = tesseract.ocr_image(
             prepared.image,
-            path=os.path.join(workdir, f"page-{number}-{os.getpid()}.pnm"),
+            path=os.path.join(workdir, f"page-{number}-{os.getpid()}.tif"),
             languages=settings.languages,
             psm=settings.psm,
             dpi=prepared.dpi,

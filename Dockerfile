@@ -7,8 +7,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Debian packages the service needs at run time (the OCR issue adds tesseract-ocr).
-ARG SYSTEM_PACKAGES=""
+# Debian packages the service needs at run time: Tesseract with Spanish and English for
+# the OCR workers, DejaVu fonts for the analysis PDFs.
+ARG SYSTEM_PACKAGES="tesseract-ocr tesseract-ocr-spa tesseract-ocr-eng fonts-dejavu-core"
 RUN if [ -n "$SYSTEM_PACKAGES" ]; then \
         apt-get update \
         && apt-get install -y --no-install-recommends $SYSTEM_PACKAGES \

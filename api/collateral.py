@@ -9,8 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command
-from api.encoding import jsonable
+from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command, state_response
 from api.loans import Command
 from archive.application import Principal
 from archive.domain import Role
@@ -70,7 +69,7 @@ def get_collateral(
     registration_id: UUID, archive: Archive, who: Reader, version: int | None = None
 ) -> JSONResponse:
     reg = archive.get_collateral(registration_id, version=version)
-    return JSONResponse(jsonable(reg.state()), headers={"ETag": f'"{reg.version}"'})
+    return state_response(reg.state())
 
 
 @router.post("/{registration_id}/registration", summary="Record the registry entry")

@@ -138,6 +138,11 @@ def context(
     return principal.context(reason, request.headers.get("x-correlation-id"))
 
 
+def state_response(state: dict[str, Any]) -> JSONResponse:
+    """An aggregate's state as JSON, with its version as the ETag (for If-Match)."""
+    return JSONResponse(jsonable(state), headers={"ETag": f'"{state["version"]}"'})
+
+
 IF_MATCH = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
 
 

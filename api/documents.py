@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import Archive, AuthFirstRoute, context, require, run_command
+from api.deps import Archive, AuthFirstRoute, context, require, run_command, state_response
 from api.encoding import jsonable
 from api.problems import problem
 from archive.application import Principal
@@ -112,7 +112,7 @@ def too_large(request: Request, limit: int) -> bool:
 @router.get("/{document_id}", summary="A document's metadata, supersession, hold and retention")
 def get_document(document_id: UUID, archive: Archive, who: Reader) -> JSONResponse:
     document = archive.get_document(document_id)
-    return JSONResponse(jsonable(document.state()), headers={"ETag": f'"{document.version}"'})
+    return state_response(document.state())
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -9,7 +9,16 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import Archive, AuthFirstRoute, IfMatch, Views, context, require, run_command
+from api.deps import (
+    Archive,
+    AuthFirstRoute,
+    IfMatch,
+    Views,
+    context,
+    require,
+    run_command,
+    state_response,
+)
 from api.encoding import jsonable
 from archive.application import Principal
 from archive.domain import Role
@@ -127,7 +136,7 @@ def get_loan(
     version: Annotated[int | None, Query(ge=1)] = None,
 ) -> JSONResponse:
     state = archive.loan_file(loan_number, version=version, as_of=as_of)
-    return JSONResponse(jsonable(state), headers={"ETag": f'"{state["version"]}"'})
+    return state_response(state)
 
 
 HEADER_FIELDS = {

@@ -9,8 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command
-from api.encoding import jsonable
+from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command, state_response
 from api.loans import Command
 from archive.application import Principal
 from archive.domain import Role
@@ -66,7 +65,7 @@ def get_valuation(
     valuation_id: UUID, archive: Archive, who: Reader, version: int | None = None
 ) -> JSONResponse:
     val = archive.get_valuation(valuation_id, version=version)
-    return JSONResponse(jsonable(val.state()), headers={"ETag": f'"{val.version}"'})
+    return state_response(val.state())
 
 
 @router.post("/{valuation_id}/review", summary="Record the independent internal review")

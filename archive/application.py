@@ -608,13 +608,15 @@ class ArchiveApp(Application[UUID]):
         """An aggregate as it was at ``as_of`` (None if it did not exist yet): from the
         latest snapshot taken at or before that moment, then the events after it."""
         base = None
+        after = None  # the version of a snapshot already past ``as_of``: read no further
         for snapshot in self.snapshots.get(aggregate_id, desc=True) if self.snapshots else ():
             if snapshot.state["_modified_on"] <= as_of:
                 base = snapshot
                 break
+            after = snapshot.originator_version
         aggregate = base.mutate(None) if base is not None else None
         later = self.repository.event_store.get(
-            aggregate_id, gt=base.originator_version if base is not None else None
+            aggregate_id, gt=base.originator_version if base is not None else None, lte=after
         )
         for event in later:
             if event.timestamp > as_of:

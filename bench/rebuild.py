@@ -791,22 +791,21 @@ def profile_views(
     return out
 
 
-def run_sqlite(total: int, rounds: int, seed: int, profile: bool) -> Result:
-    with tempfile.TemporaryDirectory(prefix="bench-rebuild-") as tmp:
-        settings = Settings(data_dir=Path(tmp), database_url=None, demo_data=False)
-        return measure("sqlite", settings, total, rounds, seed, profile)
-
-
-def run_postgres(total: int, rounds: int, seed: int, profile: bool) -> Result:
-    cluster = PostgresCluster()  # honours ARCHIVE_TEST_POSTGRES_URL
-    try:
-        cluster.start()
-        with tempfile.TemporaryDirectory(prefix="bench-rebuild-") as tmp:
-            url = cluster.create_database(f"bench_rebuild_{uuid.uuid4().hex[:8]}")
-            settings = Settings(data_dir=Path(tmp), database_url=url, demo_data=False)
-            return measure("postgres", settings, total, rounds, seed, profile)
-    finally:
-        cluster.stop()
+@contextmanager
+def bench_settings(backend: str, name: str) -> Iterator[Settings]:
+    """Fresh stores for one benchmark: SQLite in a temporary directory, or a new database
+    on a throwaway PostgreSQL cluster (or on ARCHIVE_TEST_POSTGRES_URL's server)."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        if backend == "sqlite":
+            yield Settings(data_dir=Path(tmp), database_url=None, demo_data=False)
+            return
+        cluster = PostgresCluster()
+        try:
+            cluster.start()
+            url = cluster.create_database(f"bench_{name}_{uuid.uuid4().hex[:8]}")
+            yield Settings(data_dir=Path(tmp), database_url=url, demo_data=False)
+        finally:
+            cluster.stop()
 
 
 def report(results: list[Result]) -> None:
@@ -888,8 +887,8 @@ def main(argv: list[str] | None = None) -> int:
     for backend in backends:
         total = args.events or DEFAULT_EVENTS[backend]
         print(f"{backend}: {total} events, {args.rounds} round(s)", flush=True)
-        runner = run_sqlite if backend == "sqlite" else run_postgres
-        results.append(runner(total, args.rounds, args.seed, args.profile))
+        with bench_settings(backend, "rebuild") as settings:
+            results.append(measure(backend, settings, total, args.rounds, args.seed, args.profile))
     report(results)
     print(f"\n(whole run {time.perf_counter() - began:.0f} s)")
     return 0  # a benchmark reports; it does not fail `make bench` on a noisy machine

@@ -30,7 +30,6 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from rebuild import (  # noqa: E402 (rebuild.py puts tests/ and the root on sys.
     INSPECTORS,
     OFFICERS,
     OUTCOMES,
-    PostgresCluster,
+    bench_settings,
     generate,
     read_raw,
 )
@@ -399,24 +398,6 @@ def measure(
         archive.close()
 
 
-def run_sqlite(total: int, samples: int, rounds: int, seed: int) -> Result:
-    with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp:
-        settings = Settings(data_dir=Path(tmp), database_url=None, demo_data=False)
-        return measure("sqlite", settings, total, samples, rounds, seed)
-
-
-def run_postgres(total: int, samples: int, rounds: int, seed: int) -> Result:
-    cluster = PostgresCluster()  # honours ARCHIVE_TEST_POSTGRES_URL
-    try:
-        cluster.start()
-        with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp:
-            url = cluster.create_database(f"bench_replay_{uuid.uuid4().hex[:8]}")
-            settings = Settings(data_dir=Path(tmp), database_url=url, demo_data=False)
-            return measure("postgres", settings, total, samples, rounds, seed)
-    finally:
-        cluster.stop()
-
-
 def report(results: list[Result]) -> None:
     print()
     print(
@@ -488,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     for backend in backends:
         total = args.events or DEFAULT_EVENTS[backend]
         print(f"{backend}: {total} background events + a {LONG_EVENTS}-event loan", flush=True)
-        runner = run_sqlite if backend == "sqlite" else run_postgres
-        results.append(runner(total, args.samples, args.rounds, args.seed))
+        with bench_settings(backend, "replay") as settings:
+            results.append(measure(backend, settings, total, args.samples, args.rounds, args.seed))
     report(results)
     print(f"\n(whole run {time.perf_counter() - began:.0f} s)")
     return 0  # a benchmark reports; it does not fail `make bench` on a noisy machine

@@ -31,7 +31,8 @@ bearer = HTTPBearer(auto_error=False, description="A token from `loan-archive us
 ALL_ROLES = frozenset(Role)
 
 
-def get_archive(request: Request) -> ArchiveApp:
+async def get_archive(request: Request) -> ArchiveApp:
+    """Async because it only reads app state: a sync dependency costs a thread-pool hop."""
     return request.app.state.archive
 
 
@@ -44,7 +45,7 @@ def fresh_views(request: Request) -> Projections:
     """The read models, brought up to the log head as of this request, so a client
     always reads its own earlier writes (bounded wait; 503 if the views lag behind)."""
     views: Projections = request.app.state.projections
-    head = get_archive(request).head_position()
+    head = request.app.state.archive.head_position()
     if not views.fresh(head, READ_WAIT_SECONDS):
         raise ViewsLaggingError(
             f"the read models have not yet reached position {head}; retry shortly"
@@ -60,17 +61,20 @@ class ViewsLaggingError(ArchiveError):
     title = "Read models lagging"
 
 
-def authenticated(
+async def authenticated(
     request: Request,
     archive: Archive,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
+    """The caller. Async so that the usual case, a principal AuthFirstRoute already
+    checked, costs no thread-pool hop; the token lookup itself reads the database and
+    so runs in the pool."""
     known = getattr(request.state, "principal", None)
-    if known is not None:  # already authenticated by AuthFirstRoute
+    if known is not None:
         return known
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise AuthenticationError("send Authorization: Bearer <token>")
-    return archive.authenticate(credentials.credentials)
+    return await run_in_threadpool(archive.authenticate, credentials.credentials)
 
 
 def admit(principal: Principal, allowed: frozenset[Role]) -> Principal:
@@ -84,8 +88,8 @@ def require(*roles: Role) -> Callable[..., Principal]:
     """A dependency that admits only callers with one of ``roles``."""
     allowed = frozenset(roles)
 
-    def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
-        return admit(principal, allowed)
+    async def check(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        return admit(principal, allowed)  # pure: async, so no thread-pool hop
 
     check.allowed_roles = allowed  # type: ignore[attr-defined]  # read by AuthFirstRoute
     return check
@@ -106,7 +110,8 @@ def _authorize(request: Request, roles: frozenset[Role]) -> Principal:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationError("send Authorization: Bearer <token>")
-    return admit(get_archive(request).authenticate(token.strip()), roles)
+    archive: ArchiveApp = request.app.state.archive
+    return admit(archive.authenticate(token.strip()), roles)
 
 
 class AuthFirstRoute(APIRoute):

@@ -3,10 +3,11 @@
 from datetime import date
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import AuthFirstRoute, Views, require
+from api.deps import AuthFirstRoute, fresh_views, require
 from api.encoding import jsonable
 from archive.application import Principal
 from archive.documents import DocumentType
@@ -15,6 +16,7 @@ from archive.exceptions import ArchiveError
 from projections import query_syntax
 from projections.query_syntax import MAX_QUERY_CHARS
 from projections.search import MAX_FILTER_CHARS, MAX_OFFSET, SearchView, search
+from projections.view import Page
 
 router = APIRouter(prefix="/api/v1/search", tags=["search"], route_class=AuthFirstRoute)
 
@@ -50,10 +52,10 @@ async def parsed_query(
 
 
 @router.get("", summary="Pages matching a full-text query, best first, with snippets")
-def search_pages(
+async def search_pages(
+    request: Request,
     query: Annotated[query_syntax.Query, Depends(parsed_query)],
     who: Searcher,
-    views: Views,
     loan_number: Annotated[str | None, Query(max_length=MAX_FILTER_CHARS)] = None,
     doc_type: DocumentType | None = None,
     borrower: Annotated[
@@ -76,21 +78,30 @@ def search_pages(
     snippet with the matches in ``<mark>`` (HTML-escaped around them) and a rank
     (higher is better; comparable within one response). ``total`` counts every hit;
     ``position`` is the log position the index is consistent with; ``query`` is the
-    query as understood."""
-    if SearchView.name not in views.views:
-        raise SearchUnavailableError("the search index is not configured on this server")
-    page = search(
-        views.store,
-        query,
-        loan_number=loan_number,
-        doc_type=None if doc_type is None else doc_type.value,
-        borrower=borrower,
-        uploaded_from=uploaded_from,
-        uploaded_to=uploaded_to,
-        include_superseded=include_superseded,
-        limit=limit,
-        offset=offset,
-    )
+    query as understood.
+
+    Async, with the blocking part (the freshness barrier, then the queries) in one
+    thread-pool hop: each sync dependency or handler would cost a hop of its own, and
+    the barrier runs only once every parameter is valid."""
+
+    def run() -> Page:
+        views = fresh_views(request)
+        if SearchView.name not in views.views:
+            raise SearchUnavailableError("the search index is not configured on this server")
+        return search(
+            views.store,
+            query,
+            loan_number=loan_number,
+            doc_type=None if doc_type is None else doc_type.value,
+            borrower=borrower,
+            uploaded_from=uploaded_from,
+            uploaded_to=uploaded_to,
+            include_superseded=include_superseded,
+            limit=limit,
+            offset=offset,
+        )
+
+    page = await run_in_threadpool(run)
     body = page.as_dict()
     body["query"] = str(query)
     return JSONResponse(jsonable(body))

@@ -523,7 +523,9 @@ def projections_status() -> None:
 def projections_rebuild(
     name: Annotated[str | None, typer.Argument(help="One view; default: all.")] = None,
 ) -> None:
-    """Replay the log into new generations of the views (readers keep being served)."""
+    """Replay the log into new generations of the views (readers keep being served).
+
+    Several views are rebuilt in one pass: the log is read and decoded once for all."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with read_models() as views:
@@ -533,14 +535,14 @@ def projections_rebuild(
                 raise CliError(f"no view named {view}; views: {', '.join(views.views)}")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, transient=True) as progress:
-            for view in names:
-                task = progress.add_task(view, total=None)
+            task = progress.add_task(", ".join(names), total=None)
 
-                def advance(position: int, head: int, task: Any = task) -> None:
-                    progress.update(task, completed=position, total=head)
+            def advance(position: int, head: int) -> None:
+                progress.update(task, completed=position, total=head)
 
-                generation = views.rebuild(view, progress=advance)
-                typer.echo(f"{view}: generation {generation} is active")
+            generations = views.rebuild_views(names, progress=advance)
+        for view, generation in generations.items():
+            typer.echo(f"{view}: generation {generation} is active")
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from projections import registry
-from projections.encoding import dumps, iso_utc, loads, plain
+from projections.encoding import dumps, iso_utc, json_text, loads, plain
 from projections.store import Row, Store, Tx
-from projections.view import MAX_LIMIT, Handlers, Page, Tables, View, check_page, insert_row
+from projections.view import MAX_LIMIT, Cache, Events, Handlers, Page, Tables, View, check_page
 
 EVENTS = "audit_events"
 FIELDS = "audit_fields"
@@ -82,22 +82,48 @@ class AuditTrailView(View):
         " summary TEXT NOT NULL,"
         " diff TEXT NOT NULL,"
         " event_hash TEXT NOT NULL)",
-        "CREATE INDEX {audit_events}_loan ON {audit_events} (loan_number, position)",
-        "CREATE INDEX {audit_events}_actor ON {audit_events} (actor_id, position)",
-        "CREATE INDEX {audit_events}_type ON {audit_events} (event_type, position)",
-        "CREATE INDEX {audit_events}_aggregate ON {audit_events} (aggregate_id, position)",
-        "CREATE INDEX {audit_events}_correlation ON {audit_events} (correlation_id)",
-        "CREATE INDEX {audit_events}_time ON {audit_events} (occurred_at)",
         "CREATE TABLE {audit_fields} ("
         " aggregate_id TEXT NOT NULL,"
         " field TEXT NOT NULL,"
         " value TEXT NOT NULL,"
         " PRIMARY KEY (aggregate_id, field))",
     )
+    indexes: ClassVar[tuple[str, ...]] = (
+        "CREATE INDEX {audit_events}_loan ON {audit_events} (loan_number, position)",
+        "CREATE INDEX {audit_events}_actor ON {audit_events} (actor_id, position)",
+        "CREATE INDEX {audit_events}_type ON {audit_events} (event_type, position)",
+        "CREATE INDEX {audit_events}_aggregate ON {audit_events} (aggregate_id, position)",
+        "CREATE INDEX {audit_events}_correlation ON {audit_events} (correlation_id)",
+        "CREATE INDEX {audit_events}_time ON {audit_events} (occurred_at)",
+    )
 
     def apply(self, tx: Tx, tables: Tables, position: int, event: Any) -> None:
-        """Every event gets a row, known type or not: the trail must be complete."""
-        record(tx, tables, position, event)
+        self.apply_batch(tx, tables, [(position, event)], {})
+
+    def apply_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
+        """Every event gets a row, known type or not: the trail must be complete.
+
+        The field values of the batch's aggregates are read in one query, kept in memory
+        while the batch is applied (across batches in a rebuild), and the rows and the
+        changed values are written with one statement each."""
+        known: dict[str, dict[str, Any]] = cache.setdefault("fields", {})
+        ids = {str(e.originator_id) for _, e in events}
+        for _, event in events:
+            registration = _lien_registration(event, type(event).__qualname__.split(".")[0])
+            if registration is not None:
+                ids.add(registration)
+        _load_fields(tx, tables, known, ids)
+        latest: dict[tuple[str, str], Any] = {}
+        rows = [record(position, event, known, latest) for position, event in events]
+        tx.executemany(INSERT_EVENT.format(table=tables[EVENTS]), rows)
+        if latest:
+            tx.executemany(
+                f"INSERT INTO {tables[FIELDS]} (aggregate_id, field, value) VALUES (?, ?, ?)"
+                " ON CONFLICT (aggregate_id, field) DO UPDATE SET value = excluded.value",
+                [(a, f, json_text(v)) for (a, f), v in latest.items()],
+            )
+        if len(known) > CACHE_AGGREGATES:
+            known.clear()
 
 
 # -- what an event changes ---------------------------------------------------------------
@@ -396,16 +422,53 @@ def summarise(event: Any, seen: dict[str, Any]) -> str:
 
 # -- apply -------------------------------------------------------------------------------------
 
+#: a rebuild's cache of field values is emptied after a batch once it knows this many
+#: aggregates
+CACHE_AGGREGATES = 200_000
+#: ids per ``IN (...)`` when reading field values
+READ_CHUNK = 500
+INSERT_EVENT = "INSERT INTO {table} ({columns}) VALUES ({marks})".format(
+    table="{table}", columns=", ".join(COLUMNS), marks=", ".join("?" for _ in COLUMNS)
+)
 
-def _fields(tx: Tx, t: Tables, aggregate_id: str) -> dict[str, Any]:
-    rows = tx.execute(
-        f"SELECT field, value FROM {t[FIELDS]} WHERE aggregate_id = ?", (aggregate_id,)
-    )
-    return {r["field"]: loads(r["value"]) for r in rows}
+
+def same(a: Any, b: Any) -> bool:
+    """Equal as JSON values: ``==``, except that true is not 1."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(v, b[k]) for k, v in a.items())
+    return bool(a == b)
+
+
+def _load_fields(tx: Tx, t: Tables, known: dict[str, dict[str, Any]], ids: set[str]) -> None:
+    """Read the last field values of the aggregates not in ``known`` (one query per
+    ``READ_CHUNK`` aggregates); an aggregate without rows gets an empty dict."""
+    missing = [i for i in ids if i not in known]
+    for aggregate_id in missing:
+        known[aggregate_id] = {}
+    for n in range(0, len(missing), READ_CHUNK):
+        chunk = missing[n : n + READ_CHUNK]
+        marks = ", ".join("?" for _ in chunk)
+        for row in tx.execute(
+            f"SELECT aggregate_id, field, value FROM {t[FIELDS]} WHERE aggregate_id IN ({marks})",
+            chunk,
+        ):
+            known[row["aggregate_id"]][row["field"]] = loads(row["value"])
+
+
+def _lien_registration(event: Any, aggregate_type: str) -> str | None:
+    """A property's lien event names the registration whose loan it concerns."""
+    if aggregate_type != "PropertyLiens" or getattr(event, "loan_number", None):
+        return None
+    registration = getattr(event, "registration_id", None)
+    return None if registration is None else str(registration)
 
 
 def _loan_number(
-    tx: Tx, t: Tables, aggregate_type: str, event: Any, seen: dict[str, Any]
+    event: Any, aggregate_type: str, seen: dict[str, Any], known: dict[str, dict[str, Any]]
 ) -> str | None:
     """The loan an event concerns: its own loan number, else its aggregate's. A property's
     lien release names the registration, whose loan is known; users, tokens and
@@ -414,54 +477,53 @@ def _loan_number(
     if own:
         return str(own)
     if aggregate_type == "PropertyLiens":
-        registration = getattr(event, "registration_id", None)
-        if registration is None:
-            return None
-        return _fields(tx, t, str(registration)).get("loan_number")
+        registration = _lien_registration(event, aggregate_type)
+        return None if registration is None else known[registration].get("loan_number")
     found = seen.get("loan_number")
     return None if found is None else str(found)
 
 
-def record(tx: Tx, t: Tables, position: int, event: Any) -> None:
+def record(
+    position: int,
+    event: Any,
+    known: dict[str, dict[str, Any]],
+    latest: dict[tuple[str, str], Any],
+) -> list[Any]:
+    """The audit row of one event (values in ``COLUMNS`` order). The aggregate's last
+    field values in ``known`` are updated, and the changed ones noted in ``latest``."""
     qualname = type(event).__qualname__
     aggregate_type = qualname.split(".")[0]
     aggregate_id = str(event.originator_id)
-    seen = _fields(tx, t, aggregate_id)
+    seen = known[aggregate_id]
     diff: dict[str, dict[str, Any]] = {}
-    latest: list[tuple[str, str, str]] = []
+    changed: dict[str, Any] = {}
     for name, (before, after) in state_changes(event).items():
         if before is _UNSEEN:
             before = seen.get(name)
-        if dumps(before) != dumps(after):
+        if not same(before, after):
             diff[name] = {"before": before, "after": after}
-        if name not in seen or dumps(seen[name]) != dumps(after):
-            latest.append((aggregate_id, name, dumps(after)))
-    insert_row(
-        tx,
-        t[EVENTS],
-        {
-            "position": position,
-            "occurred_at": iso_utc(event.timestamp),
-            "actor_id": getattr(event, "actor_id", None) or "unknown",
-            "actor_role": getattr(event, "actor_role", None) or "unknown",
-            "aggregate_type": aggregate_type,
-            "aggregate_id": aggregate_id,
-            "aggregate_version": event.originator_version,
-            "loan_number": _loan_number(tx, t, aggregate_type, event, seen),
-            "event_type": qualname,
-            "reason": getattr(event, "reason", None),
-            "correlation_id": getattr(event, "correlation_id", None) or "",
-            "summary": summarise(event, seen),
-            "diff": dumps(diff),
-            "event_hash": getattr(event, "event_hash", None) or "",
-        },
-    )
-    if latest:
-        tx.executemany(
-            f"INSERT INTO {t[FIELDS]} (aggregate_id, field, value) VALUES (?, ?, ?)"
-            " ON CONFLICT (aggregate_id, field) DO UPDATE SET value = excluded.value",
-            latest,
-        )
+        if name not in seen or not same(seen[name], after):
+            changed[name] = after
+    row = [
+        position,
+        iso_utc(event.timestamp),
+        getattr(event, "actor_id", None) or "unknown",
+        getattr(event, "actor_role", None) or "unknown",
+        aggregate_type,
+        aggregate_id,
+        event.originator_version,
+        _loan_number(event, aggregate_type, seen, known),
+        qualname,
+        getattr(event, "reason", None),
+        getattr(event, "correlation_id", None) or "",
+        summarise(event, seen),  # says what the aggregate was before this event
+        json_text(diff),
+        getattr(event, "event_hash", None) or "",
+    ]
+    seen.update(changed)
+    for name, value in changed.items():
+        latest[aggregate_id, name] = value
+    return row
 
 
 # -- reading ---------------------------------------------------------------------------------

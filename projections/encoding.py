@@ -47,7 +47,12 @@ def plain(value: Any) -> Any:
 
 def dumps(value: Any) -> str:
     """Canonical JSON text (sorted keys), so equal values give equal text."""
-    return json.dumps(plain(value), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return json_text(plain(value))
+
+
+def json_text(value: Any) -> str:
+    """``dumps`` of a value that is already plain (skips the walk through ``plain``)."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def loads(text: str | None) -> Any:

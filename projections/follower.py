@@ -8,8 +8,9 @@ together, so every event is applied exactly once and a restarted follower resume
 where the last commit left it. SQLite is polled; PostgreSQL is polled too, woken
 early by the NOTIFY the event store sends on every insert.
 
-``rebuild`` replays the whole log into a new generation while readers keep reading
-the active one, then switches in one transaction (see ``projections.registry``).
+``rebuild_views`` replays the whole log, read and decoded once, into a new generation
+of each view while readers keep reading the active ones, then switches each in one
+transaction (see ``projections.registry``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
@@ -26,7 +27,7 @@ from eventsourcing.persistence import ApplicationRecorder, Mapper
 
 from projections import registry
 from projections.store import Store, Tx
-from projections.view import View
+from projections.view import Cache, Events, View
 
 log = logging.getLogger("projections")
 
@@ -126,11 +127,43 @@ def wait_for(store: Store, view_name: str, target: int, timeout: float) -> bool:
         pause = min(pause * 2, 0.1)
 
 
+def decode(source: EventSource, start: int, limit: int, stop: int | None = None) -> Events:
+    """The next batch of the log after ``start``, decoded: (position, event) pairs."""
+    notes = source.recorder.select_notifications(start, limit, stop=stop, inclusive_of_start=False)
+    return [(note.id, source.mapper.to_domain_event(note)) for note in notes]
+
+
+def apply_batch(tx: Tx, view: View, generation: int, events: Events, cache: Cache) -> None:
+    """Apply decoded events to a generation and move its position past them, in ``tx``:
+    rows and tracking commit together."""
+    view.apply_batch(tx, view.tables(generation), events, cache)
+    registry.advance(tx, view.name, generation, events[-1][0])
+
+
+def advance(
+    tx: Tx,
+    view: View,
+    source: EventSource,
+    generation: int,
+    batch_size: int,
+    cache: Cache,
+    stop: int | None = None,
+) -> int:
+    """Apply the batch after the generation's locked position; return how many events."""
+    start = registry.lock_position(tx, view.name, generation)
+    if stop is not None and start >= stop:
+        return 0
+    events = decode(source, start, batch_size, stop)
+    if events:
+        apply_batch(tx, view, generation, events, cache)
+    return len(events)
+
+
 class Follower:
     """Keeps one view up to date with the log.
 
     ``generation=None`` follows whatever generation is active (the live follower);
-    a fixed generation is how ``rebuild`` fills a new one.
+    a fixed generation follows that one only.
     """
 
     def __init__(
@@ -156,23 +189,6 @@ class Follower:
 
     # -- applying --------------------------------------------------------------------------
 
-    def _advance(self, tx: Tx, generation: int, stop: int | None = None) -> int:
-        """Apply one batch to ``generation`` inside ``tx``; return how many events."""
-        start = registry.lock_position(tx, self.view.name, generation)
-        if stop is not None and start >= stop:
-            return 0
-        notes = self.recorder.select_notifications(
-            start, self.batch_size, stop=stop, inclusive_of_start=False
-        )
-        if not notes:
-            return 0
-        tables = self.view.tables(generation)
-        for note in notes:
-            event = self.mapper.to_domain_event(note)
-            self.view.apply(tx, tables, note.id, event)
-        registry.advance(tx, self.view.name, generation, notes[-1].id)
-        return len(notes)
-
     def run_once(self) -> int:
         """Apply the next batch, rows and position in one transaction; return its size."""
         with self.store.transaction() as tx:
@@ -181,7 +197,8 @@ class Follower:
                 if self.generation is not None
                 else registry.lock_active(tx, self.view.name)
             )
-            return self._advance(tx, generation)
+            # A fresh cache per batch: another follower may write between our batches.
+            return advance(tx, self.view, self, generation, self.batch_size, {})
 
     def catch_up(self) -> int:
         """Apply everything up to the head as it is now; return how many events."""
@@ -244,6 +261,64 @@ class Follower:
         return wait_for(self.store, self.view.name, target, timeout)
 
 
+def rebuild_views(
+    views: Sequence[View],
+    source: EventSource,
+    store: Store,
+    *,
+    batch_size: int = 1000,
+    before_switch: Callable[[View, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
+    """Replay the log from position 0 into a new generation of each view, in one pass,
+    then make each new generation the active one. Returns the new generations by view.
+
+    Each batch is read and decoded once and applied to every view in one transaction,
+    with every view's position: a crash loses the batch whole. The new generations
+    have no other writer until their switch, so each view keeps a cache across batches
+    (``View.apply_batch``), and their secondary indexes are built after the bulk load.
+
+    Readers keep reading the active generations (and the live followers keep them up to
+    date) until the switch. A view's switch locks its registry row, which waits for the
+    live follower's batch, applies what the new generation still lacks up to the head,
+    and activates it, all in one transaction: readers never see a generation behind the
+    one they saw before. The old generation is retired and dropped at the next rebuild.
+    ``progress(position, head)`` is called after each batch.
+    """
+    if len({v.name for v in views}) != len(views):
+        raise ValueError("each view can be rebuilt once per pass")
+    generations = {v.name: registry.begin_generation(store, v) for v in views}
+    caches: dict[str, Cache] = {v.name: {} for v in views}
+    position = 0
+    while events := decode(source, position, batch_size):
+        with store.transaction() as tx:
+            for view in views:
+                generation = generations[view.name]
+                if registry.lock_position(tx, view.name, generation) != position:
+                    raise registry.GenerationGoneError(
+                        f"generation {generation} of view {view.name} has another writer"
+                    )
+                apply_batch(tx, view, generation, events, caches[view.name])
+        position = events[-1][0]
+        if progress is not None:
+            progress(position, head_position(source.recorder))
+    for view in views:
+        generation = generations[view.name]
+        with store.transaction() as tx:
+            view.create_indexes(tx, generation)
+        if before_switch is not None:
+            before_switch(view, generation)
+        with store.transaction() as tx:
+            registry.lock_active(tx, view.name)
+            head = head_position(source.recorder)
+            cache = caches[view.name]
+            while advance(tx, view, source, generation, batch_size, cache, stop=head):
+                pass
+            registry.activate(tx, view.name, generation)
+        log.info("view %s: generation %d is active", view.name, generation)
+    return generations
+
+
 def rebuild(
     view: View,
     source: EventSource,
@@ -253,27 +328,12 @@ def rebuild(
     before_switch: Callable[[int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
-    """Replay the log from position 0 into a new generation, then make it the active one.
-
-    Readers keep reading the active generation (and the live follower keeps it up to
-    date) until the switch. The switch locks the registry row, which waits for the live
-    follower's batch, applies what the new generation still lacks up to the head, and
-    activates it, all in one transaction: readers never see a generation behind the
-    one they saw before. The old generation is retired and dropped at the next rebuild.
-    ``progress(position, head)`` is called after each batch. Returns the new generation.
-    """
-    generation = registry.begin_generation(store, view)
-    builder = Follower(view, source, store, batch_size=batch_size, generation=generation)
-    while builder.run_once():
-        if progress is not None:
-            progress(builder.position(), head_position(builder.recorder))
-    if before_switch is not None:
-        before_switch(generation)
-    with store.transaction() as tx:
-        registry.lock_active(tx, view.name)
-        head = head_position(builder.recorder)
-        while builder._advance(tx, generation, stop=head):
-            pass
-        registry.activate(tx, view.name, generation)
-    log.info("view %s: generation %d is active", view.name, generation)
-    return generation
+    """``rebuild_views`` of one view; returns its new generation."""
+    return rebuild_views(
+        [view],
+        source,
+        store,
+        batch_size=batch_size,
+        before_switch=None if before_switch is None else lambda _, g: before_switch(g),
+        progress=progress,
+    )[view.name]

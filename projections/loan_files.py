@@ -9,36 +9,30 @@ as ISO text, lists and objects as JSON text.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, ClassVar
 
+from archive.documents import ExtractionStatus
 from projections import registry
-from projections.encoding import dumps, iso_utc, loads, opt, plain
+from projections.encoding import dumps, iso_utc, loads, opt
 from projections.store import Row, Store, Tx
-from projections.view import (
-    Handlers,
-    Page,
-    Tables,
-    View,
-    check_page,
-    fetch_row,
-    insert_row,
-    update_row,
-)
+from projections.view import Cache, Events, Handlers, Page, Tables, View, check_page, fetch_row
 
 LOANS = "loan_files"
 COLLATERAL = "loan_collateral"
 VALUATIONS = "loan_valuations"
 DOCUMENTS = "loan_documents"
 
-handlers = Handlers()
+handlers: Handlers[RowHandler] = Handlers()
 
 
 class LoanFilesView(View):
     name: ClassVar[str] = "loan_files"
-    schema_version: ClassVar[int] = 1
+    #: 2: documents' extraction_status (pending, running, done, failed)
+    schema_version: ClassVar[int] = 2
     table_names: ClassVar[tuple[str, ...]] = (LOANS, COLLATERAL, VALUATIONS, DOCUMENTS)
-    handlers: ClassVar[Handlers] = handlers
+    handlers: ClassVar[Handlers[RowHandler]] = handlers  # type: ignore[assignment]
     ddl: ClassVar[tuple[str, ...]] = (
         "CREATE TABLE {loan_files} ("
         " loan_id TEXT PRIMARY KEY,"
@@ -73,18 +67,6 @@ class LoanFilesView(View):
         " opened_at TEXT NOT NULL,"
         " updated_at TEXT NOT NULL,"
         " position BIGINT NOT NULL)",
-        *(
-            f"CREATE INDEX {{loan_files}}_{column} ON {{loan_files}} ({column}, loan_number)"
-            for column in (
-                "status",
-                "classification",
-                "recovery_category",
-                "loan_officer",
-                "collection_officer",
-                "branch",
-                "product",
-            )
-        ),
         "CREATE TABLE {loan_collateral} ("
         " registration_id TEXT PRIMARY KEY,"
         " loan_number TEXT NOT NULL,"
@@ -104,7 +86,6 @@ class LoanFilesView(View):
         " repeated_mortgage TEXT,"
         " filed_at TEXT NOT NULL,"
         " updated_at TEXT NOT NULL)",
-        "CREATE INDEX {loan_collateral}_loan ON {loan_collateral} (loan_number)",
         "CREATE TABLE {loan_valuations} ("
         " valuation_id TEXT PRIMARY KEY,"
         " loan_number TEXT NOT NULL,"
@@ -126,7 +107,6 @@ class LoanFilesView(View):
         " superseded_by TEXT,"
         " appraised_at TEXT NOT NULL,"
         " updated_at TEXT NOT NULL)",
-        "CREATE INDEX {loan_valuations}_loan ON {loan_valuations} (loan_number)",
         "CREATE TABLE {loan_documents} ("
         " document_id TEXT PRIMARY KEY,"
         " loan_number TEXT NOT NULL,"
@@ -152,8 +132,144 @@ class LoanFilesView(View):
         " fixity_checked_at TEXT,"
         " extraction_status TEXT,"
         " updated_at TEXT NOT NULL)",
+    )
+    indexes: ClassVar[tuple[str, ...]] = (
+        *(
+            f"CREATE INDEX {{loan_files}}_{column} ON {{loan_files}} ({column}, loan_number)"
+            for column in (
+                "status",
+                "classification",
+                "recovery_category",
+                "loan_officer",
+                "collection_officer",
+                "branch",
+                "product",
+            )
+        ),
+        "CREATE INDEX {loan_collateral}_loan ON {loan_collateral} (loan_number)",
+        "CREATE INDEX {loan_valuations}_loan ON {loan_valuations} (loan_number)",
         "CREATE INDEX {loan_documents}_loan ON {loan_documents} (loan_number)",
     )
+
+    def apply(self, tx: Tx, tables: Tables, position: int, event: Any) -> None:
+        self.apply_batch(tx, tables, [(position, event)], {})
+
+    def apply_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
+        """Read the rows the batch changes (one query per table), apply the events to
+        them in memory, write each changed row once."""
+        rows = Rows(tx, tables, cache)
+        wanted: dict[str, set[str]] = {table: set() for table in KEYS}
+        for _, event in events:
+            qualname = type(event).__qualname__
+            if qualname in self.handlers and qualname not in CREATES:
+                wanted[TABLE_OF[qualname.split(".")[0]]].add(str(event.originator_id))
+        for table, keys in wanted.items():
+            rows.load(table, keys)
+        for position, event in events:
+            handler = self.handlers.get(type(event).__qualname__)
+            if handler is not None:
+                handler(rows, position, event)
+        rows.flush()
+
+
+# -- the rows a batch touches ----------------------------------------------------------------
+
+KEYS = {
+    LOANS: "loan_id",
+    COLLATERAL: "registration_id",
+    VALUATIONS: "valuation_id",
+    DOCUMENTS: "document_id",
+}
+#: which table an aggregate's events change
+TABLE_OF = {
+    "LoanFile": LOANS,
+    "MortgageRegistration": COLLATERAL,
+    "Valuation": VALUATIONS,
+    "Document": DOCUMENTS,
+}
+#: the events that insert their aggregate's row (nothing to read first)
+CREATES = frozenset(
+    {"LoanFile.Opened", "MortgageRegistration.Filed", "Valuation.Appraised", "Document.Registered"}
+)
+#: a rebuild's cache is emptied after a batch once it holds more rows than this
+CACHE_ROWS = 100_000
+#: ids per ``IN (...)`` when reading rows
+READ_CHUNK = 500
+
+
+class Rows:
+    """The rows one batch changes, held in memory: each read at most once (one query per
+    table for the whole batch) and written once when the batch ends, however many of
+    the batch's events change it. With a cache kept across batches (a rebuild, the only
+    writer of its generation), rows are read back from the database only after an
+    eviction."""
+
+    def __init__(self, tx: Tx, tables: Tables, cache: Cache) -> None:
+        self.tx = tx
+        self.t = tables
+        self.rows: dict[str, dict[str, Row]] = cache.setdefault("rows", {n: {} for n in KEYS})
+        self.new: dict[str, dict[str, None]] = {n: {} for n in KEYS}  # insertion-ordered sets
+        self.dirty: dict[str, dict[str, None]] = {n: {} for n in KEYS}
+
+    def load(self, table: str, keys: set[str]) -> None:
+        cached = self.rows[table]
+        missing = [k for k in keys if k not in cached]
+        for n in range(0, len(missing), READ_CHUNK):
+            chunk = missing[n : n + READ_CHUNK]
+            marks = ", ".join("?" for _ in chunk)
+            for row in self.tx.execute(
+                f"SELECT * FROM {self.t[table]} WHERE {KEYS[table]} IN ({marks})", chunk
+            ):
+                cached[row[KEYS[table]]] = row
+
+    def get(self, table: str, key: str) -> Row:
+        row = self.rows[table].get(key)
+        if row is None:  # pragma: no cover - an aggregate's events all follow its creation
+            raise LookupError(f"{table} has no row {key}")
+        return row
+
+    def insert(self, table: str, row: Row) -> None:
+        key = row[KEYS[table]]
+        self.rows[table][key] = row
+        self.new[table][key] = None
+
+    def update(self, table: str, key: str, changes: dict[str, Any]) -> None:
+        self.get(table, key).update(changes)
+        if key not in self.new[table]:
+            self.dirty[table][key] = None
+
+    def flush(self) -> None:
+        for table, key in KEYS.items():
+            rows = self.rows[table]
+            if self.new[table]:
+                added = [rows[k] for k in self.new[table]]
+                columns = list(added[0])
+                marks = ", ".join("?" for _ in columns)
+                self.tx.executemany(
+                    f"INSERT INTO {self.t[table]} ({', '.join(columns)}) VALUES ({marks})",
+                    [[row[c] for c in columns] for row in added],
+                )
+            if self.dirty[table]:
+                changed = [rows[k] for k in self.dirty[table]]
+                columns = [c for c in changed[0] if c != key]
+                assignments = ", ".join(f"{c} = ?" for c in columns)
+                self.tx.executemany(
+                    f"UPDATE {self.t[table]} SET {assignments} WHERE {key} = ?",
+                    [[*(row[c] for c in columns), row[key]] for row in changed],
+                )
+        if sum(len(r) for r in self.rows.values()) > CACHE_ROWS:
+            for r in self.rows.values():
+                r.clear()
+
+
+RowHandler = Callable[[Rows, int, Any], None]
+
+
+def _append(row: Row, column: str, item: dict[str, Any]) -> str:
+    """The column's JSON list with ``item`` appended, without re-encoding the old items:
+    the same text as ``dumps`` of the whole list, since canonical JSON has no spaces."""
+    text, entry = row[column], dumps(item)
+    return f"[{entry}]" if text == "[]" else f"{text[:-1]},{entry}]"
 
 
 # -- apply: LoanFile ----------------------------------------------------------------------
@@ -167,28 +283,18 @@ def _touch(event: Any, position: int) -> dict[str, Any]:
     }
 
 
-def _update_loan(tx: Tx, t: Tables, position: int, event: Any, **changes: Any) -> None:
-    update_row(
-        tx, t[LOANS], "loan_id", str(event.originator_id), {**changes, **_touch(event, position)}
-    )
+def _update_loan(rows: Rows, position: int, event: Any, **changes: Any) -> None:
+    rows.update(LOANS, str(event.originator_id), {**changes, **_touch(event, position)})
 
 
-def _loan(tx: Tx, t: Tables, event: Any) -> Row:
-    row = fetch_row(tx, t[LOANS], "loan_id", str(event.originator_id))
-    if row is None:  # pragma: no cover - a loan's events all follow its Opened event
-        raise LookupError(f"loan {event.originator_id} has no row")
-    return row
-
-
-def _append(row: Row, column: str, item: dict[str, Any]) -> str:
-    return dumps([*loads(row[column]), plain(item)])
+def _loan(rows: Rows, event: Any) -> Row:
+    return rows.get(LOANS, str(event.originator_id))
 
 
 @handlers.on("LoanFile.Opened")
-def _opened(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    insert_row(
-        tx,
-        t[LOANS],
+def _opened(rows: Rows, position: int, e: Any) -> None:
+    rows.insert(
+        LOANS,
         {
             "loan_id": str(e.originator_id),
             "loan_number": e.loan_number,
@@ -225,21 +331,20 @@ def _opened(tx: Tx, t: Tables, position: int, e: Any) -> None:
 
 
 @handlers.on("LoanFile.StatusChanged")
-def _status_changed(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    _update_loan(tx, t, position, e, status=e.new_status)
+def _status_changed(rows: Rows, position: int, e: Any) -> None:
+    _update_loan(rows, position, e, status=e.new_status)
 
 
 @handlers.on("LoanFile.Classified")
-def _classified(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    _update_loan(tx, t, position, e, classification=e.new_classification)
+def _classified(rows: Rows, position: int, e: Any) -> None:
+    _update_loan(rows, position, e, classification=e.new_classification)
 
 
 OFFICER_COLUMNS = {"loan": "loan_officer", "collection": "collection_officer"}
 
 
 @handlers.on("LoanFile.OfficerAssigned")
-def _officer_assigned(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    row = _loan(tx, t, e)
+def _officer_assigned(rows: Rows, position: int, e: Any) -> None:
     entry = {
         "duty": e.duty,
         "officer": e.officer,
@@ -248,31 +353,29 @@ def _officer_assigned(tx: Tx, t: Tables, position: int, e: Any) -> None:
         "assigned_by": e.actor_id,
     }
     _update_loan(
-        tx,
-        t,
+        rows,
         position,
         e,
         **{OFFICER_COLUMNS[e.duty]: e.officer},
-        officer_history=_append(row, "officer_history", entry),
+        officer_history=_append(_loan(rows, e), "officer_history", entry),
     )
 
 
 @handlers.on("LoanFile.InvestigationRecorded")
-def _investigation(tx: Tx, t: Tables, position: int, e: Any) -> None:
+def _investigation(rows: Rows, position: int, e: Any) -> None:
     investigation = {
         "checklist": e.checklist,
         "notes": e.notes,
         "investigated_on": e.investigated_on,
         "investigated_by": e.actor_id,
     }
-    _update_loan(tx, t, position, e, investigation=dumps(investigation))
+    _update_loan(rows, position, e, investigation=dumps(investigation))
 
 
 @handlers.on("LoanFile.RecoveryCategorised")
-def _categorised(tx: Tx, t: Tables, position: int, e: Any) -> None:
+def _categorised(rows: Rows, position: int, e: Any) -> None:
     _update_loan(
-        tx,
-        t,
+        rows,
         position,
         e,
         recovery_category=e.category,
@@ -281,14 +384,14 @@ def _categorised(tx: Tx, t: Tables, position: int, e: Any) -> None:
 
 
 @handlers.on("LoanFile.RecoveryPlanSet")
-def _plan(tx: Tx, t: Tables, position: int, e: Any) -> None:
+def _plan(rows: Rows, position: int, e: Any) -> None:
     plan = {
         "summary": e.summary,
         "target_date": e.target_date,
         "target_amount": e.target_amount,
         "set_by": e.actor_id,
     }
-    _update_loan(tx, t, position, e, recovery_plan=dumps(plan))
+    _update_loan(rows, position, e, recovery_plan=dumps(plan))
 
 
 def _outstanding(row: Row, repaid: Decimal, recovered: Decimal) -> str:
@@ -296,8 +399,8 @@ def _outstanding(row: Row, repaid: Decimal, recovered: Decimal) -> str:
 
 
 @handlers.on("LoanFile.CollectionActionRecorded")
-def _collection_action(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    row = _loan(tx, t, e)
+def _collection_action(rows: Rows, position: int, e: Any) -> None:
+    row = _loan(rows, e)
     action = {
         "kind": e.kind,
         "action_date": e.action_date,
@@ -307,8 +410,7 @@ def _collection_action(tx: Tx, t: Tables, position: int, e: Any) -> None:
     }
     recovered = Decimal(row["recovered"]) + e.amount_recovered
     _update_loan(
-        tx,
-        t,
+        rows,
         position,
         e,
         collection_actions=_append(row, "collection_actions", action),
@@ -318,12 +420,11 @@ def _collection_action(tx: Tx, t: Tables, position: int, e: Any) -> None:
 
 
 @handlers.on("LoanFile.RepaymentRecorded")
-def _repayment(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    row = _loan(tx, t, e)
+def _repayment(rows: Rows, position: int, e: Any) -> None:
+    row = _loan(rows, e)
     repaid = Decimal(row["repaid"]) + e.amount
     _update_loan(
-        tx,
-        t,
+        rows,
         position,
         e,
         repayments=_append(row, "repayments", {"amount": e.amount, "paid_on": e.paid_on}),
@@ -333,36 +434,37 @@ def _repayment(tx: Tx, t: Tables, position: int, e: Any) -> None:
 
 
 @handlers.on("LoanFile.InspectionRecorded")
-def _inspection(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    row = _loan(tx, t, e)
+def _inspection(rows: Rows, position: int, e: Any) -> None:
     inspection = {
         "kind": e.kind,
         "inspected_on": e.inspected_on,
         "inspector": e.inspector,
         "findings": e.findings,
     }
-    _update_loan(tx, t, position, e, inspections=_append(row, "inspections", inspection))
+    _update_loan(rows, position, e, inspections=_append(_loan(rows, e), "inspections", inspection))
 
 
 @handlers.on("LoanFile.CollateralLinked", "LoanFile.ValuationLinked")
-def _linked(tx: Tx, t: Tables, position: int, e: Any) -> None:
+def _linked(rows: Rows, position: int, e: Any) -> None:
     # The collateral and valuation rows carry the loan number themselves.
-    _update_loan(tx, t, position, e)
+    _update_loan(rows, position, e)
 
 
 # -- apply: MortgageRegistration -------------------------------------------------------------
 
 
-def _update_collateral(tx: Tx, t: Tables, e: Any, **changes: Any) -> None:
-    changes.update(version=e.originator_version, updated_at=iso_utc(e.timestamp))
-    update_row(tx, t[COLLATERAL], "registration_id", str(e.originator_id), changes)
+def _stamp(e: Any, changes: dict[str, Any]) -> dict[str, Any]:
+    return {**changes, "version": e.originator_version, "updated_at": iso_utc(e.timestamp)}
+
+
+def _update_collateral(rows: Rows, e: Any, **changes: Any) -> None:
+    rows.update(COLLATERAL, str(e.originator_id), _stamp(e, changes))
 
 
 @handlers.on("MortgageRegistration.Filed")
-def _filed(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    insert_row(
-        tx,
-        t[COLLATERAL],
+def _filed(rows: Rows, position: int, e: Any) -> None:
+    rows.insert(
+        COLLATERAL,
         {
             "registration_id": str(e.originator_id),
             "loan_number": e.loan_number,
@@ -387,16 +489,15 @@ def _filed(tx: Tx, t: Tables, position: int, e: Any) -> None:
 
 
 @handlers.on("MortgageRegistration.RepeatedMortgageFlagged")
-def _repeated(tx: Tx, t: Tables, position: int, e: Any) -> None:
+def _repeated(rows: Rows, position: int, e: Any) -> None:
     flag = {"other_liens": e.other_liens, "flagged_at": e.timestamp}
-    _update_collateral(tx, t, e, repeated_mortgage=dumps(flag))
+    _update_collateral(rows, e, repeated_mortgage=dumps(flag))
 
 
 @handlers.on("MortgageRegistration.Registered")
-def _registered(tx: Tx, t: Tables, position: int, e: Any) -> None:
+def _registered(rows: Rows, position: int, e: Any) -> None:
     _update_collateral(
-        tx,
-        t,
+        rows,
         e,
         status="registered",
         registry_entry=e.registry_entry,
@@ -405,36 +506,33 @@ def _registered(tx: Tx, t: Tables, position: int, e: Any) -> None:
 
 
 @handlers.on("MortgageRegistration.SiteVerified")
-def _site_verified(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    row = fetch_row(tx, t[COLLATERAL], "registration_id", str(e.originator_id))
-    assert row is not None
+def _site_verified(rows: Rows, position: int, e: Any) -> None:
+    row = rows.get(COLLATERAL, str(e.originator_id))
     visit = {
         "officer": e.officer,
         "verified_on": e.verified_on,
         "findings": e.findings,
         "defects": e.defects,
     }
-    _update_collateral(tx, t, e, site_verifications=_append(row, "site_verifications", visit))
+    _update_collateral(rows, e, site_verifications=_append(row, "site_verifications", visit))
 
 
 @handlers.on("MortgageRegistration.Released")
-def _released(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    _update_collateral(tx, t, e, status="released", released_on=e.released_on.isoformat())
+def _released(rows: Rows, position: int, e: Any) -> None:
+    _update_collateral(rows, e, status="released", released_on=e.released_on.isoformat())
 
 
 # -- apply: Valuation ----------------------------------------------------------------------
 
 
-def _update_valuation(tx: Tx, t: Tables, e: Any, **changes: Any) -> None:
-    changes.update(version=e.originator_version, updated_at=iso_utc(e.timestamp))
-    update_row(tx, t[VALUATIONS], "valuation_id", str(e.originator_id), changes)
+def _update_valuation(rows: Rows, e: Any, **changes: Any) -> None:
+    rows.update(VALUATIONS, str(e.originator_id), _stamp(e, changes))
 
 
 @handlers.on("Valuation.Appraised")
-def _appraised(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    insert_row(
-        tx,
-        t[VALUATIONS],
+def _appraised(rows: Rows, position: int, e: Any) -> None:
+    rows.insert(
+        VALUATIONS,
         {
             "valuation_id": str(e.originator_id),
             "loan_number": e.loan_number,
@@ -461,10 +559,9 @@ def _appraised(tx: Tx, t: Tables, position: int, e: Any) -> None:
 
 
 @handlers.on("Valuation.Reviewed")
-def _reviewed(tx: Tx, t: Tables, position: int, e: Any) -> None:
+def _reviewed(rows: Rows, position: int, e: Any) -> None:
     _update_valuation(
-        tx,
-        t,
+        rows,
         e,
         reviewer=e.reviewer,
         reviewed_value=str(e.reviewed_value),
@@ -474,38 +571,36 @@ def _reviewed(tx: Tx, t: Tables, position: int, e: Any) -> None:
 
 
 @handlers.on("Valuation.OvervaluationFlagged")
-def _overvalued(tx: Tx, t: Tables, position: int, e: Any) -> None:
+def _overvalued(rows: Rows, position: int, e: Any) -> None:
     flag = {
         "excess_ratio": e.excess_ratio,
         "margin": e.margin,
         "cut": e.appraised_value - e.reviewed_value,
     }
-    _update_valuation(tx, t, e, overvalued=1, overvaluation=dumps(flag))
+    _update_valuation(rows, e, overvalued=1, overvaluation=dumps(flag))
 
 
 @handlers.on("Valuation.RevaluationScheduled")
-def _revaluation(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    _update_valuation(tx, t, e, revaluation_due=e.revaluation_due.isoformat())
+def _revaluation(rows: Rows, position: int, e: Any) -> None:
+    _update_valuation(rows, e, revaluation_due=e.revaluation_due.isoformat())
 
 
 @handlers.on("Valuation.Superseded")
-def _valuation_superseded(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    _update_valuation(tx, t, e, superseded_by=str(e.superseded_by))
+def _valuation_superseded(rows: Rows, position: int, e: Any) -> None:
+    _update_valuation(rows, e, superseded_by=str(e.superseded_by))
 
 
 # -- apply: Document -------------------------------------------------------------------------
 
 
-def _update_document(tx: Tx, t: Tables, e: Any, **changes: Any) -> None:
-    changes.update(version=e.originator_version, updated_at=iso_utc(e.timestamp))
-    update_row(tx, t[DOCUMENTS], "document_id", str(e.originator_id), changes)
+def _update_document(rows: Rows, e: Any, **changes: Any) -> None:
+    rows.update(DOCUMENTS, str(e.originator_id), _stamp(e, changes))
 
 
 @handlers.on("Document.Registered")
-def _document_registered(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    insert_row(
-        tx,
-        t[DOCUMENTS],
+def _document_registered(rows: Rows, position: int, e: Any) -> None:
+    rows.insert(
+        DOCUMENTS,
         {
             "document_id": str(e.originator_id),
             "loan_number": e.loan_number,
@@ -529,39 +624,53 @@ def _document_registered(tx: Tx, t: Tables, position: int, e: Any) -> None:
             "last_downloaded_at": None,
             "fixity_status": None,
             "fixity_checked_at": None,
-            "extraction_status": None,
+            "extraction_status": ExtractionStatus.PENDING.value,
             "updated_at": iso_utc(e.timestamp),
         },
     )
 
 
 @handlers.on("Document.Superseded")
-def _document_superseded(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    _update_document(tx, t, e, superseded_by=str(e.superseded_by))
+def _document_superseded(rows: Rows, position: int, e: Any) -> None:
+    _update_document(rows, e, superseded_by=str(e.superseded_by))
 
 
 @handlers.on("Document.Downloaded")
-def _downloaded(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    row = fetch_row(tx, t[DOCUMENTS], "document_id", str(e.originator_id))
-    assert row is not None
+def _downloaded(rows: Rows, position: int, e: Any) -> None:
+    row = rows.get(DOCUMENTS, str(e.originator_id))
     _update_document(
-        tx, t, e, downloads=int(row["downloads"]) + 1, last_downloaded_at=iso_utc(e.timestamp)
+        rows, e, downloads=int(row["downloads"]) + 1, last_downloaded_at=iso_utc(e.timestamp)
     )
 
 
 @handlers.on("Document.LegalHoldPlaced")
-def _hold_placed(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    _update_document(tx, t, e, legal_hold=1)
+def _hold_placed(rows: Rows, position: int, e: Any) -> None:
+    _update_document(rows, e, legal_hold=1)
 
 
 @handlers.on("Document.LegalHoldReleased")
-def _hold_released(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    _update_document(tx, t, e, legal_hold=0)
+def _hold_released(rows: Rows, position: int, e: Any) -> None:
+    _update_document(rows, e, legal_hold=0)
 
 
 @handlers.on("Document.FixityChecked")
-def _fixity(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    _update_document(tx, t, e, fixity_status=e.outcome, fixity_checked_at=iso_utc(e.timestamp))
+def _fixity(rows: Rows, position: int, e: Any) -> None:
+    _update_document(rows, e, fixity_status=e.outcome, fixity_checked_at=iso_utc(e.timestamp))
+
+
+#: the extraction status each event leaves, named as ``Document.extraction["status"]``
+#: (what ``GET /api/v1/documents/{id}`` shows)
+EXTRACTION = {
+    "Document.ExtractionStarted": ExtractionStatus.RUNNING.value,
+    "Document.TextExtracted": ExtractionStatus.DONE.value,
+    "Document.ExtractionFailed": ExtractionStatus.FAILED.value,
+    "Document.ReindexRequested": ExtractionStatus.PENDING.value,
+}
+
+
+@handlers.on(*EXTRACTION)
+def _extraction(rows: Rows, position: int, e: Any) -> None:
+    _update_document(rows, e, extraction_status=EXTRACTION[type(e).__qualname__])
 
 
 # -- reading -----------------------------------------------------------------------------

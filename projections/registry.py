@@ -79,6 +79,7 @@ def ensure(store: Store, view: View) -> int:
             return int(row["active_generation"])
         view.drop(tx, 1)  # leftovers of a registry that was dropped by hand
         view.create(tx, 1)
+        view.create_indexes(tx, 1)  # followed event by event from the start
         now = _now()
         tx.execute(
             "INSERT INTO projection_generations VALUES (?, 1, ?, ?, 0, ?, ?)",
@@ -150,8 +151,9 @@ def advance(tx: Tx, view_name: str, generation: int, position: int) -> None:
 
 
 def begin_generation(store: Store, view: View) -> int:
-    """Create empty tables for a new generation. Retired generations (kept since the
-    last switch for readers still on them) and abandoned builds are dropped first."""
+    """Create empty tables for a new generation, without their secondary indexes (the
+    rebuild adds them after its bulk load). Retired generations (kept since the last
+    switch for readers still on them) and abandoned builds are dropped first."""
     ensure(store, view)
     with store.transaction() as tx:
         tx.lock(f"view:{view.name}")

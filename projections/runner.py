@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from archive.settings import Settings
 from projections.audit_trail import AuditTrailView
-from projections.follower import EventSource, Follower, ViewStatus, rebuild, wait_for
+from projections.follower import EventSource, Follower, ViewStatus, rebuild_views, wait_for
 from projections.loan_files import LoanFilesView
 from projections.search import SearchView
 from projections.store import Store, open_store
@@ -55,29 +55,42 @@ class Projections:
         """The views database of these settings, with the default views."""
         return cls(source, open_store(settings), owns_store=True, **kwargs)
 
-    def _run(self, follower: Follower, rebuild_stale: bool) -> None:
-        if rebuild_stale and follower.status().stale:
-            log.info("view %s is stale: rebuilding", follower.view.name)
-            try:
-                rebuild(follower.view, self.source, self.store)
-            except Exception:
-                log.exception("view %s: rebuild failed; following the old one", follower.view.name)
+    def _rebuild_stale(self, stale: Sequence[str], done: threading.Event) -> None:
+        try:
+            log.info("views %s are stale: rebuilding", ", ".join(stale))
+            self.rebuild_views(stale)
+        except Exception:
+            log.exception("rebuild of %s failed; following the old ones", ", ".join(stale))
+        finally:
+            done.set()
+
+    def _run(self, follower: Follower, rebuilt: threading.Event | None) -> None:
+        """Follow one view; a stale view first waits for its rebuild (it would only
+        follow the old generation meanwhile, and the switch catches the new one up)."""
+        while rebuilt is not None and not rebuilt.wait(0.1):
+            if self._stop.is_set():
+                return
         follower.run_forever(self._stop, self.poll_interval)
 
     def start(self, *, rebuild_stale: bool = True) -> None:
-        """Follow the log in the background, one thread per view."""
+        """Follow the log in the background, one thread per view. Stale views are first
+        rebuilt together, in one pass over the log, by one more thread."""
         if self._threads:
             return
         self._stop.clear()
+        stale = [n for n, f in self.followers.items() if rebuild_stale and f.status().stale]
+        rebuilt = threading.Event()
+        if stale:
+            self._spawn("projection-rebuild", self._rebuild_stale, stale, rebuilt)
         for name, follower in self.followers.items():
-            thread = threading.Thread(
-                target=self._run,
-                args=(follower, rebuild_stale),
-                name=f"projection-{name}",
-                daemon=True,
+            self._spawn(
+                f"projection-{name}", self._run, follower, rebuilt if name in stale else None
             )
-            thread.start()
-            self._threads.append(thread)
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     @property
     def running(self) -> bool:
@@ -127,6 +140,14 @@ class Projections:
 
     def rebuild(self, name: str, **kwargs: Any) -> int:
         """Replay the log into a new generation of one view and switch to it."""
-        if name not in self.views:
-            raise KeyError(f"no view named {name}")
-        return rebuild(self.views[name], self.source, self.store, **kwargs)
+        return self.rebuild_views([name], **kwargs)[name]
+
+    def rebuild_views(self, names: Sequence[str] | None = None, **kwargs: Any) -> dict[str, int]:
+        """Replay the log into a new generation of the named views (default: all), in
+        one pass, and switch each to it. Returns the new generations by view. Keyword
+        arguments go to ``follower.rebuild_views`` (batch_size, progress, before_switch)."""
+        for name in names or ():
+            if name not in self.views:
+                raise KeyError(f"no view named {name}")
+        views = [self.views[n] for n in names] if names else list(self.views.values())
+        return rebuild_views(views, self.source, self.store, **kwargs)

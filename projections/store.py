@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -116,6 +117,26 @@ class _SQLiteTx(Tx):
         """BEGIN IMMEDIATE already excludes every other writer."""
 
 
+def _use_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
+    """Switch the file to WAL once (the mode is persistent), retrying while locked.
+
+    Converting a new file needs an exclusive lock, and SQLite refuses a second
+    connection converting at the same time with an immediate "database is locked"
+    (its busy handler is skipped to avoid a deadlock). Threads or processes opening a
+    new views file together hit that; checking first and retrying makes it harmless.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SQLiteStore(Store):
     """Views in their own SQLite file, in WAL mode so readers never wait for the follower."""
 
@@ -137,7 +158,7 @@ class SQLiteStore(Store):
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=30
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            _use_wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=30000")
             self._local.conn = conn

@@ -9,21 +9,26 @@ has no function for is skipped, so new event types never break an old view.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from projections.store import Row, Store, Tx, identifier
 
 Tables = dict[str, str]
 Handler = Callable[[Tx, Tables, int, Any], None]
+#: one decoded batch of the log: (position, event), in log order
+Events = Sequence[tuple[int, Any]]
+#: what a view keeps in memory between batches; see ``View.apply_batch``
+Cache = dict[str, Any]
+H = TypeVar("H", bound=Callable[..., None])
 
 
-class Handlers(dict[str, Handler]):
+class Handlers(dict[str, H]):
     """The apply functions of one view, registered with ``@handlers.on("LoanFile.Opened")``."""
 
-    def on(self, *qualnames: str) -> Callable[[Handler], Handler]:
-        def register(fn: Handler) -> Handler:
+    def on(self, *qualnames: str) -> Callable[[H], H]:
+        def register(fn: H) -> H:
             for name in qualnames:
                 self[name] = fn
             return fn
@@ -43,14 +48,23 @@ class View:
     table_names: ClassVar[tuple[str, ...]]
     #: DDL, formatted with the physical names, e.g. ``CREATE TABLE {loan_files} (...)``
     ddl: ClassVar[tuple[str, ...]]
-    handlers: ClassVar[Handlers]
+    #: secondary indexes, formatted likewise. A rebuild creates them after its bulk load
+    #: (loading into indexed tables costs several times more), before the switch.
+    indexes: ClassVar[tuple[str, ...]] = ()
+    handlers: ClassVar[Handlers[Handler]]
 
     def tables(self, generation: int) -> Tables:
         return {n: identifier(f"{n}_g{generation}") for n in self.table_names}
 
     def create(self, tx: Tx, generation: int) -> None:
+        """The tables of a generation (``create_indexes`` adds the secondary indexes)."""
         tables = self.tables(generation)
         for statement in self.ddl:
+            tx.execute(statement.format(**tables))
+
+    def create_indexes(self, tx: Tx, generation: int) -> None:
+        tables = self.tables(generation)
+        for statement in self.indexes:
             tx.execute(statement.format(**tables))
 
     def drop(self, tx: Tx, generation: int) -> None:
@@ -62,6 +76,18 @@ class View:
         handler = self.handlers.get(type(event).__qualname__)
         if handler is not None:
             handler(tx, tables, position, event)
+
+    def apply_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
+        """Apply a batch of events in log order, inside the batch's transaction.
+
+        ``cache`` is where a view may keep rows between batches instead of reading them
+        back. The follower hands the same dict to every batch only while it is the sole
+        writer of the generation (a rebuild), and a fresh one per batch otherwise; it is
+        dropped with the transaction on any failure, so it never outlives rolled-back
+        rows. Views that write event by event need not override this.
+        """
+        for position, event in events:
+            self.apply(tx, tables, position, event)
 
     def dump(self, store: Store, generation: int | None = None) -> dict[str, list[Row]]:
         """Every row of every table (of the active generation), in a stable order: for

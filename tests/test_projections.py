@@ -34,7 +34,7 @@ from projections.follower import Follower, rebuild, status, wait_for
 from projections.loan_files import LoanFilesView
 from projections.runner import Projections
 from projections.store import Store, Tx, open_store, views_path
-from projections.view import Handlers, Tables
+from projections.view import Cache, Events, Handlers, Tables
 
 ARCHIVIST = CommandContext("arch.ivist", Role.ARCHIVIST.value, "scan of the signed contract")
 AUDITOR = CommandContext("eva.auditor", Role.AUDITOR.value, "annual audit")
@@ -95,14 +95,17 @@ class Crash(Exception):
 
 
 class CrashingAudit(AuditTrailView):
-    """Raises while applying the event at one position: a crash in the middle of a batch."""
+    """Raises at the event at one position, after writing the batch's events before it:
+    a crash in the middle of a batch."""
 
     crash_at: ClassVar[int] = 0
 
-    def apply(self, tx: Tx, tables: Tables, position: int, event: Any) -> None:
-        if position == self.crash_at:
-            raise Crash(position)
-        super().apply(tx, tables, position, event)
+    def apply_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
+        positions = [position for position, _ in events]
+        if self.crash_at in positions:
+            super().apply_batch(tx, tables, events[: positions.index(self.crash_at)], cache)
+            raise Crash(self.crash_at)
+        super().apply_batch(tx, tables, events, cache)
 
 
 def audit_positions(store: Store) -> list[int]:
@@ -214,18 +217,18 @@ def test_wait_for_lets_a_client_read_its_own_write(
 # -- rebuild while readers read ------------------------------------------------------------------
 
 
-def _upper_branch_opened(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    LoanFilesView.handlers["LoanFile.Opened"](tx, t, position, e)
-    tx.execute(
-        f"UPDATE {t['loan_files']} SET branch = UPPER(branch) WHERE loan_id = ?",
-        (str(e.originator_id),),
+def _upper_branch_opened(rows: loan_files.Rows, position: int, e: Any) -> None:
+    LoanFilesView.handlers["LoanFile.Opened"](rows, position, e)
+    loan_id = str(e.originator_id)
+    rows.update(
+        "loan_files", loan_id, {"branch": rows.get("loan_files", loan_id)["branch"].upper()}
     )
 
 
 class UpperBranchView(LoanFilesView):
     """A new version of the view (branches upper-cased): what a rebuild is for."""
 
-    schema_version: ClassVar[int] = 2
+    schema_version: ClassVar[int] = LoanFilesView.schema_version + 1
     handlers: ClassVar[Handlers] = Handlers(
         {**LoanFilesView.handlers, "LoanFile.Opened": _upper_branch_opened}
     )
@@ -385,11 +388,71 @@ def test_loan_files_filters_and_pagination(
     [document] = cr0["documents"]
     assert document["document_id"] == str(doc.id)
     assert (document["fixity_status"], document["legal_hold"]) == ("ok", True)
-    assert document["extraction_status"] is None and document["size"] == 1200
+    assert document["extraction_status"] == "pending" and document["size"] == 1200
     # The view agrees with the archive's own reconstruction.
     truth = archive.loan_file("CR-3")
     assert cr3["version"] == truth["version"] and cr3["status"] == truth["status"]
     assert cr3["outstanding"] == str(truth["outstanding"])
+
+
+OCR = CommandContext("ocr.worker", Role.ADMIN.value, "text extraction")
+
+
+def extraction_step(archive: ArchiveApp, document_id: Any, succeed: bool = True) -> str:
+    """Move a document's extraction one step as the OCR worker does: claim a pending
+    one, finish a running one (text or failure), ask a finished one to be redone.
+    Returns the status the domain reports afterwards."""
+    status = archive.get_document(document_id).extraction["status"]
+
+    def step(d: Any) -> None:
+        if status == "pending":
+            d.start_extraction(OCR, "worker-1")
+        elif status == "running" and succeed:
+            d.record_text(
+                OCR,
+                d.extraction["attempt"],
+                pages=[{"number": 1, "text": "escritura", "method": "ocr", "confidence": None}],
+                engine="tesseract",
+                engine_version="5.3.0",
+                languages="spa",
+                settings={"psm": 3},
+            )
+        elif status == "running":
+            d.record_extraction_failure(OCR, d.extraction["attempt"], "unreadable scan")
+        else:
+            d.request_reindex(OCR)
+
+    archive.change_document(OCR, document_id, step)
+    return str(archive.get_document(document_id).extraction["status"])
+
+
+def test_documents_show_their_extraction_status(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    open_loan(archive, officer)
+    doc = archive.register_document(
+        ARCHIVIST, pdf(), loan_number="CR-1", doc_type="contract", original_filename="c.pdf"
+    )
+    follower = Follower(LoanFilesView(), archive, store, batch_size=3)
+
+    def shown() -> str:
+        follower.catch_up()
+        [document] = loan_files.get(store, "CR-1")["documents"]  # type: ignore[index]
+        return str(document["extraction_status"])
+
+    # The view says what the document itself says (and GET /api/v1/documents/{id} shows).
+    assert shown() == archive.get_document(doc.id).extraction["status"] == "pending"
+    walk = [
+        extraction_step(archive, doc.id),  # claimed
+        extraction_step(archive, doc.id, succeed=False),  # failed
+        extraction_step(archive, doc.id),  # reindex requested
+        extraction_step(archive, doc.id),  # claimed again
+    ]
+    assert walk == ["running", "failed", "pending", "running"]
+    assert shown() == "running"
+    assert extraction_step(archive, doc.id) == shown() == "done"
+    rebuilt_equals_incremental(LoanFilesView(), archive, store)
+    assert shown() == "done"
 
 
 # -- audit_trail ---------------------------------------------------------------------------------
@@ -586,6 +649,7 @@ KINDS = (
     "document",
     "download",
     "hold",
+    "extract",
 )
 TIERS = ("special_mention", "substandard", "doubtful", "loss", "pass")
 CHECKLIST = (
@@ -698,6 +762,8 @@ def perform(
         b"".join(body)
     elif kind == "hold":
         archive.set_legal_hold(AUDITOR, pick("document"), bool(k % 2))
+    elif kind == "extract":
+        extraction_step(archive, pick("document"), succeed=k % 3 != 0)
 
 
 @hsettings(
@@ -753,6 +819,9 @@ def test_incremental_views_equal_views_rebuilt_from_scratch(
         assert len(row["documents"]) == len(truth["documents"])
         assert [d["downloads"] for d in row["documents"]] == [
             d["downloads"] for d in truth["documents"]
+        ]
+        assert [d["extraction_status"] for d in row["documents"]] == [
+            d["extraction"]["status"] for d in truth["documents"]
         ]
         assert len(row["collateral"]) == len(truth["collateral"])
         assert {v["valuation_id"] for v in row["valuations"]} == {

@@ -8,7 +8,9 @@ head or at any past version or moment.
 from __future__ import annotations
 
 import getpass
-from collections.abc import Iterable, Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -34,7 +36,7 @@ from archive.documents import (
     loan_documents_id,
     sniff_media_type,
 )
-from archive.domain import CommandContext, Role, choice
+from archive.domain import ArchiveAggregate, CommandContext, Role, choice
 from archive.eventlog import protect_events_table, select_with_positions
 from archive.exceptions import (
     ArchiveError,
@@ -65,6 +67,36 @@ def replay(aggregate: Any, events: Iterable[Any]) -> Any:
     for event in events:
         aggregate = event.mutate(aggregate)
     return aggregate
+
+
+class AggregateCache:
+    """The last committed state of recently used aggregates, shared by this process's threads.
+
+    Entries are never changed in place and never handed out (callers get clones), so a
+    thread cannot see another's uncommitted change, and a failed command leaves nothing to
+    undo. An entry only gives way to a later version of the same aggregate."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[UUID, ArchiveAggregate] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, aggregate_id: UUID) -> ArchiveAggregate | None:
+        with self._lock:
+            aggregate = self._entries.get(aggregate_id)
+            if aggregate is not None:
+                self._entries.move_to_end(aggregate_id)
+            return aggregate
+
+    def put(self, aggregate: ArchiveAggregate) -> None:
+        with self._lock:
+            held = self._entries.get(aggregate.id)
+            if held is not None and held.version >= aggregate.version:
+                return
+            self._entries[aggregate.id] = aggregate
+            self._entries.move_to_end(aggregate.id)
+            if len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
 
 
 class DateAsISO(Transcoding):
@@ -177,10 +209,12 @@ def operator_context(reason: str | None = None) -> CommandContext:
     return CommandContext(f"operator:{getpass.getuser()}", Role.ADMIN.value, reason)
 
 
-T = TypeVar("T", bound=Aggregate)
+T = TypeVar("T", bound=ArchiveAggregate)
+R = TypeVar("R")
 
 
 SNAPSHOT_EVERY = 100
+AGGREGATE_CACHE_SIZE = 2000
 
 
 class ArchiveApp(Application[UUID]):
@@ -196,12 +230,9 @@ class ArchiveApp(Application[UUID]):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        env = settings.eventsourcing_env()
-        # Cached aggregates are fast-forwarded from the store on every read (so other
-        # processes' writes are seen) and deep-copied for commands (so a failed command
-        # cannot corrupt the cache): replay is paid once per aggregate, not per command.
-        env.update({"AGGREGATE_CACHE_MAXSIZE": "2000", "AGGREGATE_CACHE_FASTFORWARD": "y"})
-        super().__init__(env=env)
+        # Replay is paid once per aggregate and process, not per command (see _load).
+        self.cache = AggregateCache(AGGREGATE_CACHE_SIZE)
+        super().__init__(env=settings.eventsourcing_env())
         protect_events_table(self.recorder)
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
@@ -210,29 +241,67 @@ class ArchiveApp(Application[UUID]):
 
     # -- plumbing -----------------------------------------------------------------------
 
-    def _load(self, cls: type[T], aggregate_id: UUID, what: str, version: int | None = None) -> T:
-        """The aggregate at its head, or at ``version`` (404 beyond the head, 422 below 1)."""
+    def _load(
+        self,
+        cls: type[T],
+        aggregate_id: UUID,
+        what: str,
+        version: int | None = None,
+        *,
+        fresh: bool = True,
+    ) -> T:
+        """A private copy of the aggregate at its head, or at ``version`` (404 beyond the
+        head, 422 below 1).
+
+        The head comes from the cache, brought up to date with any newer events in the
+        store, so reads see other processes' writes. ``fresh=False`` skips that read and
+        is only for an aggregate the command saves: if another process wrote it first,
+        the insert of the next version conflicts (see ``_attempt``)."""
         if version is not None and version < 1:
             raise DomainError("version must be 1 or more")
-        try:
-            aggregate = self.repository.get(aggregate_id, projector_func=replay)
-        except AggregateNotFoundError:
-            raise NotFoundError(f"{what} not found") from None
-        if not isinstance(aggregate, cls):
+        cached = self.cache.get(aggregate_id)
+        if cached is None:
+            try:
+                head = self.repository.get(aggregate_id, projector_func=replay)
+            except AggregateNotFoundError:
+                raise NotFoundError(f"{what} not found") from None
+        elif fresh:
+            newer = list(self.repository.event_store.get(aggregate_id, gt=cached.version))
+            head = replay(cached.clone(), newer) if newer else cached
+        else:
+            head = cached
+        if not isinstance(head, cls):
             raise NotFoundError(f"{what} not found")
-        if version is None or version == aggregate.version:
-            return aggregate
-        if version > aggregate.version:
-            raise NotFoundError(f"{what} has no version {version} (head is {aggregate.version})")
+        self.cache.put(head)
+        if version is None or version == head.version:
+            return head.clone()
+        if version > head.version:
+            raise NotFoundError(f"{what} has no version {version} (head is {head.version})")
         return self.repository.get(aggregate_id, version=version, projector_func=replay)
 
-    def _commit(self, *aggregates: Aggregate, duplicate: str | None = None) -> int:
+    @staticmethod
+    def _attempt(command: Callable[[bool], R]) -> R:
+        """Run a command on cached aggregates (``fresh=False``: no read before the write);
+        if it fails, run it once more on aggregates read fresh from the store.
+
+        A stale cache can only make the first run fail, never succeed wrongly: its insert
+        conflicts with the newer version another process wrote. Its refusals (a stale
+        expected version, a transition the old state forbade) are not trusted either: the
+        fresh run decides, on the state any command arriving now would see."""
+        try:
+            return command(False)
+        except ArchiveError:
+            return command(True)
+
+    def _commit(self, *aggregates: ArchiveAggregate, duplicate: str | None = None) -> int:
         try:
             recordings = self.save(*aggregates)
         except IntegrityError:
             raise ConflictError(
                 duplicate or "a concurrent change was saved first: reload and retry"
             ) from None
+        for aggregate in aggregates:  # committed: now the head of each (callers keep theirs)
+            self.cache.put(aggregate.clone())
         return recordings[-1].notification.id
 
     @staticmethod
@@ -248,11 +317,14 @@ class ArchiveApp(Application[UUID]):
         expected_version: int | None,
         change: Any,
     ) -> Outcome:
-        aggregate = self._load(cls, aggregate_id, what)
-        self._expect(aggregate, expected_version, what)
-        change(aggregate)
-        position = self._commit(aggregate)
-        return Outcome(aggregate.id, aggregate.version, position)
+        def attempt(fresh: bool) -> Outcome:
+            aggregate = self._load(cls, aggregate_id, what, fresh=fresh)
+            self._expect(aggregate, expected_version, what)
+            change(aggregate)
+            position = self._commit(aggregate)
+            return Outcome(aggregate.id, aggregate.version, position)
+
+        return self._attempt(attempt)
 
     # -- loan files ---------------------------------------------------------------------
 
@@ -275,20 +347,24 @@ class ArchiveApp(Application[UUID]):
     # -- collateral -----------------------------------------------------------------------
 
     def register_collateral(self, ctx: CommandContext, **fields: Any) -> Outcome:
-        loan = self.get_loan(fields["loan_number"])
-        registration = MortgageRegistration.file(ctx, uuid4(), **fields)
-        try:
-            prop = self._load(
-                PropertyLiens, property_id(registration.cadastral_reference), "property"
-            )
-        except NotFoundError:
-            prop = PropertyLiens.index(ctx, registration.cadastral_reference)
-        others = prop.add_lien(ctx, registration.id, loan.loan_number, registration.lien_rank)
-        if others:
-            registration.flag_repeated_mortgage(ctx, others)
-        loan.link_collateral(ctx, registration.id)
-        position = self._commit(registration, prop, loan)
-        return Outcome(registration.id, registration.version, position)
+        number = fields["loan_number"]
+
+        def attempt(fresh: bool) -> Outcome:
+            loan = self._load(LoanFile, loan_id(number), f"loan {number}", fresh=fresh)
+            registration = MortgageRegistration.file(ctx, uuid4(), **fields)
+            ref = registration.cadastral_reference
+            try:
+                prop = self._load(PropertyLiens, property_id(ref), "property", fresh=fresh)
+            except NotFoundError:
+                prop = PropertyLiens.index(ctx, ref)
+            others = prop.add_lien(ctx, registration.id, loan.loan_number, registration.lien_rank)
+            if others:
+                registration.flag_repeated_mortgage(ctx, others)
+            loan.link_collateral(ctx, registration.id)
+            position = self._commit(registration, prop, loan)
+            return Outcome(registration.id, registration.version, position)
+
+        return self._attempt(attempt)
 
     def get_collateral(
         self, registration_id: UUID, version: int | None = None
@@ -315,36 +391,48 @@ class ArchiveApp(Application[UUID]):
         expected_version: int | None,
         released_on: date | str,
     ) -> Outcome:
-        registration = self.get_collateral(registration_id)
-        self._expect(registration, expected_version, f"collateral {registration_id}")
-        registration.release(ctx, released_on)
-        prop = self._load(PropertyLiens, property_id(registration.cadastral_reference), "property")
-        prop.release_lien(ctx, registration.id)
-        position = self._commit(registration, prop)
-        return Outcome(registration.id, registration.version, position)
+        what = f"collateral {registration_id}"
+
+        def attempt(fresh: bool) -> Outcome:
+            registration = self._load(MortgageRegistration, registration_id, what, fresh=fresh)
+            self._expect(registration, expected_version, what)
+            registration.release(ctx, released_on)
+            ref = registration.cadastral_reference
+            prop = self._load(PropertyLiens, property_id(ref), "property", fresh=fresh)
+            prop.release_lien(ctx, registration.id)
+            position = self._commit(registration, prop)
+            return Outcome(registration.id, registration.version, position)
+
+        return self._attempt(attempt)
 
     # -- valuations -------------------------------------------------------------------------
 
     def appraise(
         self, ctx: CommandContext, supersedes: UUID | None = None, **fields: Any
     ) -> Outcome:
-        loan = self.get_loan(fields["loan_number"])
+        number = fields["loan_number"]
         collateral_id = fields.get("collateral_id")
-        if collateral_id is not None:
-            collateral = self.get_collateral(collateral_id)
-            if collateral.loan_number != loan.loan_number:
-                raise DomainError(f"collateral {collateral_id} secures another loan")
-        valuation = Valuation.appraise(ctx, uuid4(), **fields)
-        changed: list[Aggregate] = [valuation, loan]
-        if supersedes is not None:
-            old = self.get_valuation(supersedes)
-            if old.loan_number != loan.loan_number:
-                raise DomainError(f"valuation {supersedes} belongs to another loan")
-            old.supersede(ctx, valuation.id)
-            changed.append(old)
-        loan.link_valuation(ctx, valuation.id)
-        position = self._commit(*changed)
-        return Outcome(valuation.id, valuation.version, position)
+
+        def attempt(fresh: bool) -> Outcome:
+            loan = self._load(LoanFile, loan_id(number), f"loan {number}", fresh=fresh)
+            if collateral_id is not None:  # read, not saved: always fresh
+                collateral = self.get_collateral(collateral_id)
+                if collateral.loan_number != loan.loan_number:
+                    raise DomainError(f"collateral {collateral_id} secures another loan")
+            valuation = Valuation.appraise(ctx, uuid4(), **fields)
+            changed: list[ArchiveAggregate] = [valuation, loan]
+            if supersedes is not None:
+                what = f"valuation {supersedes}"
+                old = self._load(Valuation, supersedes, what, fresh=fresh)
+                if old.loan_number != loan.loan_number:
+                    raise DomainError(f"valuation {supersedes} belongs to another loan")
+                old.supersede(ctx, valuation.id)
+                changed.append(old)
+            loan.link_valuation(ctx, valuation.id)
+            position = self._commit(*changed)
+            return Outcome(valuation.id, valuation.version, position)
+
+        return self._attempt(attempt)
 
     def get_valuation(self, valuation_id: UUID, version: int | None = None) -> Valuation:
         return self._load(Valuation, valuation_id, f"valuation {valuation_id}", version)
@@ -640,7 +728,7 @@ class ArchiveApp(Application[UUID]):
             loan: Any = self.get_loan(loan_number)
 
             def at(aggregate_id: UUID) -> Any:
-                return self.repository.get(aggregate_id, projector_func=replay)
+                return self._load(ArchiveAggregate, aggregate_id, f"aggregate {aggregate_id}")
 
             index = self.loan_documents(loan_number)
         else:

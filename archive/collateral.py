@@ -70,7 +70,8 @@ class PropertyLiens(ArchiveAggregate):
         registration_id: UUID
 
         def apply(self, prop: PropertyLiens) -> None:
-            prop.liens[str(self.registration_id)]["live"] = False
+            key = str(self.registration_id)
+            prop.liens[key] = {**prop.liens[key], "live": False}
 
     @classmethod
     def index(cls, ctx: CommandContext, cadastral_reference: str) -> Self:

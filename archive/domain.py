@@ -52,7 +52,11 @@ A = TypeVar("A", bound="ArchiveAggregate")
 
 
 class ArchiveAggregate(Aggregate):
-    """An aggregate whose events form a hash chain and name their actor."""
+    """An aggregate whose events form a hash chain and name their actor.
+
+    Rule for every event's ``apply``: replace or add entries of the aggregate's lists and
+    dicts, never change an entry in place. That is what makes ``clone`` a safe copy.
+    """
 
     class Event(Aggregate.Event):
         actor_id: str
@@ -69,6 +73,20 @@ class ArchiveAggregate(Aggregate):
 
     class Created(Event, Aggregate.Created):
         pass
+
+    def clone(self) -> Self:
+        """A private copy for one command or reader, so the cached original is never changed.
+
+        Copies the attribute dict and each list, dict and set in it, but shares their
+        entries: a few microseconds where ``deepcopy`` of a loan file takes hundreds, and
+        enough because events never change an entry in place (see the class docstring)."""
+        attributes = vars(self).copy()
+        for name, value in attributes.items():
+            if type(value) in (list, dict, set):
+                attributes[name] = value.copy()
+        twin = object.__new__(type(self))
+        twin.__dict__ = attributes
+        return twin
 
     @staticmethod
     def _meta(ctx: CommandContext, prev_hash: str) -> dict[str, Any]:

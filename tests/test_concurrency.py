@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from decimal import Decimal
 
+import pytest
 from factories import mortgage_fields, open_loan
 
-from archive.application import ArchiveApp
+from archive.application import ArchiveApp, StaleVersionError
 from archive.domain import CommandContext
-from archive.exceptions import ConflictError
+from archive.exceptions import ConflictError, DomainError
+from archive.loans import LoanFile
 from archive.settings import Settings
 
 THREADS = 32
@@ -118,3 +121,123 @@ def test_racing_first_liens_on_one_property(settings: Settings, officer: Command
         assert sorted(linked) == [0, 1]
     finally:
         check.close()
+
+
+def test_a_stale_cache_never_decides_a_command(settings: Settings, officer: CommandContext) -> None:
+    """Two processes on one store: after one writes, the other's cached copy is stale.
+    Commands there must not lose that write, must not be refused by the stale state, and
+    must keep the expected-version rule; reads there see the write."""
+    a, b = ArchiveApp(settings), ArchiveApp(settings)
+    try:
+        open_loan(a, officer)  # a caches version 1
+
+        def classify(app: ArchiveApp, tier: str, expected: int | None = None) -> int:
+            return app.change_loan(
+                officer, "CR-1", expected, lambda loan: loan.classify(officer, tier)
+            ).version
+
+        assert classify(b, "special_mention") == 2
+        repaid = a.change_loan(
+            officer, "CR-1", None, lambda loan: loan.record_repayment(officer, "100", "2024-02-15")
+        )
+        assert repaid.version == 3  # built on b's version 2, not on a's cached version 1
+        assert classify(b, "pass") == 4
+        # a's copy (version 3) still says special_mention: that refusal is not trusted.
+        assert classify(a, "special_mention") == 5
+        assert classify(b, "pass") == 6
+        with pytest.raises(StaleVersionError) as stale:
+            classify(a, "doubtful", expected=5)  # a's caller saw 5; b wrote 6
+        assert stale.value.current == 6
+        assert classify(b, "special_mention") == 7
+        assert classify(a, "substandard", expected=7) == 8  # a's cache said 6: not a 409
+        b.change_loan(officer, "CR-1", None, lambda loan: loan.change_status(officer, "settled"))
+        with pytest.raises(DomainError, match="closed"):  # a's copy says performing
+            a.change_loan(
+                officer,
+                "CR-1",
+                None,
+                lambda loan: loan.record_repayment(officer, "100", "2024-03-15"),
+            )
+        assert a.get_loan("CR-1").status == "settled"  # reads see the other's writes
+        loan = b.get_loan("CR-1")
+        assert [r["paid_on"].isoformat() for r in loan.repayments] == ["2024-02-15"]
+        assert [e.originator_version for _, e in b.loan_events("CR-1")] == list(range(1, 10))
+        assert a.verify_chain().ok
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_failed_command_leaves_the_cache_as_committed(
+    archive: ArchiveApp, officer: CommandContext
+) -> None:
+    open_loan(archive, officer)
+
+    def repay_then_fail(loan: LoanFile) -> None:
+        loan.record_repayment(officer, "100", "2024-02-15")
+        raise DomainError("refused after the event was raised")
+
+    with pytest.raises(DomainError, match="refused"):
+        archive.change_loan(officer, "CR-1", None, repay_then_fail)
+    mine = archive.get_loan("CR-1")
+    mine.record_repayment(officer, "200", "2024-02-15")  # a reader's copy, never saved
+    loan = archive.get_loan("CR-1")
+    assert (loan.version, loan.repayments, loan.repaid) == (1, [], Decimal("0"))
+    archive.change_loan(
+        officer, "CR-1", 1, lambda loan: loan.record_repayment(officer, "300", "2024-02-15")
+    )
+    assert archive.get_loan("CR-1").repaid == Decimal("300.00")
+    assert archive.verify_chain().ok
+
+
+def test_threads_sharing_one_app_lose_nothing(settings: Settings, officer: CommandContext) -> None:
+    """Threads of one process share its cache: each success is in the log, in order, once."""
+    app = ArchiveApp(settings)
+    open_loan(app, officer)
+    threads_n, each = 16, 5
+    barrier = threading.Barrier(threads_n)
+    won: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def writer(index: int) -> None:
+        try:
+            barrier.wait(timeout=60)
+            for n in range(each):
+                name = f"w{index}-{n}"
+                try:
+                    app.change_loan(
+                        officer,
+                        "CR-1",
+                        None,
+                        lambda loan, name=name: loan.record_inspection(
+                            officer, "monthly", "2024-05-01", name, "ok"
+                        ),
+                    )
+                except ConflictError:
+                    continue
+                with lock:
+                    won.append(name)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    try:
+        assert not errors, errors
+        assert won
+        check = ArchiveApp(settings)
+        try:
+            stored = check.get_loan("CR-1")
+        finally:
+            check.close()
+        cached = app.get_loan("CR-1")
+        assert cached.version == stored.version == 1 + len(won)
+        assert sorted(i["inspector"] for i in stored.inspections) == sorted(won)
+        assert cached.inspections == stored.inspections
+        assert app.verify_chain().ok
+    finally:
+        app.close()

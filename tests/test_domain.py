@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from collections import deque
+from copy import deepcopy
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from uuid import uuid4
 
 import pytest
 from factories import appraisal_fields, loan_terms, mortgage_fields, open_loan
 
 from archive.application import ArchiveApp, StaleVersionError
-from archive.domain import CommandContext
+from archive.collateral import MortgageRegistration, PropertyLiens
+from archive.documents import Document, FixityOutcome, LoanDocuments, Reconciliation
+from archive.domain import ArchiveAggregate, CommandContext
 from archive.exceptions import ConflictError, DomainError, NotFoundError
-from archive.loans import ALLOWED_TRANSITIONS, LoanFile, LoanStatus
+from archive.loans import ALLOWED_TRANSITIONS, ChecklistItem, LoanFile, LoanStatus
 from archive.settings import Settings
+from archive.users import AccessToken, User
+from archive.valuations import Valuation
 
 
 def path_to(status: LoanStatus) -> list[LoanStatus]:
@@ -325,3 +331,121 @@ def test_a_second_app_on_the_same_store_sees_everything(
         assert other.verify_chain().ok
     finally:
         other.close()
+
+
+def every_kind_of_event(ctx: CommandContext) -> list[ArchiveAggregate]:
+    """Aggregates of every type that, between them, raise every event class there is."""
+    loan = LoanFile.open(ctx, **loan_terms())
+    loan.assign_officer(ctx, "loan", "officer.two")
+    loan.record_repayment(ctx, "500", "2024-02-15")
+    loan.record_inspection(ctx, "monthly", "2024-02-20", "Marta Gil", "All as declared.")
+    loan.link_collateral(ctx, uuid4())
+    loan.link_valuation(ctx, uuid4())
+    loan.change_status(ctx, "overdue")
+    loan.classify(ctx, "special_mention")
+    loan.assign_officer(ctx, "collection", "collector.one")
+    loan.record_collection_action(ctx, "call", "2024-03-20", "Promised to pay.", "100", "c1")
+    loan.change_status(ctx, "non_performing")
+    loan.record_investigation(ctx, {item.value: True for item in ChecklistItem}, "2024-04-01")
+    loan.categorise_recovery(ctx, "recoverable", ["job loss"])
+    loan.set_recovery_plan(ctx, "Sell the van.", "2024-12-31", "5000")
+    prop = PropertyLiens.index(ctx, mortgage_fields()["cadastral_reference"])
+    reg = MortgageRegistration.file(ctx, uuid4(), **mortgage_fields())
+    prop.add_lien(ctx, reg.id, "CR-1", 1)
+    prop.add_lien(ctx, uuid4(), "CR-2", 2)
+    prop.release_lien(ctx, reg.id)
+    reg.flag_repeated_mortgage(ctx, [{"loan_number": "CR-2", "lien_rank": 2}])
+    reg.mark_registered(ctx, "Tomo 1, folio 2", "2024-01-20")
+    reg.verify_on_site(ctx, "officer.two", "2024-02-01", "In good repair.", ["damp"])
+    reg.release(ctx, "2024-06-01")
+    valuation = Valuation.appraise(ctx, uuid4(), **appraisal_fields())
+    valuation.review_value(ctx, "Carmen Ruiz", "100000", Decimal("0.10"))
+    valuation.schedule_revaluation(ctx, "2025-01-10")
+    valuation.supersede(ctx, uuid4())
+    user = User.register(ctx, "ana", "credit_officer")
+    user.change_role(ctx, "auditor")
+    user.deactivate(ctx)
+    token = AccessToken.issue(ctx, "ana", "0" * 64)
+    token.revoke(ctx)
+    doc = Document.register(
+        ctx,
+        uuid4(),
+        loan_number="CR-1",
+        collateral_id=None,
+        valuation_id=None,
+        doc_type="contract",
+        original_filename="contract.pdf",
+        media_type="application/pdf",
+        size=3,
+        sha256="a" * 64,
+        object_key="sha256/aa",
+        object_version=None,
+        retain_until=None,
+        supersedes=None,
+    )
+    doc.record_download(ctx, None)
+    doc.place_legal_hold(ctx)
+    doc.release_legal_hold(ctx)
+    doc.record_fixity(ctx, FixityOutcome.OK, "a" * 64, 3)
+    attempt = doc.start_extraction(ctx, "w1")
+    doc.record_text(
+        ctx,
+        attempt,
+        pages=[{"text": "x"}],
+        engine="t",
+        engine_version="5",
+        languages="spa",
+        settings={"psm": 1},
+    )
+    doc.request_reindex(ctx)
+    doc.record_extraction_failure(ctx, doc.start_extraction(ctx, "w1"), "unreadable")
+    doc.supersede(ctx, uuid4())
+    index = LoanDocuments.start(ctx, "CR-1")
+    index.file(ctx, doc.id, doc.sha256, "contract")
+    run = Reconciliation.complete(
+        ctx,
+        uuid4(),
+        orphans=[],
+        missing=[],
+        changed=[],
+        temporaries=[],
+        objects_checked=0,
+        documents_checked=0,
+    )
+    return [loan, prop, reg, valuation, user, token, doc, index, run]
+
+
+def test_no_event_changes_the_original_of_a_clone(officer: CommandContext) -> None:
+    """``clone`` shares the entries of lists and dicts, which is safe only because every
+    event replaces or adds entries and never changes one in place: checked here for
+    every event class, each applied to a clone of the state before it."""
+    seen: set[type] = set()
+    for aggregate in every_kind_of_event(officer):
+        events = aggregate.collect_events()
+        state = events[0].mutate(None)
+        seen.add(type(events[0]))
+        for event in events[1:]:
+            before = deepcopy(vars(state))
+            after = event.mutate(state.clone())
+            assert vars(state) == before, f"{type(event).__qualname__} changed the original"
+            assert after is not state
+            seen.add(type(event))
+            state = after
+        assert vars(state) == vars(aggregate) | {"_pending_events": []}
+    defined = {
+        member
+        for cls in (
+            LoanFile,
+            PropertyLiens,
+            MortgageRegistration,
+            Valuation,
+            User,
+            AccessToken,
+            Document,
+            LoanDocuments,
+            Reconciliation,
+        )
+        for member in vars(cls).values()
+        if isinstance(member, type) and "apply" in vars(member)
+    }
+    assert defined - seen == set(), "cover every event class with an apply here"

@@ -557,13 +557,16 @@ def _latin_variants() -> dict[str, str]:
 
 
 _VARIANTS = _latin_variants()
-_WORD_START = r"(?<![^\W_])"
+#: after a match's first character: the character before that is no letter or digit. A
+#: lookbehind placed first would be tried at every position of the page; after the first
+#: character, re skips ahead to the letters a match can start with (4-7x faster).
+_STARTS_WORD = r"(?<![^\W_].)"
 _WORD_END = r"(?![^\W_])"
 
 
-def _loose(word: str) -> str:
-    """A regex for ``word`` whatever its case and accents."""
-    return "".join(f"[{_VARIANTS[c]}]" if c in _VARIANTS else re.escape(c) for c in fold_word(word))
+def _loose(word: str) -> list[str]:
+    """One regex per character of ``word``, each matching it whatever its case and accents."""
+    return [f"[{_VARIANTS[c]}]" if c in _VARIANTS else re.escape(c) for c in fold_word(word)]
 
 
 Matcher = tuple[tuple[str, ...], bool]  # (words in sequence, the last one is a prefix)
@@ -574,10 +577,12 @@ def highlighter(matchers: Iterable[Matcher]) -> re.Pattern[str] | None:
     phrases first. (Matching lower-cased text is several times faster than IGNORECASE.)"""
     patterns = []
     for found, prefix in sorted(set(matchers), key=lambda m: -len(m[0])):
-        body = r"[\W_]+".join(_loose(w) for w in found if w)
-        if body:
+        loose = [chars for chars in map(_loose, found) if chars]
+        if loose:
+            (first, *others), *more = loose
+            body = r"[\W_]+".join(["".join(others), *("".join(chars) for chars in more)])
             tail = r"[^\W_]*" if prefix else _WORD_END
-            patterns.append(_WORD_START + body + tail)
+            patterns.append(first + _STARTS_WORD + body + tail)
     return re.compile("|".join(patterns)) if patterns else None
 
 
@@ -710,13 +715,16 @@ def tsquery_text(tx: Tx, query: Query) -> tuple[str, str]:
     only stop words remain).
 
     Built from parameters by ``phraseto_tsquery``/``to_tsquery``; the printed form is
-    then bound (``?::tsquery``) in the statements that use it."""
+    then bound (``?::tsquery``) in the statements that use it. The same round trip
+    makes the rest of the transaction plan every statement afresh: a pooled connection
+    prepares the statements it runs often, and a generic plan cannot know how many
+    pages a tsquery or a filter selects."""
     positive, negative = to_tsquery_sql(query, TS_CONFIG)
     neg_sql = negative.sql if negative is not None else "''::tsquery"
     neg_params = negative.params if negative is not None else ()
     row = tx.one(
         "SELECT CASE WHEN numnode(x.pos) = 0 THEN '' ELSE (x.pos && !! x.neg)::text END AS q,"
-        " x.pos::text AS pos"
+        " x.pos::text AS pos, set_config('plan_cache_mode', 'force_custom_plan', true) AS plan"
         f" FROM (SELECT {positive.sql} AS pos, {neg_sql} AS neg) x",
         [*positive.params, *neg_params],
     )
@@ -725,44 +733,59 @@ def tsquery_text(tx: Tx, query: Query) -> tuple[str, str]:
     return str(row["q"]), str(row["pos"])
 
 
-def _ranked_postgres(
+_DETAILS = (
+    "p.page_id, p.document_id, p.page_number, p.method, p.confidence, p.attempt,"
+    " p.loan_number, p.doc_type, d.original_filename, d.uploaded_at, d.superseded_by, x.text"
+)
+
+
+def _hits_postgres(
     tx: Tx, ts: str, t: Tables, where: Conditions, limit: int, offset: int
 ) -> tuple[int, list[Row]]:
-    # A pooled connection prepares statements it runs often; a generic plan cannot know
-    # how many pages a tsquery or a filter selects, so plan every search afresh.
-    tx.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-    params = where.params
+    """The total and one page of hits with their details, in one statement: a single
+    pass over the matches (each checked once against its tsvector, which a phrase or
+    prefix needs) feeds both the count and the ranking, and one round trip replaces
+    three (count, rank, details). Measured on 100k pages: phrase 24 -> 13 ms."""
     base = f" FROM {t[PAGES]} p WHERE p.tsv @@ ?::tsquery" + "".join(
         f" AND {w}" for w in where.sql(t)
     )
-    counted = tx.one(f"SELECT COUNT(*) AS n{base}", [ts, *params])
-    total = int(counted["n"]) if counted else 0
-    if offset >= total:
-        return total, []
     rows = tx.execute(
-        f"SELECT p.page_id, ts_rank(p.tsv, ?::tsquery) AS score{base}"
-        " ORDER BY score DESC, p.page_id LIMIT ? OFFSET ?",
-        [ts, ts, *params, limit, offset],
+        f"WITH hits AS MATERIALIZED (SELECT p.page_id, ts_rank(p.tsv, ?::tsquery) AS score{base}),"
+        " top AS (SELECT page_id, score FROM hits ORDER BY score DESC, page_id LIMIT ? OFFSET ?)"
+        f" SELECT n.total, top.score, {_DETAILS} FROM (SELECT COUNT(*) AS total FROM hits) n"
+        f" LEFT JOIN (top JOIN {t[PAGES]} p ON p.page_id = top.page_id"
+        f" JOIN {t[TEXT]} x ON x.page_id = top.page_id"
+        f" JOIN {t[DOCUMENTS]} d ON d.document_id = p.document_id) ON true"
+        " ORDER BY top.score DESC, top.page_id",
+        [ts, ts, *where.params, limit, offset],
     )
-    return total, rows
+    total = int(rows[0]["total"]) if rows else 0
+    return total, [r for r in rows if r["page_id"] is not None]
 
 
-def _details(tx: Tx, t: Tables, ids: list[int]) -> dict[int, Row]:
-    if not ids:
-        return {}
-    marks = ", ".join("?" for _ in ids)
+def _hits_sqlite(
+    tx: Tx, t: Tables, query: Query, where: Conditions, limit: int, offset: int
+) -> tuple[int, list[Row]]:
+    """The total and one page of hits with their details (no round trips to save here)."""
+    total, ranked = _ranked_sqlite(tx, t, query, where, limit, offset)
+    if not ranked:
+        return total, []
+    marks = ", ".join("?" for _ in ranked)
     rows = tx.execute(
-        "SELECT p.page_id, p.document_id, p.page_number, p.method, p.confidence, p.attempt,"
-        " p.loan_number, p.doc_type, d.original_filename, d.uploaded_at, d.superseded_by,"
-        f" x.text FROM {t[PAGES]} p JOIN {t[TEXT]} x ON x.page_id = p.page_id"
+        f"SELECT {_DETAILS} FROM {t[PAGES]} p JOIN {t[TEXT]} x ON x.page_id = p.page_id"
         f" JOIN {t[DOCUMENTS]} d ON d.document_id = p.document_id"
         f" WHERE p.page_id IN ({marks})",
-        ids,
+        [r["page_id"] for r in ranked],
     )
-    return {int(r["page_id"]): r for r in rows}
+    details = {int(r["page_id"]): r for r in rows}
+    return total, [
+        {**details[int(r["page_id"])], "score": r["score"]}
+        for r in ranked
+        if int(r["page_id"]) in details
+    ]
 
 
-def _hit(row: Row, score: Any, pattern: re.Pattern[str] | None) -> dict[str, Any]:
+def _hit(row: Row, pattern: re.Pattern[str] | None) -> dict[str, Any]:
     confidence = row["confidence"]
     return {
         "document_id": row["document_id"],
@@ -772,7 +795,7 @@ def _hit(row: Row, score: Any, pattern: re.Pattern[str] | None) -> dict[str, Any
         "uploaded_at": row["uploaded_at"],
         "page_number": int(row["page_number"]),
         "snippet": snippet(str(row["text"]), pattern),
-        "rank": float(score),
+        "rank": float(row["score"]),
         "superseded": row["superseded_by"] is not None,
         "superseded_by": row["superseded_by"],
         "extraction_attempt": int(row["attempt"]),
@@ -824,17 +847,12 @@ def search(
             return Page([], 0, limit, offset, 0)
         t = SearchView().tables(current.generation)
         if tx.backend == "sqlite":
-            total, ranked = _ranked_sqlite(tx, t, query, where, limit, offset)
+            total, hits = _hits_sqlite(tx, t, query, where, limit, offset)
             matchers = query_matchers(query)
         else:
             ts, positive = tsquery_text(tx, query)
-            total, ranked = _ranked_postgres(tx, ts, t, where, limit, offset) if ts else (0, [])
+            total, hits = _hits_postgres(tx, ts, t, where, limit, offset) if ts else (0, [])
             matchers = lexeme_matchers(positive)
-        details = _details(tx, t, [int(r["page_id"]) for r in ranked])
     pattern = highlighter(matchers)
-    items = [
-        _hit(details[int(r["page_id"])], r["score"], pattern)
-        for r in ranked
-        if int(r["page_id"]) in details
-    ]
+    items = [_hit(row, pattern) for row in hits]
     return Page(items, total, limit, offset, current.position)

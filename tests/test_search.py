@@ -298,6 +298,13 @@ def test_snippets_are_escaped_highlighted_and_centred_on_the_matches() -> None:
         " &lt;b&gt;&amp;&lt;/b&gt;"
     )
     assert snippet("hipotecas y tasaciones", pattern) == "<mark>hipotecas</mark> y tasaciones"
+    # Matches start at a word's start only, whatever the first letter's case or accent.
+    assert snippet("retasación, antihipoteca; x_tasación", pattern) == (
+        "retasación, antihipoteca; x_<mark>tasación</mark>"
+    )
+    assert snippet("ÁVILA y Ávila", highlighter([(("avila",), False)])) == (
+        "<mark>ÁVILA</mark> y <mark>Ávila</mark>"
+    )
     long = " ".join(["relleno"] * 100) + " la TASACIÓN consta " + " ".join(["fin"] * 100)
     centred = snippet(long, pattern)
     assert centred.startswith("…") and centred.endswith("…")

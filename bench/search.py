@@ -39,6 +39,7 @@ import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -456,14 +457,17 @@ def percentile(values: list[float], share: float) -> float:
 
 @contextmanager
 def recording() -> Iterator[list[tuple[str, tuple[Any, ...]]]]:
-    """The statements the store runs meanwhile, as (sql with ?, params)."""
+    """The statements the store runs meanwhile in this thread (not the followers'), as
+    (sql with ?, params)."""
     seen: list[tuple[str, tuple[Any, ...]]] = []
     patched = []
+    me = threading.get_ident()
     for cls in (store_module._SQLiteTx, store_module._PostgresTx):
         original = cls.execute
 
         def execute(self: Any, sql: str, params: Any = (), _original: Any = original) -> Any:
-            seen.append((sql, tuple(params)))
+            if threading.get_ident() == me:
+                seen.append((sql, tuple(params)))
             return _original(self, sql, params)
 
         cls.execute = execute  # type: ignore[method-assign]
@@ -622,7 +626,10 @@ def report(backend: str, rows: list[Row], repeat: int) -> None:
             f"   {row.case.label:42} {row.total:6d}  {a[0]:7.1f} / {a[1]:7.1f}  "
             f"{b[0]:9.1f} / {b[1]:9.1f}  {c[0]:8.1f} / {c[1]:8.1f}  {ratio:7.2f}  {ok:>6}"
         )
-        print(f"   {'':42} q={row.case.q!r} {row.case.filters or ''}")
+        print(
+            f"   {'':42} q={row.case.q!r} {row.case.filters or ''}"
+            f" ({row.statements} statements inside the read transaction)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,8 @@
 Each row says who did what, when, why, under which request, to which aggregate and
 loan, in one human line ("status overdue → non_performing"), with a field-level
 diff. The diff is generic: per aggregate the view keeps the last value of every field
-name seen in its events (table ``audit_fields``); an event's diff is the fields whose
-value it changes. Two conventions refine it: an ``old_x``/``new_x`` pair is the field
+name seen in its events (table ``audit_fields``, one JSON object per aggregate); an
+event's diff is the fields whose value it changes. Two conventions refine it: an ``old_x``/``new_x`` pair is the field
 ``x``, and a few events name the state they change (``OfficerAssigned`` changes
 ``<duty>_officer``; a legal hold changes ``legal_hold``). Downloads are rows too: who
 read which original is part of the audit trail.
@@ -63,7 +63,8 @@ COLUMNS = (
 
 class AuditTrailView(View):
     name: ClassVar[str] = "audit_trail"
-    schema_version: ClassVar[int] = 1
+    #: 2: audit_fields holds one row per aggregate (its fields as one JSON object)
+    schema_version: ClassVar[int] = 2
     table_names: ClassVar[tuple[str, ...]] = (EVENTS, FIELDS)
     handlers: ClassVar[Handlers] = Handlers()
     ddl: ClassVar[tuple[str, ...]] = (
@@ -82,11 +83,7 @@ class AuditTrailView(View):
         " summary TEXT NOT NULL,"
         " diff TEXT NOT NULL,"
         " event_hash TEXT NOT NULL)",
-        "CREATE TABLE {audit_fields} ("
-        " aggregate_id TEXT NOT NULL,"
-        " field TEXT NOT NULL,"
-        " value TEXT NOT NULL,"
-        " PRIMARY KEY (aggregate_id, field))",
+        "CREATE TABLE {audit_fields} (aggregate_id TEXT PRIMARY KEY, fields TEXT NOT NULL)",
     )
     indexes: ClassVar[tuple[str, ...]] = (
         "CREATE INDEX {audit_events}_loan ON {audit_events} (loan_number, position)",
@@ -113,15 +110,15 @@ class AuditTrailView(View):
             if registration is not None:
                 ids.add(registration)
         _load_fields(tx, tables, known, ids)
-        latest: dict[tuple[str, str], Any] = {}
-        rows = [record(position, event, known, latest) for position, event in events]
-        tx.executemany(INSERT_EVENT.format(table=tables[EVENTS]), rows)
-        if latest:
-            tx.executemany(
-                f"INSERT INTO {tables[FIELDS]} (aggregate_id, field, value) VALUES (?, ?, ?)"
-                " ON CONFLICT (aggregate_id, field) DO UPDATE SET value = excluded.value",
-                [(a, f, json_text(v)) for (a, f), v in latest.items()],
-            )
+        changed: set[str] = set()
+        tx.insert_rows(
+            tables[EVENTS], [record(position, event, known, changed) for position, event in events]
+        )
+        tx.upsert_rows(
+            tables[FIELDS],
+            "aggregate_id",
+            [{"aggregate_id": a, "fields": json_text(known[a])} for a in changed],
+        )
         if len(known) > CACHE_AGGREGATES:
             known.clear()
 
@@ -427,9 +424,6 @@ def summarise(event: Any, seen: dict[str, Any]) -> str:
 CACHE_AGGREGATES = 200_000
 #: ids per ``IN (...)`` when reading field values
 READ_CHUNK = 500
-INSERT_EVENT = "INSERT INTO {table} ({columns}) VALUES ({marks})".format(
-    table="{table}", columns=", ".join(COLUMNS), marks=", ".join("?" for _ in COLUMNS)
-)
 
 
 def same(a: Any, b: Any) -> bool:
@@ -445,7 +439,7 @@ def same(a: Any, b: Any) -> bool:
 
 def _load_fields(tx: Tx, t: Tables, known: dict[str, dict[str, Any]], ids: set[str]) -> None:
     """Read the last field values of the aggregates not in ``known`` (one query per
-    ``READ_CHUNK`` aggregates); an aggregate without rows gets an empty dict."""
+    ``READ_CHUNK`` aggregates); an aggregate without a row gets an empty dict."""
     missing = [i for i in ids if i not in known]
     for aggregate_id in missing:
         known[aggregate_id] = {}
@@ -453,10 +447,10 @@ def _load_fields(tx: Tx, t: Tables, known: dict[str, dict[str, Any]], ids: set[s
         chunk = missing[n : n + READ_CHUNK]
         marks = ", ".join("?" for _ in chunk)
         for row in tx.execute(
-            f"SELECT aggregate_id, field, value FROM {t[FIELDS]} WHERE aggregate_id IN ({marks})",
+            f"SELECT aggregate_id, fields FROM {t[FIELDS]} WHERE aggregate_id IN ({marks})",
             chunk,
         ):
-            known[row["aggregate_id"]][row["field"]] = loads(row["value"])
+            known[row["aggregate_id"]] = loads(row["fields"])
 
 
 def _lien_registration(event: Any, aggregate_type: str) -> str | None:
@@ -483,46 +477,41 @@ def _loan_number(
     return None if found is None else str(found)
 
 
-def record(
-    position: int,
-    event: Any,
-    known: dict[str, dict[str, Any]],
-    latest: dict[tuple[str, str], Any],
-) -> list[Any]:
-    """The audit row of one event (values in ``COLUMNS`` order). The aggregate's last
-    field values in ``known`` are updated, and the changed ones noted in ``latest``."""
+def record(position: int, event: Any, known: dict[str, dict[str, Any]], changed: set[str]) -> Row:
+    """The audit row of one event. The aggregate's last field values in ``known`` are
+    updated; if any changed, its id is added to ``changed``."""
     qualname = type(event).__qualname__
     aggregate_type = qualname.split(".")[0]
     aggregate_id = str(event.originator_id)
     seen = known[aggregate_id]
     diff: dict[str, dict[str, Any]] = {}
-    changed: dict[str, Any] = {}
+    latest: dict[str, Any] = {}
     for name, (before, after) in state_changes(event).items():
         if before is _UNSEEN:
             before = seen.get(name)
         if not same(before, after):
             diff[name] = {"before": before, "after": after}
         if name not in seen or not same(seen[name], after):
-            changed[name] = after
-    row = [
-        position,
-        iso_utc(event.timestamp),
-        getattr(event, "actor_id", None) or "unknown",
-        getattr(event, "actor_role", None) or "unknown",
-        aggregate_type,
-        aggregate_id,
-        event.originator_version,
-        _loan_number(event, aggregate_type, seen, known),
-        qualname,
-        getattr(event, "reason", None),
-        getattr(event, "correlation_id", None) or "",
-        summarise(event, seen),  # says what the aggregate was before this event
-        json_text(diff),
-        getattr(event, "event_hash", None) or "",
-    ]
-    seen.update(changed)
-    for name, value in changed.items():
-        latest[aggregate_id, name] = value
+            latest[name] = after
+    row = {
+        "position": position,
+        "occurred_at": iso_utc(event.timestamp),
+        "actor_id": getattr(event, "actor_id", None) or "unknown",
+        "actor_role": getattr(event, "actor_role", None) or "unknown",
+        "aggregate_type": aggregate_type,
+        "aggregate_id": aggregate_id,
+        "aggregate_version": event.originator_version,
+        "loan_number": _loan_number(event, aggregate_type, seen, known),
+        "event_type": qualname,
+        "reason": getattr(event, "reason", None),
+        "correlation_id": getattr(event, "correlation_id", None) or "",
+        "summary": summarise(event, seen),  # says what the aggregate was before this event
+        "diff": json_text(diff),
+        "event_hash": getattr(event, "event_hash", None) or "",
+    }
+    if latest:
+        seen.update(latest)
+        changed.add(aggregate_id)
     return row
 
 

@@ -19,7 +19,8 @@ def iso_utc(moment: datetime) -> str:
     """``2026-01-31T12:00:00.000000Z``: fixed width, so text order is time order."""
     if moment.tzinfo is None:
         raise ValueError("a moment needs a time zone")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat is about twice as fast as strftime, and this runs for every event.
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def plain(value: Any) -> Any:

@@ -241,22 +241,9 @@ class Rows:
     def flush(self) -> None:
         for table, key in KEYS.items():
             rows = self.rows[table]
-            if self.new[table]:
-                added = [rows[k] for k in self.new[table]]
-                columns = list(added[0])
-                marks = ", ".join("?" for _ in columns)
-                self.tx.executemany(
-                    f"INSERT INTO {self.t[table]} ({', '.join(columns)}) VALUES ({marks})",
-                    [[row[c] for c in columns] for row in added],
-                )
-            if self.dirty[table]:
-                changed = [rows[k] for k in self.dirty[table]]
-                columns = [c for c in changed[0] if c != key]
-                assignments = ", ".join(f"{c} = ?" for c in columns)
-                self.tx.executemany(
-                    f"UPDATE {self.t[table]} SET {assignments} WHERE {key} = ?",
-                    [[*(row[c] for c in columns), row[key]] for row in changed],
-                )
+            self.tx.insert_rows(self.t[table], [rows[k] for k in self.new[table]])
+            # Every changed row exists: the upsert overwrites it whole.
+            self.tx.upsert_rows(self.t[table], key, [rows[k] for k in self.dirty[table]])
         if sum(len(r) for r in self.rows.values()) > CACHE_ROWS:
             for r in self.rows.values():
                 r.clear()

@@ -8,11 +8,14 @@ interface, so views write their SQL once:
 - statements use ``?`` placeholders (translated to ``%s`` for psycopg);
 - ``transaction()`` is the write transaction: view rows and tracking commit together;
 - ``read()`` is a consistent read-only snapshot (registry lookup and rows agree);
-- rows come back as plain ``dict``; JSON columns are TEXT on both backends.
+- rows come back as plain ``dict``; JSON columns are TEXT on both backends;
+- ``insert_rows``/``upsert_rows`` write a batch's rows at once (values: text,
+  integers, NULL).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import threading
@@ -58,6 +61,20 @@ class Tx:
 
     def lock(self, key: str) -> None:
         """Serialise schema changes (create/drop generations) between processes."""
+        raise NotImplementedError
+
+    def insert_rows(self, table: str, rows: Sequence[Row]) -> None:
+        """Insert many rows (dicts with the same keys) at once: a batch's bulk write."""
+        if rows:
+            self._write_rows(table, rows, "")
+
+    def upsert_rows(self, table: str, key: str, rows: Sequence[Row]) -> None:
+        """Insert many rows; a row whose ``key`` exists overwrites the other columns."""
+        if rows:
+            assignments = ", ".join(f"{c} = excluded.{c}" for c in rows[0] if c != key)
+            self._write_rows(table, rows, f" ON CONFLICT ({key}) DO UPDATE SET {assignments}")
+
+    def _write_rows(self, table: str, rows: Sequence[Row], conflict: str) -> None:
         raise NotImplementedError
 
     def one(self, sql: str, params: Params = ()) -> Row | None:
@@ -115,6 +132,15 @@ class _SQLiteTx(Tx):
 
     def lock(self, key: str) -> None:
         """BEGIN IMMEDIATE already excludes every other writer."""
+
+    def _write_rows(self, table: str, rows: Sequence[Row], conflict: str) -> None:
+        # No round trips to save in process: one prepared statement, stepped per row.
+        columns = list(rows[0])
+        marks = ", ".join("?" for _ in columns)
+        self.conn.executemany(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}){conflict}",
+            [tuple(row[c] for c in columns) for row in rows],
+        )
 
 
 def _use_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
@@ -223,6 +249,17 @@ class _PostgresTx(Tx):
 
     def lock(self, key: str) -> None:
         self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"views:{key}",))
+
+    def _write_rows(self, table: str, rows: Sequence[Row], conflict: str) -> None:
+        """One statement and one round trip for all the rows: they travel as one JSON
+        array, which ``json_populate_recordset`` turns into rows of the table's types
+        (statement by statement, even pipelined, costs a server round per row)."""
+        columns = ", ".join(rows[0])
+        self.conn.execute(
+            f"INSERT INTO {table} ({columns}) SELECT {columns}"
+            f" FROM json_populate_recordset(NULL::{table}, %s){conflict}",
+            (json.dumps(rows, separators=(",", ":")),),
+        )
 
 
 class PostgresStore(Store):

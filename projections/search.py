@@ -674,8 +674,6 @@ def _ranked_sqlite(
         )
         return total, rows
     sql = where.sql(t)
-    conditions = "".join(f" AND {w}" for w in sql)
-    params: list[Any] = [match, *where.params]
     if where.indexed:
         # Page ids follow log positions, so one loan's pages, or one period's, lie in a
         # narrow id range: FTS5 then reads only that stretch of its doclists.
@@ -686,18 +684,31 @@ def _ranked_sqlite(
         )
         if bounds is None or not bounds["n"]:
             return 0, []
-        conditions += f" AND {fts}.rowid BETWEEN ? AND ?"
-        params += [bounds["lo"], bounds["hi"]]
+        # The candidates, found by an index, become one in-memory list that each match
+        # is checked against: cheaper than a join to the page row per match (type +
+        # year 17 -> 10 ms, borrower 18 -> 11 ms on 100k pages). "+rowid" keeps the
+        # list away from FTS5, which would otherwise be asked once per candidate.
+        base = (
+            f" FROM {fts} WHERE {fts} MATCH ? AND {fts}.rowid BETWEEN ? AND ?"
+            f" AND +{fts}.rowid IN (SELECT p.page_id FROM {t[PAGES]} p WHERE "
+            + " AND ".join(sql)
+            + ")"
+        )
+        params: list[Any] = [match, bounds["lo"], bounds["hi"], *where.params]
+    else:
+        # Only a condition no index serves (not superseded): there the join to the page
+        # row beats an in-memory list of nearly every page.
+        base = (
+            f" FROM {fts} CROSS JOIN {t[PAGES]} p ON p.page_id = {fts}.rowid"
+            f" WHERE {fts} MATCH ?" + "".join(f" AND {w}" for w in sql)
+        )
+        params = [match, *where.params]
     # One pass over the matches for the ranking and the total; bm25() must run in the
-    # FTS5 query itself, hence the materialised CTE. CROSS JOIN keeps FTS5 the outer
-    # loop: driven from an index on the pages, FTS5 would be asked once per candidate
-    # row and bm25() would recompute its statistics every time (seconds, not ms).
-    base = (
-        f" FROM {fts} CROSS JOIN {t[PAGES]} p ON p.page_id = {fts}.rowid"
-        f" WHERE {fts} MATCH ?{conditions}"
-    )
+    # FTS5 query itself, hence the materialised CTE. FTS5 stays the outer loop: driven
+    # from an index on the pages, FTS5 would be asked once per candidate row and bm25()
+    # would recompute its statistics every time (seconds, not ms).
     rows = tx.execute(
-        f"WITH hits AS MATERIALIZED (SELECT p.page_id, -bm25({fts}) AS score{base})"
+        f"WITH hits AS MATERIALIZED (SELECT {fts}.rowid AS page_id, -bm25({fts}) AS score{base})"
         " SELECT page_id, score, COUNT(*) OVER () AS total FROM hits"
         " ORDER BY score DESC, page_id LIMIT ? OFFSET ?",
         [*params, limit, offset],

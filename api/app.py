@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import (
     audit,
@@ -24,6 +25,28 @@ from api import (
 from archive.application import ArchiveApp
 from archive.settings import Settings
 from projections.runner import Projections
+
+
+class RefuseOversizedUploads:
+    """Answer 413 from the declared length, before a byte of the body is read.
+
+    Plain ASGI: ``@app.middleware("http")`` (BaseHTTPMiddleware) costs about 0.1 ms on
+    every request, uploads or not."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            request = Request(scope)
+            if documents.too_large(request, self.limit):
+                response = problems.problem(
+                    413, "Content too large", f"uploads are limited to {self.limit} bytes", request
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings, archive: ArchiveApp | None = None) -> FastAPI:
@@ -64,17 +87,7 @@ def create_app(settings: Settings, archive: ArchiveApp | None = None) -> FastAPI
     ):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def refuse_oversized_uploads(request: Request, call_next):  # type: ignore[no-untyped-def]
-        """Answer 413 from the declared length, before a byte of the body is read."""
-        if request.method == "POST" and documents.too_large(request, settings.max_upload_bytes):
-            return problems.problem(
-                413,
-                "Content too large",
-                f"uploads are limited to {settings.max_upload_bytes} bytes",
-                request,
-            )
-        return await call_next(request)
+    app.add_middleware(RefuseOversizedUploads, limit=settings.max_upload_bytes)
 
     @app.get("/healthz", tags=["health"], summary="Liveness and event-store reachability")
     def healthz(request: Request) -> JSONResponse:

@@ -78,12 +78,12 @@ async def search_pages(
     snippet with the matches in ``<mark>`` (HTML-escaped around them) and a rank
     (higher is better; comparable within one response). ``total`` counts every hit;
     ``position`` is the log position the index is consistent with; ``query`` is the
-    query as understood.
+    query as understood."""
 
-    Async, with the blocking part (the freshness barrier, then the queries) in one
-    thread-pool hop: each sync dependency or handler would cost a hop of its own, and
-    the barrier runs only once every parameter is valid."""
-
+    # Async, with the blocking part (the freshness barrier, then the queries) in one
+    # thread-pool hop: each sync dependency or handler would cost a hop of its own (the
+    # docstring above is the OpenAPI description). The barrier runs only once every
+    # parameter is valid.
     def run() -> Page:
         views = fresh_views(request)
         if SearchView.name not in views.views:

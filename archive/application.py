@@ -10,7 +10,7 @@ from __future__ import annotations
 import getpass
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -37,7 +37,7 @@ from archive.documents import (
     sniff_media_type,
 )
 from archive.domain import ArchiveAggregate, CommandContext, Role, choice
-from archive.eventlog import protect_events_table, select_with_positions
+from archive.eventlog import protect_events_table, select_with_positions, snapshot_events
 from archive.exceptions import (
     ArchiveError,
     AuthenticationError,
@@ -65,6 +65,15 @@ def replay(aggregate: Any, events: Iterable[Any]) -> Any:
     """Apply stored events in order (the library's projector, minus a per-event
     isinstance assert that costs more than decoding the event)."""
     for event in events:
+        aggregate = event.mutate(aggregate)
+    return aggregate
+
+
+def replay_until(aggregate: Any, events: Iterable[Any], as_of: datetime) -> Any:
+    """Apply stored events in order, up to the last one at or before ``as_of``."""
+    for event in events:
+        if event.timestamp > as_of:
+            break
         aggregate = event.mutate(aggregate)
     return aggregate
 
@@ -215,6 +224,7 @@ R = TypeVar("R")
 
 SNAPSHOT_EVERY = 100
 AGGREGATE_CACHE_SIZE = 2000
+MAX_VERSION = 2**63 - 1  # the largest integer either database stores
 
 
 class ArchiveApp(Application[UUID]):
@@ -257,8 +267,8 @@ class ArchiveApp(Application[UUID]):
         store, so reads see other processes' writes. ``fresh=False`` skips that read and
         is only for an aggregate the command saves: if another process wrote it first,
         the insert of the next version conflicts (see ``_attempt``)."""
-        if version is not None and version < 1:
-            raise DomainError("version must be 1 or more")
+        if version is not None:
+            return self._load_version(cls, aggregate_id, what, version)
         cached = self.cache.get(aggregate_id)
         if cached is None:
             try:
@@ -273,11 +283,22 @@ class ArchiveApp(Application[UUID]):
         if not isinstance(head, cls):
             raise NotFoundError(f"{what} not found")
         self.cache.put(head)
-        if version is None or version == head.version:
-            return head.clone()
-        if version > head.version:
-            raise NotFoundError(f"{what} has no version {version} (head is {head.version})")
-        return self.repository.get(aggregate_id, version=version, projector_func=replay)
+        return head.clone()
+
+    def _load_version(self, cls: type[T], aggregate_id: UUID, what: str, version: int) -> T:
+        """The aggregate at ``version``: from the snapshot at or below it, then its events."""
+        if version < 1:
+            raise DomainError("version must be 1 or more")
+        upto = min(version, MAX_VERSION)  # a larger number is no version, nor a query parameter
+        try:
+            aggregate = self.repository.get(aggregate_id, version=upto, projector_func=replay)
+        except AggregateNotFoundError:
+            raise NotFoundError(f"{what} not found") from None
+        if not isinstance(aggregate, cls):
+            raise NotFoundError(f"{what} not found")
+        if aggregate.version < version:  # the events ran out: that is the head
+            raise NotFoundError(f"{what} has no version {version} (head is {aggregate.version})")
+        return aggregate
 
     @staticmethod
     def _attempt(command: Callable[[bool], R]) -> R:
@@ -692,25 +713,54 @@ class ArchiveApp(Application[UUID]):
             for n in select_with_positions(self.recorder, ids)
         ]
 
+    def snapshots_around(
+        self, aggregate_ids: Sequence[UUID], as_of: datetime
+    ) -> dict[UUID, tuple[int | None, int | None]]:
+        """For each aggregate with snapshots: the version of its latest snapshot taken at
+        or before ``as_of`` and of the first one taken after it (either may be None).
+
+        Picked by the timestamps of the events the snapshots were taken at, which are
+        small, in one query: no snapshot (each the whole state) is decoded in vain."""
+        around: dict[UUID, tuple[int | None, int | None]] = {}
+        if self.snapshots is None:
+            return around
+        for stored in snapshot_events(self.recorder, self.snapshots.recorder, aggregate_ids):
+            base, after = around.get(stored.originator_id, (None, None))
+            if after is None:
+                if self.mapper.to_domain_event(stored).timestamp <= as_of:
+                    base = stored.originator_version
+                else:
+                    after = stored.originator_version
+                around[stored.originator_id] = (base, after)
+        return around
+
+    def states_at(self, aggregate_ids: Sequence[UUID], as_of: datetime) -> list[Any | None]:
+        """Aggregates as they were at ``as_of`` (None for one that did not exist yet).
+
+        Each from its latest snapshot at or before the moment, then its events up to the
+        moment, none past its next snapshot. Aggregates without snapshots (under a
+        hundred events each) are read together: few round trips for a whole loan file."""
+        around = self.snapshots_around(aggregate_ids, as_of)
+        states: dict[UUID, Any | None] = {}
+        for aggregate_id, (base, after) in around.items():
+            aggregate = None
+            if base is not None:
+                assert self.snapshots is not None
+                (snapshot,) = self.snapshots.get(aggregate_id, gt=base - 1, lte=base)
+                aggregate = snapshot.mutate(None)
+            events = self.repository.event_store.get(aggregate_id, gt=base, lte=after)
+            states[aggregate_id] = replay_until(aggregate, events, as_of)
+        rest = [i for i in aggregate_ids if i not in around]
+        events_of: dict[UUID, list[Any]] = {i: [] for i in rest}
+        for stored in select_with_positions(self.recorder, rest):
+            events_of[stored.originator_id].append(self.mapper.to_domain_event(stored))
+        for aggregate_id, events in events_of.items():
+            states[aggregate_id] = replay_until(None, events, as_of)
+        return [states[i] for i in aggregate_ids]
+
     def state_at(self, aggregate_id: UUID, as_of: datetime) -> Any | None:
-        """An aggregate as it was at ``as_of`` (None if it did not exist yet): from the
-        latest snapshot taken at or before that moment, then the events after it."""
-        base = None
-        after = None  # the version of a snapshot already past ``as_of``: read no further
-        for snapshot in self.snapshots.get(aggregate_id, desc=True) if self.snapshots else ():
-            if snapshot.state["_modified_on"] <= as_of:
-                base = snapshot
-                break
-            after = snapshot.originator_version
-        aggregate = base.mutate(None) if base is not None else None
-        later = self.repository.event_store.get(
-            aggregate_id, gt=base.originator_version if base is not None else None, lte=after
-        )
-        for event in later:
-            if event.timestamp > as_of:
-                break
-            aggregate = event.mutate(aggregate)
-        return aggregate
+        """An aggregate as it was at ``as_of`` (None if it did not exist yet)."""
+        return self.states_at([aggregate_id], as_of)[0]
 
     def loan_file(
         self, loan_number: str, *, version: int | None = None, as_of: datetime | None = None
@@ -722,34 +772,38 @@ class ArchiveApp(Application[UUID]):
         """
         if version is not None and as_of is not None:
             raise DomainError("give either a version or a moment, not both")
-        if version is not None:
-            as_of = self.get_loan(loan_number, version=version).modified_on
-        if as_of is None:
+        if as_of is not None and as_of.tzinfo is None:
+            raise DomainError("a moment in the past needs a time zone, e.g. 2026-01-31T12:00:00Z")
+        if version is None and as_of is None:
             loan: Any = self.get_loan(loan_number)
-
-            def at(aggregate_id: UUID) -> Any:
-                return self._load(ArchiveAggregate, aggregate_id, f"aggregate {aggregate_id}")
-
             index = self.loan_documents(loan_number)
+
+            def heads(ids: Sequence[UUID]) -> list[Any]:
+                return [self._load(ArchiveAggregate, i, f"aggregate {i}") for i in ids]
+
+            collateral, valuations = heads(loan.collateral_ids), heads(loan.valuation_ids)
+            documents = [] if index is None else heads(index.document_ids())
         else:
-            if as_of.tzinfo is None:
-                raise DomainError(
-                    "a moment in the past needs a time zone, e.g. 2026-01-31T12:00:00Z"
-                )
-            moment = as_of
-            loan = self.state_at(loan_id(loan_number), moment)
-            if loan is None:
-                self.get_loan(loan_number)  # 404 for a loan that never existed
-                raise NotFoundError(f"loan {loan_number} did not exist at {moment.isoformat()}")
-
-            def at(aggregate_id: UUID) -> Any:
-                return self.state_at(aggregate_id, moment)
-
-            index = at(loan_documents_id(loan_number))
+            if version is not None:  # the loan at that version; the rest as of its moment
+                loan = self.get_loan(loan_number, version=version)
+                as_of = loan.modified_on
+            else:
+                assert as_of is not None
+                loan = self.state_at(loan_id(loan_number), as_of)
+                if loan is None:
+                    self.get_loan(loan_number)  # 404 for a loan that never existed
+                    raise NotFoundError(f"loan {loan_number} did not exist at {as_of.isoformat()}")
+            index, *linked = self.states_at(
+                [loan_documents_id(loan_number), *loan.collateral_ids, *loan.valuation_ids],
+                as_of,
+            )
+            collateral = linked[: len(loan.collateral_ids)]
+            valuations = linked[len(loan.collateral_ids) :]
+            documents = [] if index is None else self.states_at(index.document_ids(), as_of)
         result = loan.state()
-        result["collateral"] = [at(i).state() for i in loan.collateral_ids]
-        result["valuations"] = [at(i).state() for i in loan.valuation_ids]
-        result["documents"] = [] if index is None else [at(i).state() for i in index.document_ids()]
+        result["collateral"] = [c.state() for c in collateral]
+        result["valuations"] = [v.state() for v in valuations]
+        result["documents"] = [d.state() for d in documents]
         result["as_of"] = as_of
         return result
 

@@ -1,16 +1,23 @@
 """What the archive asks of the events table beyond the library's recorder interface.
 
-Two needs, one per backend: read several aggregates' events together with their
-global positions (for histories), and make the table append-only in the database
-itself, so that not even a buggy or hostile client can UPDATE or DELETE history.
+Three needs, one per backend: read several aggregates' events together with their
+global positions (for histories), find when each snapshot was taken without decoding
+it (for reads in the past), and make the table append-only in the database itself, so
+that not even a buggy or hostile client can UPDATE or DELETE history.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import ApplicationRecorder, Notification
+from eventsourcing.persistence import (
+    AggregateRecorder,
+    ApplicationRecorder,
+    Notification,
+    StoredEvent,
+)
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.sqlite import SQLiteApplicationRecorder
 from psycopg.sql import SQL, Identifier
@@ -94,6 +101,56 @@ def select_with_positions(
         return [
             Notification(
                 id=row[position],
+                originator_id=UUID(str(row["originator_id"])),
+                originator_version=row["originator_version"],
+                topic=row["topic"],
+                state=bytes(row["state"]),
+            )
+            for row in c.fetchall()
+        ]
+
+
+def snapshot_events(
+    recorder: ApplicationRecorder, snapshots: AggregateRecorder, originator_ids: Sequence[UUID]
+) -> list[StoredEvent]:
+    """The given aggregates' events that have a snapshot at their version, each
+    aggregate's oldest first.
+
+    An event's timestamp is its snapshot's moment: a read in the past picks its snapshot
+    from these small events and decodes only that one snapshot, not the large ones it
+    passes over."""
+    if not originator_ids:
+        return []
+    if isinstance(recorder, SQLiteApplicationRecorder):
+        marks = ",".join("?" * len(originator_ids))
+        # CROSS JOIN keeps SQLite from walking all the aggregates' events (70x slower).
+        statement: Any = (
+            f"SELECT e.originator_id, e.originator_version, e.topic, e.state "
+            f"FROM {snapshots.events_table_name} s CROSS JOIN {recorder.events_table_name} e "  # type: ignore[attr-defined]
+            f"ON e.originator_id = s.originator_id "
+            f"AND e.originator_version = s.originator_version "
+            f"WHERE s.originator_id IN ({marks}) ORDER BY s.originator_id, s.originator_version"
+        )
+        params: list[object] = [i.hex for i in originator_ids]
+    elif isinstance(recorder, PostgresApplicationRecorder):
+        statement = SQL(
+            "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+            "FROM {schema}.{snapshots} s JOIN {schema}.{events} e "
+            "ON e.originator_id = s.originator_id "
+            "AND e.originator_version = s.originator_version "
+            "WHERE s.originator_id = ANY(%s) ORDER BY s.originator_id, s.originator_version"
+        ).format(
+            schema=Identifier(recorder.datastore.schema),
+            events=Identifier(recorder.events_table_name),
+            snapshots=Identifier(snapshots.events_table_name),  # type: ignore[attr-defined]
+        )
+        params = [list(originator_ids)]
+    else:  # pragma: no cover
+        raise TypeError(f"unsupported recorder {type(recorder).__name__}")
+    with recorder.datastore.transaction(commit=False) as c:
+        c.execute(statement, params)
+        return [
+            StoredEvent(
                 originator_id=UUID(str(row["originator_id"])),
                 originator_version=row["originator_version"],
                 topic=row["topic"],

@@ -236,14 +236,12 @@ class Reconstruction:
 
 
 def pick_snapshot(app: ArchiveApp, aggregate_id: uuid.UUID, moment: datetime) -> int:
-    """``state_at``'s first step on its own: read the snapshots newest first, decoding each,
-    until one is at or before the moment. Returns how many were decoded."""
-    decoded = 0
-    for snapshot in app.snapshots.get(aggregate_id, desc=True) if app.snapshots else ():
-        decoded += 1
-        if snapshot.state["_modified_on"] <= moment:
-            break
-    return decoded
+    """``state_at``'s first step on its own: pick the snapshot (``snapshots_around``) and
+    decode it. Returns how many snapshots were decoded."""
+    base, _ = app.snapshots_around([aggregate_id], moment).get(aggregate_id, (None, None))
+    if base is None or app.snapshots is None:
+        return 0
+    return len(list(app.snapshots.get(aggregate_id, gt=base - 1, lte=base)))
 
 
 def reconstruct(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, assume, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from archive.application import ArchiveApp
+from archive.application import ArchiveApp, replay
 from archive.domain import CommandContext
 from archive.exceptions import DomainError
 from archive.integrity import digest_of
@@ -273,3 +274,32 @@ def test_long_files_replay_from_snapshots_that_verify(
     assert report.breach is not None
     assert (report.breach.originator_id, report.breach.originator_version) == (loan_id("S-1"), 200)
     assert "snapshot" in report.breach.problem
+
+
+def test_time_travel_around_every_snapshot_agrees_with_a_replay_from_scratch(
+    archive: ArchiveApp, officer: CommandContext
+) -> None:
+    """Moments at, just after and just before each snapshot's event, and past the last."""
+    open_loan(archive, officer, "S-2")
+    for day in range(1, 230):
+        archive.change_loan(
+            officer,
+            "S-2",
+            None,
+            lambda loan, d=day: loan.record_repayment(officer, "1.00", f"2024-{1 + d % 12:02d}-01"),
+        )
+    lid = loan_id("S-2")
+    assert archive.snapshots is not None
+    assert [s.originator_version for s in archive.snapshots.get(lid)] == [100, 200]
+    events = list(archive.repository.event_store.get(lid))
+    tick = timedelta(microseconds=1)
+    assert archive.state_at(lid, events[0].timestamp - tick) is None
+    for version in (1, 2, 99, 100, 101, 150, 199, 200, 201, 229, 230):
+        expected = replay(None, events[:version]).state()
+        moment = events[version - 1].timestamp
+        later = events[version].timestamp - tick if version < len(events) else moment + tick
+        for when in (moment, later):
+            assert archive.state_at(lid, when).state() == expected, (version, when)
+        by_moment = archive.loan_file("S-2", as_of=moment)
+        assert {k: by_moment[k] for k in expected} == expected
+        assert archive.loan_file("S-2", version=version) == by_moment

@@ -577,7 +577,9 @@ def instrumented(archive: ArchiveApp, projections: Projections, name: str) -> It
     }
     tx_classes = (view_store._SQLiteTx, view_store._PostgresTx)
     tx_methods = {
-        (cls, m): getattr(cls, m) for cls in tx_classes for m in ("execute", "executemany")
+        (cls, m): getattr(cls, m)
+        for cls in tx_classes
+        for m in ("execute", "executemany", "_write_rows")
     }
 
     def select(*args: Any, **kwargs: Any) -> Any:
@@ -604,14 +606,17 @@ def instrumented(archive: ArchiveApp, projections: Projections, name: str) -> It
             clock.add("apply_batch", perf() - t0, len(events))
 
     def sql_timer(method: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(self: Any, sql: str, params: Any = ()) -> Any:
+        def timed(self: Any, sql: str, *args: Any) -> Any:
             t0 = perf()
             try:
-                return method(self, sql, params)
+                return method(self, sql, *args)
             finally:
                 spent = perf() - t0
-                m = TABLE.search(sql)
-                what = f"{sql.split(None, 1)[0]} {m.group(1) if m else '?'}"
+                if method.__name__ == "_write_rows":  # insert_rows/upsert_rows: sql is a table
+                    what = f"WRITE ROWS {re.sub(r'_g[0-9]+$', '', sql)}"
+                else:
+                    m = TABLE.search(sql)
+                    what = f"{sql.split(None, 1)[0]} {m.group(1) if m else '?'}"
                 if clock.in_apply:
                     clock.add(f"sql {what}", spent)
                     clock.add("sql (in apply)", spent)

@@ -13,6 +13,7 @@ read which original is part of the audit trail.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 from collections.abc import Callable, Iterator
@@ -143,6 +144,24 @@ def payload(event: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(event).items() if k not in META}
 
 
+#: how an event's attributes become fields: (field, attribute, attribute of its old value)
+Plan = tuple[tuple[str, str, str | None], ...]
+
+
+@functools.cache
+def _plan(attributes: tuple[str, ...]) -> Plan:
+    """The fields of events with these attributes: an ``old_x``/``new_x`` pair is ``x``.
+    Cached: it depends on the attribute names only, which an event type keeps."""
+    names = [a for a in attributes if a not in META]
+    plan: list[tuple[str, str, str | None]] = []
+    for name in names:
+        if name.startswith("new_") and f"old_{name[4:]}" in names:
+            plan.append((name[4:], name, f"old_{name[4:]}"))
+        elif not (name.startswith("old_") and f"new_{name[4:]}" in names):
+            plan.append((name, name, None))
+    return tuple(plan)
+
+
 def state_changes(event: Any) -> dict[str, Change]:
     """The fields an event sets, as plain JSON values."""
     special = _STATE_CHANGES.get(type(event).__qualname__)
@@ -150,16 +169,11 @@ def state_changes(event: Any) -> dict[str, Change]:
         return {
             k: (b if b is _UNSEEN else plain(b), plain(a)) for k, (b, a) in special(event).items()
         }
-    fields = payload(event)
-    changes: dict[str, Change] = {}
-    for name, value in fields.items():
-        if name.startswith("new_") and f"old_{name[4:]}" in fields:
-            changes[name[4:]] = (plain(fields[f"old_{name[4:]}"]), plain(value))
-        elif name.startswith("old_") and f"new_{name[4:]}" in fields:
-            continue
-        else:
-            changes[name] = (_UNSEEN, plain(value))
-    return changes
+    fields = vars(event)
+    return {
+        name: (_UNSEEN if old is None else plain(fields[old]), plain(fields[attribute]))
+        for name, attribute, old in _plan(tuple(fields))
+    }
 
 
 # -- one human line per event type ---------------------------------------------------------
@@ -487,11 +501,14 @@ def record(position: int, event: Any, known: dict[str, dict[str, Any]], changed:
     diff: dict[str, dict[str, Any]] = {}
     latest: dict[str, Any] = {}
     for name, (before, after) in state_changes(event).items():
-        if before is _UNSEEN:
-            before = seen.get(name)
-        if not same(before, after):
+        last = seen.get(name, _UNSEEN)
+        stays = last is not _UNSEEN and same(last, after)
+        if before is _UNSEEN:  # the field's last value is its before
+            if not stays and (last is not _UNSEEN or after is not None):
+                diff[name] = {"before": None if last is _UNSEEN else last, "after": after}
+        elif not same(before, after):
             diff[name] = {"before": before, "after": after}
-        if name not in seen or not same(seen[name], after):
+        if not stays:
             latest[name] = after
     row = {
         "position": position,

@@ -25,6 +25,9 @@ def iso_utc(moment: datetime) -> str:
 
 def plain(value: Any) -> Any:
     """Map an event value onto JSON types: Decimal as string, dates ISO, UUIDs as text."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:  # most values: fast
+        return value
     if isinstance(value, Enum):
         return value.value
     if value is None or isinstance(value, bool | int | str):

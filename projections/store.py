@@ -16,6 +16,7 @@ interface, so views write their SQL once:
 from __future__ import annotations
 
 import json
+import operator
 import re
 import sqlite3
 import threading
@@ -137,9 +138,10 @@ class _SQLiteTx(Tx):
         # No round trips to save in process: one prepared statement, stepped per row.
         columns = list(rows[0])
         marks = ", ".join("?" for _ in columns)
+        values = operator.itemgetter(*columns)  # a tuple of the row's values (>= 2 columns)
         self.conn.executemany(
             f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}){conflict}",
-            [tuple(row[c] for c in columns) for row in rows],
+            map(values, rows),
         )
 
 

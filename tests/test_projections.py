@@ -290,6 +290,37 @@ def test_rebuild_serves_the_old_generation_until_the_switch(
     assert sorted(gens) == [2, 3]
 
 
+def test_views_rebuilt_together_read_the_log_once(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    scripted_history(archive, officer)
+    views = Projections(archive, store)
+    views.catch_up()
+    incremental = {name: view.dump(store) for name, view in views.views.items()}
+    reads: list[int] = []
+    select = archive.recorder.select_notifications
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        notes = select(*args, **kwargs)
+        reads.append(len(notes))
+        return notes
+
+    archive.recorder.select_notifications = counted  # type: ignore[method-assign]
+    try:
+        generations = views.rebuild_views(batch_size=4)
+    finally:
+        del archive.recorder.select_notifications
+    head = archive.head_position()
+    assert generations == {"loan_files": 2, "audit_trail": 2, "search": 2}
+    # One pass for all views: every event is read once, in batches of 4, then the empty
+    # read that ends the pass (the switches find nothing left to read).
+    assert sum(reads) == head and len(reads) == -(-head // 4) + 1
+    assert {name: view.dump(store) for name, view in views.views.items()} == incremental
+    assert [(s.generation, s.lag, s.stale) for s in views.status()] == [(2, 0, False)] * 3
+    with pytest.raises(KeyError):
+        views.rebuild_views(["nope"])
+
+
 def test_the_live_follower_moves_to_the_new_generation(
     archive: ArchiveApp, officer: CommandContext, store: Store
 ) -> None:

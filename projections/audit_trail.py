@@ -23,7 +23,17 @@ from typing import Any, ClassVar
 from projections import registry
 from projections.encoding import dumps, iso_utc, json_text, loads, plain
 from projections.store import Row, Store, Tx
-from projections.view import MAX_LIMIT, Cache, Events, Handlers, Page, Tables, View, check_page
+from projections.view import (
+    MAX_LIMIT,
+    Cache,
+    Events,
+    Handlers,
+    Page,
+    Tables,
+    View,
+    check_page,
+    trim,
+)
 
 EVENTS = "audit_events"
 FIELDS = "audit_fields"
@@ -120,8 +130,7 @@ class AuditTrailView(View):
             "aggregate_id",
             [{"aggregate_id": a, "fields": json_text(known[a])} for a in changed],
         )
-        if len(known) > CACHE_AGGREGATES:
-            known.clear()
+        trim(known, CACHE_AGGREGATES)
 
 
 # -- what an event changes ---------------------------------------------------------------
@@ -433,8 +442,7 @@ def summarise(event: Any, seen: dict[str, Any]) -> str:
 
 # -- apply -------------------------------------------------------------------------------------
 
-#: a rebuild's cache of field values is emptied after a batch once it knows this many
-#: aggregates
+#: aggregates whose field values a rebuild keeps in memory (see ``view.trim``)
 CACHE_AGGREGATES = 200_000
 #: ids per ``IN (...)`` when reading field values
 READ_CHUNK = 500

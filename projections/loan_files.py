@@ -17,7 +17,17 @@ from archive.documents import ExtractionStatus
 from projections import registry
 from projections.encoding import dumps, iso_utc, loads, opt
 from projections.store import Row, Store, Tx
-from projections.view import Cache, Events, Handlers, Page, Tables, View, check_page, fetch_row
+from projections.view import (
+    Cache,
+    Events,
+    Handlers,
+    Page,
+    Tables,
+    View,
+    check_page,
+    fetch_row,
+    trim,
+)
 
 LOANS = "loan_files"
 COLLATERAL = "loan_collateral"
@@ -191,7 +201,7 @@ TABLE_OF = {
 CREATES = frozenset(
     {"LoanFile.Opened", "MortgageRegistration.Filed", "Valuation.Appraised", "Document.Registered"}
 )
-#: a rebuild's cache is emptied after a batch once it holds more rows than this
+#: rows of one table a rebuild keeps in memory (see ``view.trim``)
 CACHE_ROWS = 100_000
 #: ids per ``IN (...)`` when reading rows
 READ_CHUNK = 500
@@ -244,9 +254,8 @@ class Rows:
             self.tx.insert_rows(self.t[table], [rows[k] for k in self.new[table]])
             # Every changed row exists: the upsert overwrites it whole.
             self.tx.upsert_rows(self.t[table], key, [rows[k] for k in self.dirty[table]])
-        if sum(len(r) for r in self.rows.values()) > CACHE_ROWS:
-            for r in self.rows.values():
-                r.clear()
+        for cached in self.rows.values():
+            trim(cached, CACHE_ROWS)
 
 
 RowHandler = Callable[[Rows, int, Any], None]

@@ -8,6 +8,7 @@ has no function for is skipped, so new event types never break an old view.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -111,6 +112,15 @@ class View:
 
 
 # -- small row helpers shared by the views ---------------------------------------------------
+
+
+def trim(cached: dict[Any, Any], limit: int) -> None:
+    """Bound a cache of written rows: past ``limit`` entries, forget the older half (in
+    the order they were first cached, so long-finished aggregates go first). Only call
+    it once the batch is written; a forgotten row is read back when next needed."""
+    if len(cached) > limit:
+        for key in list(itertools.islice(cached, len(cached) // 2)):
+            del cached[key]
 
 
 def insert_row(tx: Tx, table: str, row: dict[str, Any]) -> None:

@@ -3,18 +3,29 @@
 import base64
 import binascii
 import re
-from typing import Annotated
+from collections import deque
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar, cast
 from urllib.parse import quote
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, File, Form, Header, Request, UploadFile
+import anyio
+import anyio.from_thread
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from api.deps import Archive, AuthFirstRoute, context, require, run_command, state_response
 from api.encoding import jsonable
 from api.problems import problem
-from archive.application import Principal
+from archive.application import Outcome, Principal, UnsupportedMediaTypeError
+from archive.blobstore import CHUNK
+from archive.documents import Document
 from archive.domain import Role
 from archive.exceptions import ArchiveError, DomainError
 
@@ -58,39 +69,277 @@ def declared_sha256(form_value: str | None, content_digest: str | None) -> str |
     return declared[0] if declared else None
 
 
-@router.post("", status_code=201, summary="Upload an original (streamed, verified, write-once)")
-def upload(
+class UploadForm(BaseModel):
+    """The form fields of an upload, all before the file part (validated before it is read)."""
+
+    loan_number: str = Field(min_length=1, max_length=64)
+    doc_type: str = Field(description="contract, mortgage_deed, registry_certificate, ...")
+    collateral_id: UUID | None = None
+    valuation_id: UUID | None = None
+    supersedes: UUID | None = Field(None, description="The document this corrects.")
+    sha256: str | None = Field(None, description="Expected SHA-256 (hex); 422 if different.")
+    reason: str | None = Field(None, max_length=2000)
+
+
+FILE_FIELD = "file"
+FIELD_LIMIT = 64 * 1024  # bytes of one text field
+FIELDS_LIMIT = 32
+READ_AHEAD = 8 * 1024 * 1024  # bytes of the file parsed before the store asks for them
+T = TypeVar("T")
+
+
+class MalformedUploadError(ArchiveError):
+    status = 400
+    title = "Malformed upload"
+
+
+class FormStream:
+    """A multipart/form-data body parsed as it arrives: the text fields, then the file.
+
+    Nothing is spooled: the file part is handed on in reads of the size the store asks
+    for (a part, at most), so that hashing and uploading start with the first bytes. The
+    file must be the last part (as in S3's POST uploads): the fields it comes with are
+    checked before a byte of it is read, and a field after it fails the upload before
+    the store makes anything final (stores read to the end of the file first).
+    """
+
+    def __init__(self, request: Request) -> None:
+        kind, options = parse_options_header(request.headers.get("content-type"))
+        boundary = options.get(b"boundary")
+        if kind != b"multipart/form-data" or not boundary:
+            raise UnsupportedMediaTypeError("send the original as multipart/form-data")
+        self._body = request.stream()
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+                "on_end": self._end,
+            },
+        )
+        self.fields: dict[str, str] = {}
+        self.filename: str | None = None
+        self._header = [b"", b""]
+        self._disposition = b""
+        self._name = ""
+        self._text = bytearray()
+        self._state = "fields"  # -> "file" -> "after file" -> "end"
+        self._in_file = False
+        self._has_file = False
+        self._pending: deque[memoryview] = deque()
+        self._pending_size = 0
+        self._changed = anyio.Condition()
+        self._error: Exception | None = None
+        self._late_part: str | None = None
+
+    # -- parser callbacks (synchronous, on the event loop) ---------------------------
+
+    def _part_begin(self) -> None:
+        self._disposition = b""
+        self._text = bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header[0] += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header[1] += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._header[0].strip().lower() == b"content-disposition":
+            self._disposition = self._header[1]
+        self._header = [b"", b""]
+
+    def _headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise MalformedUploadError("every part needs a Content-Disposition with a name")
+        self._name = options[b"name"].decode("utf-8", "replace")
+        if self._state != "fields":  # refused when the file has been read (read_file)
+            self._late_part = self._late_part or self._name
+        elif self._name == FILE_FIELD:
+            self._state = "file"
+            self._in_file = self._has_file = True
+            name = options.get(b"filename")
+            self.filename = None if name is None else name.decode("utf-8", "replace")
+        elif len(self.fields) >= FIELDS_LIMIT:
+            raise DomainError(f"an upload has at most {FIELDS_LIMIT} form fields")
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._late_part is not None:
+            return  # refused anyway
+        if self._in_file:
+            self._pending.append(memoryview(data)[start:end])
+            self._pending_size += end - start
+            return
+        self._text += data[start:end]
+        if len(self._text) > FIELD_LIMIT:
+            raise DomainError(f"form field {self._name!r} is longer than {FIELD_LIMIT} bytes")
+
+    def _part_end(self) -> None:
+        if self._in_file:
+            self._in_file = False
+            self._state = "after file"
+        elif self._late_part is None:
+            self.fields[self._name] = self._text.decode("utf-8", "replace")
+
+    def _end(self) -> None:
+        self._state = "end"
+
+    # -- reading (async, on the event loop) ----------------------------------------------
+
+    async def _feed(self) -> None:
+        """Parse the next piece of the body."""
+        try:
+            chunk = await anext(self._body)
+        except StopAsyncIteration:
+            if self._state != "end":
+                raise MalformedUploadError("the body ended before the multipart form did") from None
+            return
+        except ClientDisconnect:
+            raise MalformedUploadError("the client went away before the upload ended") from None
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            raise MalformedUploadError(f"not a valid multipart/form-data body: {exc}") from None
+
+    async def form(self) -> UploadForm:
+        """The fields before the file (422 when they are invalid or there is no file)."""
+        while self._state == "fields":
+            await self._feed()
+        if not self._has_file:
+            raise RequestValidationError(
+                [{"type": "missing", "loc": ("body", FILE_FIELD), "msg": "Field required"}]
+            )
+        given = {name: value for name, value in self.fields.items() if value != ""}
+        try:
+            return UploadForm.model_validate(given)
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+            raise RequestValidationError(errors) from None
+
+    async def run_reading_ahead(self, work: Callable[[], T]) -> T:
+        """Run ``work`` (which reads the file through a ``FileReader``) in a worker thread,
+        while this task parses up to ``READ_AHEAD`` bytes of the file ahead of it: the
+        body keeps arriving while the store hashes, writes or sends what it read."""
+        outcome: T | None = None
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._read_ahead)
+            try:
+                outcome = await run_in_threadpool(work)
+            except Exception as exc:  # re-raised as it is, not in an exception group
+                failure = exc
+            tasks.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return cast(T, outcome)
+
+    async def _read_ahead(self) -> None:
+        try:
+            while self._state != "end":
+                async with self._changed:
+                    while self._pending_size >= READ_AHEAD:
+                        await self._changed.wait()
+                await self._feed()
+                async with self._changed:
+                    self._changed.notify_all()
+        except Exception as exc:  # raised in the reader's thread, by read_file
+            async with self._changed:
+                self._error = exc
+                self._changed.notify_all()
+
+    async def read_file(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the file, fewer only at its end (then b"", once the rest
+        of the body was parsed: a part after the file is refused here)."""
+        async with self._changed:
+            while self._error is None and (
+                (self._pending_size < size and self._state == "file")
+                or (not self._pending and self._state != "end")
+            ):
+                await self._changed.wait()
+            if self._error is not None:
+                raise self._error
+            if not self._pending and self._late_part is not None:
+                raise DomainError(
+                    f"the {FILE_FIELD} must be the last part of the form;"
+                    f" {self._late_part!r} came after it"
+                )
+            pieces = []
+            wanted = size
+            while self._pending and wanted:
+                piece = self._pending.popleft()
+                if len(piece) > wanted:
+                    self._pending.appendleft(piece[wanted:])
+                    piece = piece[:wanted]
+                pieces.append(piece)
+                wanted -= len(piece)
+            self._pending_size -= size - wanted
+            self._changed.notify_all()
+            return b"".join(pieces)
+
+
+class FileReader:
+    """The file part of a ``FormStream`` as a blocking stream, for a worker thread."""
+
+    def __init__(self, form: FormStream) -> None:
+        self.form = form
+
+    def read(self, size: int = -1, /) -> bytes:
+        return anyio.from_thread.run(self.form.read_file, size if size > 0 else CHUNK)
+
+
+def upload_request_body() -> dict[str, Any]:
+    """The OpenAPI request body: the form fields, then the file, last."""
+    schema = UploadForm.model_json_schema()
+    schema["properties"][FILE_FIELD] = {
+        "type": "string",
+        "format": "binary",
+        "description": "The original: PDF, TIFF, PNG or JPEG. The last part of the form.",
+    }
+    schema["required"] = [*schema.get("required", []), FILE_FIELD]
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Upload an original (streamed, verified, write-once)",
+    openapi_extra={"requestBody": upload_request_body()},
+)
+async def upload(
     request: Request,
     archive: Archive,
     who: Uploader,
-    file: Annotated[UploadFile, File(description="The original: PDF, TIFF, PNG or JPEG.")],
-    loan_number: Annotated[str, Form(min_length=1, max_length=64)],
-    doc_type: Annotated[
-        str, Form(description="contract, mortgage_deed, registry_certificate, ...")
-    ],
-    collateral_id: Annotated[UUID | None, Form()] = None,
-    valuation_id: Annotated[UUID | None, Form()] = None,
-    supersedes: Annotated[UUID | None, Form(description="The document this corrects.")] = None,
-    sha256: Annotated[
-        str | None, Form(description="Expected SHA-256 (hex); 422 if different.")
-    ] = None,
-    reason: Annotated[str | None, Form(max_length=2000)] = None,
     content_digest: Annotated[str | None, Header(description="RFC 9530, e.g. sha-256=:…:")] = None,
 ) -> JSONResponse:
-    ctx = context(who, request, reason)
-    outcome = archive.register_document(
-        ctx,
-        file.file,
-        loan_number=loan_number,
-        doc_type=doc_type,
-        original_filename=file.filename,
-        collateral_id=collateral_id,
-        valuation_id=valuation_id,
-        supersedes=supersedes,
-        expected_sha256=declared_sha256(sha256, content_digest),
-    )
-    document = archive.get_document(outcome.id)
-    body = {
+    """The body is parsed as it arrives and the file streamed into storage in one pass
+    (no temporary copy of the request): see ``FormStream``."""
+    body = FormStream(request)
+    fields = await body.form()
+    expected = declared_sha256(fields.sha256, content_digest)
+    ctx = context(who, request, fields.reason)
+
+    def register() -> tuple[Outcome, Document]:  # in a worker thread
+        outcome = archive.register_document(
+            ctx,
+            FileReader(body),
+            loan_number=fields.loan_number,
+            doc_type=fields.doc_type,
+            original_filename=body.filename,
+            collateral_id=fields.collateral_id,
+            valuation_id=fields.valuation_id,
+            supersedes=fields.supersedes,
+            expected_sha256=expected,
+        )
+        return outcome, archive.get_document(outcome.id)
+
+    outcome, document = await body.run_reading_ahead(register)
+    answer = {
         "id": document.id,
         "sha256": document.sha256,
         "size": document.size,
@@ -99,7 +348,7 @@ def upload(
         "position": outcome.position,
     }
     return JSONResponse(
-        jsonable(body), status_code=201, headers={"Location": f"/api/v1/documents/{document.id}"}
+        jsonable(answer), status_code=201, headers={"Location": f"/api/v1/documents/{document.id}"}
     )
 
 

@@ -600,13 +600,20 @@ class ArchiveApp(Application[UUID]):
     ) -> tuple[Document, Iterator[bytes]]:
         """Record the download (who, when, which bytes), then stream the original."""
         document = self.get_document(document_id)
-        if self.blobs.stat(document.object_key) is None:
+        if self.blobs.stat(document.object_key, document.object_version) is None:
             raise BlobError(f"the original of document {document_id} is missing from storage")
         byte_range = (
             None if (start == 0 and end is None) else f"{start}-{'' if end is None else end}"
         )
         self.change_document(ctx, document_id, lambda d: d.record_download(ctx, byte_range))
-        return document, self.blobs.open(document.object_key, start, end)
+        return document, self.original_bytes(document, start, end)
+
+    def original_bytes(
+        self, document: Document, start: int = 0, end: int | None = None
+    ) -> Iterator[bytes]:
+        """The original's bytes, unrecorded (fixity, extraction): the object version the
+        DocumentRegistered event names, whatever was PUT or deleted over the key since."""
+        return self.blobs.open(document.object_key, start, end, document.object_version)
 
     def set_legal_hold(self, ctx: CommandContext, document_id: UUID, on: bool) -> Outcome:
         document = self.get_document(document_id)
@@ -614,7 +621,7 @@ class ArchiveApp(Application[UUID]):
             document.place_legal_hold(ctx)
         else:
             document.release_legal_hold(ctx)
-        self.blobs.set_legal_hold(document.object_key, on)
+        self.blobs.set_legal_hold(document.object_key, on, document.object_version)
         position = self._commit(document)
         return Outcome(document.id, document.version, position)
 
@@ -629,7 +636,7 @@ class ArchiveApp(Application[UUID]):
         for document_id in self.document_ids():
             document = self.get_document(document_id)
             try:
-                observed, size = self.blobs.digest(document.object_key)
+                observed, size = self.blobs.digest(document.object_key, document.object_version)
             except BlobError:
                 observed, size = None, None
             if observed is None:
@@ -649,26 +656,27 @@ class ArchiveApp(Application[UUID]):
         return results
 
     def reconcile(self, ctx: CommandContext) -> ReconcileReport:
-        """Compare storage with the log; record what was found as an event."""
-        referenced: dict[str, list[Document]] = {}
+        """Compare storage with the log; record what was found as an event.
+
+        Each document's bytes are read at the object version its event names (a delete
+        marker or a newer version over the key does not hide or replace the original)."""
+        referenced: dict[tuple[str, str | None], list[Document]] = {}
         documents = 0
         for document_id in self.document_ids():
             document = self.get_document(document_id)
-            referenced.setdefault(document.object_key, []).append(document)
+            where = (document.object_key, document.object_version)
+            referenced.setdefault(where, []).append(document)
             documents += 1
         stored = set(self.blobs.keys())
         missing: list[dict[str, Any]] = []
         changed: list[dict[str, Any]] = []
-        for key, docs in referenced.items():
+        for (key, version), docs in referenced.items():
             expected = docs[0].sha256
             names = [
                 {"document_id": d.id, "loan_number": d.loan_number, "object_key": key} for d in docs
             ]
-            if key not in stored:
-                missing.extend(names)
-                continue
             try:
-                observed, _ = self.blobs.digest(key)
+                observed, _ = self.blobs.digest(key, version)
             except BlobError:
                 missing.extend(names)
                 continue
@@ -676,7 +684,7 @@ class ArchiveApp(Application[UUID]):
                 changed.extend({**n, "observed_sha256": observed} for n in names)
         report = ReconcileReport(
             uuid4(),
-            orphans=sorted(stored - referenced.keys()),
+            orphans=sorted(stored - {key for key, _ in referenced}),
             missing=missing,
             changed=changed,
             temporaries=sorted(self.blobs.temporary_keys()),

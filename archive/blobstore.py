@@ -128,12 +128,16 @@ class BlobStore(ABC):
         """Stream ``source`` in, verify it, make it final at its content address."""
 
     @abstractmethod
-    def open(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        """Stream the bytes of ``key`` from ``start`` to ``end`` inclusive, in chunks."""
+    def open(
+        self, key: str, start: int = 0, end: int | None = None, version_id: str | None = None
+    ) -> Iterator[bytes]:
+        """Stream the bytes of ``key`` from ``start`` to ``end`` inclusive, in chunks: of the
+        version ``version_id`` if given (S3: the one ``put`` recorded, whatever was written
+        over it since), else of the current one."""
 
     @abstractmethod
-    def stat(self, key: str) -> BlobInfo | None:
-        """Size, version, retention and hold of ``key``; None when absent."""
+    def stat(self, key: str, version_id: str | None = None) -> BlobInfo | None:
+        """Size, version, retention and hold of ``key`` (that version); None when absent."""
 
     @abstractmethod
     def keys(self) -> Iterator[str]:
@@ -144,12 +148,12 @@ class BlobStore(ABC):
         """Leftovers of interrupted uploads."""
 
     @abstractmethod
-    def set_legal_hold(self, key: str, on: bool) -> None:
-        """Place or release a legal hold on ``key``."""
+    def set_legal_hold(self, key: str, on: bool, version_id: str | None = None) -> None:
+        """Place or release a legal hold on ``key`` (that version)."""
 
-    def digest(self, key: str) -> tuple[str, int]:
-        """Re-read ``key`` and recompute its SHA-256 and size (fixity)."""
-        return hash_stream(self.open(key))
+    def digest(self, key: str, version_id: str | None = None) -> tuple[str, int]:
+        """Re-read ``key`` (that version) and recompute its SHA-256 and size (fixity)."""
+        return hash_stream(self.open(key, version_id=version_id))
 
     @staticmethod
     def check_expected(actual: str, expected: str | None) -> None:

@@ -82,7 +82,10 @@ class FilesystemBlobStore(BlobStore):
             temp.unlink(missing_ok=True)
             raise
 
-    def open(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def open(
+        self, key: str, start: int = 0, end: int | None = None, version_id: str | None = None
+    ) -> Iterator[bytes]:
+        del version_id  # files have no versions: a key is written once, never again
         path = self._path(key)
         try:
             handle = path.open("rb")
@@ -99,7 +102,8 @@ class FilesystemBlobStore(BlobStore):
                     remaining -= len(chunk)
                 yield chunk
 
-    def stat(self, key: str) -> BlobInfo | None:
+    def stat(self, key: str, version_id: str | None = None) -> BlobInfo | None:
+        del version_id
         path = self._path(key)
         try:
             size = path.stat().st_size
@@ -121,7 +125,8 @@ class FilesystemBlobStore(BlobStore):
         for path in sorted(self.incoming.iterdir()):
             yield path.relative_to(self.root).as_posix()
 
-    def set_legal_hold(self, key: str, on: bool) -> None:
+    def set_legal_hold(self, key: str, on: bool, version_id: str | None = None) -> None:
+        del version_id
         if self.stat(key) is None:
             raise BlobError(f"original {key} is missing from storage")
         marker = self.holds / key_digest(key)

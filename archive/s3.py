@@ -3,34 +3,46 @@
 How ``put`` makes an original durable
 -------------------------------------
 
-1. **Hash first.** The source is read once through ``HashingReader`` (SHA-256, size,
-   limit). A seekable source (e.g. an open file) is rewound afterwards;
-   any other source is spooled meanwhile to an anonymous temporary file (``TMPDIR``,
-   unlinked at once, so a crash leaves nothing behind). Nothing has reached S3 yet: a
-   declared SHA-256 that does not match, a file over the limit or a failing source
-   leave nothing to clean up.
-2. **Same bytes already there?** When ``sha256/ab/cd/<hex>`` exists with the size and the
-   ETag these bytes give (else: when reading it back gives this SHA-256),
-   ``created=False`` and nothing is uploaded. A current version that does NOT hold
-   these bytes (a forged PUT, see below) is logged and covered by a new, good version.
-3. **Upload straight to the content address, verified before it exists.** Always a
-   multipart upload (a single part for small files), at most three 8 MiB parts in
-   flight (memory: a few parts, whatever the file size). Each part's MD5 goes along as
-   ``Content-MD5``, so the server refuses bytes damaged on the way (``BadDigest``;
-   SeaweedFS checks Content-MD5 but NOT the signed ``x-amz-content-sha256``) --
-   ``checkpoint("written")``; the second read was hashed again, so a source that changed
-   in between is refused -- ``checkpoint("verified")``. Until here the upload is
-   unfinished and invisible: any failure aborts it, and a killed process leaves it
-   behind, listed by ``temporary_keys`` as ``<key>?uploadId=<id>`` (``discard_temporary``
-   aborts it). CompleteMultipartUpload then makes the object exist at once, already
-   under retention (``x-amz-object-lock-*`` headers on CreateMultipartUpload,
-   ``Retention(mode, now + retention_days)`` when ``retention_days > 0`` and the bucket
-   has Object Lock), with ``If-None-Match: *`` so that two racing uploads of the same
-   bytes cannot stack versions: the loser gets ``PreconditionFailed`` and reports the
-   winner's object, ``created=False``. Last, the server's ETag must equal the AWS
-   convention ``md5(md5(part1)..md5(partN))-N``, which SeaweedFS 4.48 follows (any other
-   ETag, e.g. with SSE-KMS, is checked by reading the object back), and its size and
-   retention are checked -- ``checkpoint("final")``.
+The source is read exactly once, through ``HashingReader`` (SHA-256, size, limit), never
+rewound, and stored one of three ways. In every one, each request that carries bytes
+carries their MD5 as ``Content-MD5``, so the server refuses bytes damaged on the way
+(``BadDigest``; SeaweedFS checks Content-MD5 but NOT the signed ``x-amz-content-sha256``);
+the object comes into existence in one request, already under retention
+(``x-amz-object-lock-*`` headers, ``Retention(mode, now + retention_days)`` when
+``retention_days > 0`` and the bucket has Object Lock), with ``If-None-Match: *`` so
+that two uploads of the same bytes cannot stack versions (the second gets
+``PreconditionFailed`` and adopts the first, ``created=False``); and before ``put``
+returns, the server's ETag must be the one these bytes give (``md5`` for a PutObject,
+``md5(md5(part1)..md5(partN))-N`` for a multipart upload, which SeaweedFS 4.48 follows;
+any other ETag, e.g. with SSE-KMS, is checked by reading the object back) and a HEAD
+must show the size and the retention -- ``checkpoint("final")``.
+
+1. **Small** (at most one part, 8 MiB): the bytes are in memory once read; a declared
+   SHA-256 is checked (``checkpoint("verified")``; nothing has reached S3 yet), then ONE
+   PutObject to the content address. Refused because the key exists: the current
+   version is adopted if its ETag (else its bytes) match; a current version that does
+   NOT hold these bytes (a forged PUT, see below) is logged and covered by a new, good
+   version.
+2. **Larger, SHA-256 declared by the client** (``Content-Digest``, the ``sha256`` form
+   field, ``loan-archive import``): the content address is known before the first byte,
+   so the parts go straight to a multipart upload there as they are read (three 8 MiB
+   parts in flight, each part's MD5 taken by the thread that sends it) --
+   ``checkpoint("written")``; then the SHA-256 of what was read must be the declared one,
+   else the upload is aborted (422) -- ``checkpoint("verified")``; then
+   CompleteMultipartUpload. When the key already exists, the second way is taken.
+3. **Larger, nothing declared**: the content address is known only at the end, so the
+   bytes are spooled to an anonymous temporary file (``TMPDIR``, unlinked at once) while
+   hashed; nothing has reached S3 yet, so a failing source or a file over the limit
+   leaves nothing. An existing object with these bytes is adopted (ETag against the MD5s
+   of the spooled parts). Else the spool is uploaded as in 2. and hashed again as it is
+   read -- ``checkpoint("written")``; the SHA-256 must be the first pass's --
+   ``checkpoint("verified")``; then CompleteMultipartUpload.
+
+Until CompleteMultipartUpload an upload is unfinished and invisible: any failure aborts
+it, and a killed process leaves it behind, listed by ``temporary_keys`` as
+``<key>?uploadId=<id>`` (``discard_temporary`` aborts it). Memory stays at a few parts
+whatever the file size (``_release_part_buffers_to_the_os`` keeps glibc from hoarding
+freed part buffers).
 
 Why not a temporary object and a server-side copy
 -------------------------------------------------
@@ -60,11 +72,9 @@ temp object + ETag check + compose copy (first version)    0.52-0.58     0.53-0.
 ========================================================  ============  ============
 
 Peak RSS of a whole Python process putting a generated (non-seekable) 300 MB source:
-84 MiB, of which 51 MiB is the interpreter with its imports. The price of this protocol:
-the bytes are read twice locally, and a non-seekable source needs room in ``TMPDIR`` for
-the largest upload times the number of concurrent uploads. (``ArchiveApp`` hands ``put``
-a ``PrefixedReader``, which is not seekable, over the API's already spooled upload file:
-giving it ``seekable``/``seek``/``tell`` would spare that second copy.)
+84 MiB, of which 51 MiB is the interpreter with its imports. (The table measured this
+module's previous version, which read every source twice; the figures of this one,
+through the HTTP API, are in ``bench/RESULTS.md``, "upload (issue 3)".)
 
 Semantics worth knowing
 -----------------------
@@ -72,21 +82,24 @@ Semantics worth knowing
 These are S3's, not SeaweedFS quirks: an Object Lock bucket is versioned, and retention
 protects object *versions*. Deleting a retained version, shortening its retention or
 removing a legal-held version is refused (``AccessDenied``); but a plain DELETE of the
-key adds a delete marker and a plain PUT adds a newer version, and both succeed. Then
-``open``/``stat``/``digest`` (which address the current version) see the change while
-the retained original stays readable by its version id; ``StoredBlob``/``BlobInfo``
-carry the ``version_id`` so that a caller can notice, and ``put`` of the same bytes again
-makes a good version current. Through the filer HTTP API
+key adds a delete marker and a plain PUT adds a newer version, and both succeed. The
+retained original stays readable by its version id: ``put`` returns it in
+``StoredBlob.version_id``, the archive records it in the DocumentRegistered event, and
+``open``/``stat``/``digest``/``set_legal_hold`` given that ``version_id`` address that
+version (SeaweedFS 4.48 serves GetObject, ranged GetObject, HeadObject and the legal
+hold by versionId, also behind a delete marker); without one they address the current
+version, which ``put`` of the same bytes again makes good. Through the filer HTTP API
 (``/buckets/<bucket>/<key>.versions/v_<id>``) SeaweedFS lets anyone who can reach the
 filer overwrite a version's bytes regardless of Object Lock; the object then loses its
 version id and its retention. Keep the filer port private. SeaweedFS answers
 PutObjectLegalHold on a missing key with HTTP 500 (which minio retries for seconds), so
 ``set_legal_hold`` checks that the key exists first.
 
-This module uses minio's public API plus five of its private methods, stable across
-minio 7.x: ``_create_multipart_upload``, ``_upload_part``, ``_abort_multipart_upload``,
-``_list_multipart_uploads`` and ``_execute`` (for CompleteMultipartUpload with
-``If-None-Match``); pin ``minio<8``.
+This module uses minio's public API plus six of its private methods, stable across
+minio 7.x: ``_put_object`` (PutObject with Content-MD5 and ``If-None-Match``, which
+``put_object`` would turn into user metadata), ``_create_multipart_upload``,
+``_upload_part``, ``_abort_multipart_upload``, ``_list_multipart_uploads`` and
+``_execute`` (for CompleteMultipartUpload with ``If-None-Match``); pin ``minio<8``.
 
 Credentials come from the settings as ``SecretStr`` and are handed to the minio client
 only; they appear in no message, log line or repr of this module, and storage errors are
@@ -96,7 +109,9 @@ re-raised as ``BlobError`` without minio's exception chain.
 from __future__ import annotations
 
 import base64
-import contextlib
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import logging
 import math
@@ -139,7 +154,6 @@ PART_SIZE = 8 * 1024 * 1024
 MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 PARALLEL_UPLOADS = 3
-HASH_CHUNK = 4 * 1024 * 1024  # reads of the first pass
 
 _MISSING = {"NoSuchKey", "NoSuchVersion", "NoSuchObject"}
 _NO_RETENTION = {"ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration"}
@@ -147,6 +161,28 @@ _NO_HOLD = {"NoSuchObjectLegalHold", "ObjectLockConfigurationNotFoundError"}
 _STORAGE_ERRORS = (MinioException, urllib3.exceptions.HTTPError)
 
 T = TypeVar("T")
+
+
+@functools.cache
+def _release_part_buffers_to_the_os() -> None:
+    """Make glibc hand every buffer of 1 MiB or more straight back to the OS when freed.
+
+    By default glibc raises its mmap threshold to the size of the largest block freed
+    (up to 32 MiB), so after the first upload the 8 MiB part buffers come from the
+    per-thread heaps instead, where freed space is kept: a server's peak RSS then grows
+    upload after upload (measured: 133 MiB after one 500 MB upload, 165 MiB after two;
+    with this, 127 MiB after either). Called once, by the first S3 store; a no-op on
+    other C libraries.
+    """
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 class _Raced(Exception):
@@ -179,14 +215,12 @@ def _content_md5(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def _rewind_position(source: Readable) -> int | None:
-    """Where a seekable source stands now (to read it a second time), else None."""
-    try:
-        if source.seekable():  # type: ignore[attr-defined]
-            return int(source.tell())  # type: ignore[attr-defined]
-    except (AttributeError, OSError, ValueError):
-        pass
-    return None
+def _etags(digests: list[bytes]) -> set[str]:
+    """The ETags S3 gives these bytes: as one multipart upload, and as one PutObject."""
+    found = {multipart_etag(digests)}
+    if len(digests) == 1:
+        found.add(digests[0].hex())
+    return found
 
 
 def _read_exactly(stream: IO[bytes] | Readable, size: int) -> bytes:
@@ -200,7 +234,7 @@ def _read_exactly(stream: IO[bytes] | Readable, size: int) -> bytes:
         got += len(data)
     data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     if len(data) > size:  # a source that returned more than it was asked for
-        raise BlobError("the source changed between the two reads of the upload")
+        raise BlobError(f"the source returned more than the {size} bytes asked for")
     return data
 
 
@@ -232,6 +266,7 @@ class S3BlobStore(BlobStore):
         self.spool_dir = spool_dir
         self.endpoint = endpoint
         self._object_lock: bool | None = None
+        _release_part_buffers_to_the_os()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3BlobStore:
@@ -318,50 +353,139 @@ class S3BlobStore(BlobStore):
     def put(
         self, source: Readable, *, expected_sha256: str | None = None, limit: int | None = None
     ) -> StoredBlob:
+        """Read ``source`` once; see the module docstring for the three ways it is stored."""
         _ = self.enforces_retention  # asked now: an unreachable S3 fails before any reading
         reader = HashingReader(source, limit)
-        start = _rewind_position(source)
-        with contextlib.ExitStack() as stack:
-            spool: IO[bytes] | None = None
-            if start is None:
-                spool = stack.enter_context(tempfile.TemporaryFile(dir=self.spool_dir))
-            while chunk := reader.read(HASH_CHUNK):
-                if spool is not None:
-                    spool.write(chunk)
-            sha256, size = reader.sha256(), reader.size
+        first = _read_exactly(reader, self.part_size)
+        more = reader.read(1) if len(first) == self.part_size else b""
+        if not more:  # the whole file is in ``first``: one PutObject
+            sha256 = reader.sha256()
             self.check_expected(sha256, expected_sha256)
-            if size > MAX_PARTS * self.part_size:
+            self.checkpoint("verified")
+            return self._put_whole(content_key(sha256), first, sha256)
+        parts = self._parts(first, more, reader)
+        if expected_sha256 is not None:
+            key = content_key(expected_sha256.lower())
+            if self.stat(key) is None:
+                return self._stream_to(key, parts, reader, expected_sha256)
+        return self._spool_then_upload(parts, reader, expected_sha256)
+
+    def _parts(self, first: bytes, more: bytes, reader: HashingReader) -> Iterator[bytes]:
+        """``first``, then parts of ``part_size`` bytes read from ``reader`` (the last shorter)."""
+        yield first
+        number = 1
+        carry = more
+        while True:
+            data = carry + _read_exactly(reader, self.part_size - len(carry))
+            carry = b""
+            if not data:
+                return
+            number += 1
+            if number > MAX_PARTS:
                 raise BlobError(
-                    f"{size} bytes need more than {MAX_PARTS} parts of {self.part_size} bytes"
+                    f"the file needs more than {MAX_PARTS} parts of {self.part_size} bytes"
                 )
+            yield data
+            if len(data) < self.part_size:
+                return
 
-            def rewound() -> IO[bytes] | Readable:
-                if spool is not None:
-                    spool.seek(0)
-                    return spool
-                source.seek(start)  # type: ignore[attr-defined]
-                return source
-
-            key = content_key(sha256)
-            existing, current = self._existing(key, sha256, size, rewound)
+    def _put_whole(self, key: str, data: bytes, sha256: str) -> StoredBlob:
+        """One PutObject with Content-MD5 and ``If-None-Match: *`` (no second version over a
+        good one); refused because the key exists: adopt it if it holds these bytes, else
+        (a forged current version) cover it with a good one."""
+        digest = _md5(data)
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-MD5": _content_md5(digest),
+            **self._lock_headers(),
+        }
+        try:
+            written = self._call(
+                "storing",
+                key,
+                lambda: self.client._put_object(
+                    self.bucket, key, data, {**headers, "If-None-Match": "*"}
+                ),
+                guarded=True,
+            )
+        except _Raced:
+            existing, _current = self._existing(key, sha256, len(data), lambda: [digest])
             if existing is not None:
                 return existing
+            written = self._call(
+                "storing", key, lambda: self.client._put_object(self.bucket, key, data, headers)
+            )
+        return self._verified(key, sha256, len(data), [digest], written.etag, headers)
+
+    def _stream_to(
+        self, key: str, parts: Iterator[bytes], reader: HashingReader, expected_sha256: str
+    ) -> StoredBlob:
+        """The client declared the SHA-256, so the key is known before the first byte: the
+        parts go straight to it while they are received; the upload is completed only if
+        the bytes turn out to have that SHA-256, and aborted otherwise."""
+        headers = {"Content-Type": "application/octet-stream", **self._lock_headers()}
+        upload_id = self._call(
+            "starting the upload of",
+            key,
+            lambda: self.client._create_multipart_upload(self.bucket, key, dict(headers)),
+        )
+        completed = None
+        try:
+            etags, digests = self._send_parts(key, upload_id, parts)
+            self.checkpoint("written")  # an unfinished upload: listed by temporary_keys
+            sha256, size = reader.sha256(), reader.size
+            self.check_expected(sha256, expected_sha256)
+            self.checkpoint("verified")
             try:
-                return self._upload(key, rewound(), sha256, size, over_current=current)
+                completed = self._complete(key, upload_id, etags, {"If-None-Match": "*"})
+            except _Raced:  # someone stored the same bytes meanwhile
+                existing, _current = self._existing(key, sha256, size, lambda: digests)
+                if existing is None:
+                    raise BlobError(f"S3 refused to store {self.bucket}/{key}") from None
+                return existing
+        finally:
+            if completed is None:
+                self._abort(key, upload_id)
+        return self._verified(key, sha256, size, digests, completed.etag, headers)
+
+    def _spool_then_upload(
+        self, parts: Iterator[bytes], reader: HashingReader, expected_sha256: str | None
+    ) -> StoredBlob:
+        """The key is known only at the end: spool to an unlinked temporary file while
+        hashing, then upload the spooled parts (``_upload``). The part MD5s are taken while
+        uploading, by the threads that send the parts, not in this first pass: receiving
+        is the sequential part of the whole, sending is parallel."""
+        with tempfile.TemporaryFile(dir=self.spool_dir) as spool:
+            for data in parts:
+                spool.write(data)
+            sha256, size = reader.sha256(), reader.size
+            self.check_expected(sha256, expected_sha256)
+            key = content_key(sha256)
+
+            def spooled_digests() -> list[bytes]:
+                spool.seek(0)
+                return [_md5(_read_exactly(spool, n)) for n in self._part_lengths(size)]
+
+            existing, current = self._existing(key, sha256, size, spooled_digests)
+            if existing is not None:
+                return existing
+            spool.seek(0)
+            try:
+                return self._upload(key, spool, sha256, size, over_current=current)
             except _Raced:  # someone else stored the same bytes a moment ago
-                existing, _current = self._existing(key, sha256, size, rewound)
+                existing, _current = self._existing(key, sha256, size, spooled_digests)
                 if existing is None:
                     raise BlobError(f"S3 refused to store {self.bucket}/{key}") from None
                 return existing
 
     def _existing(
-        self, key: str, sha256: str, size: int, body: Callable[[], IO[bytes] | Readable]
+        self, key: str, sha256: str, size: int, digests: Callable[[], list[bytes]]
     ) -> tuple[StoredBlob | None, bool]:
         """(the final object if it already holds these bytes, whether a current version exists)
 
-        Its ETag is compared with the one these bytes would get (one more local read of
-        ``body``); when that differs (another part size, another ETag convention) the
-        object itself is read back and hashed.
+        Its ETag is compared with the ones these bytes would get (from the part MD5s,
+        ``digests()``); when that differs (another part size, another ETag convention)
+        the object itself is read back and hashed.
         """
         try:
             found = self.client.stat_object(self.bucket, key)
@@ -372,8 +496,7 @@ class S3BlobStore(BlobStore):
         except _STORAGE_ERRORS as exc:
             raise self._error("reading the status of", key, exc) from None
         if found.size == size and (
-            _etag(found.etag) == self._local_etag(body(), size)
-            or hash_stream(self.open(key)) == (sha256, size)
+            _etag(found.etag) in _etags(digests()) or hash_stream(self.open(key)) == (sha256, size)
         ):
             info = self._info(key, found)
             blob = StoredBlob(key, sha256, size, info.version_id, info.retain_until, created=False)
@@ -385,56 +508,21 @@ class S3BlobStore(BlobStore):
         )
         return None, True
 
-    def _local_etag(self, body: IO[bytes] | Readable, size: int) -> str:
-        digests = []
-        for length in self._part_lengths(size):
-            digests.append(_md5(_read_exactly(body, length)))
-        return multipart_etag(digests)
-
-    def _part_lengths(self, size: int) -> list[int]:
-        if size == 0:
-            return [0]
-        full, rest = divmod(size, self.part_size)
-        return [self.part_size] * full + ([rest] if rest else [])
-
-    def _upload(
+    def _verified(
         self,
         key: str,
-        body: IO[bytes] | Readable,
         sha256: str,
         size: int,
-        *,
-        over_current: bool,
+        digests: list[bytes],
+        etag: str | None,
+        headers: dict[str, str],
     ) -> StoredBlob:
-        """Send the bytes to ``key`` as a multipart upload (even a single part): the object
-        exists only once every part was accepted and the bytes were checked again."""
-        headers = {"Content-Type": "application/octet-stream", **self._lock_headers()}
-        # Never a second version over a good one: only a damaged current one is covered.
-        guard = {} if over_current else {"If-None-Match": "*"}
-        upload_id = self._call(
-            "starting the upload of",
-            key,
-            lambda: self.client._create_multipart_upload(self.bucket, key, dict(headers)),
-        )
-        completed = None
-        try:
-            etags, digests, sent = self._send_parts(key, upload_id, body, size)
-            self.checkpoint("written")  # an unfinished upload: listed by temporary_keys
-            if sent != sha256:
-                raise BlobError("the source changed between the two reads of the upload")
-            self.checkpoint("verified")
-            completed = self._complete(key, upload_id, etags, guard)
-        finally:
-            if completed is None:
-                try:
-                    self.client._abort_multipart_upload(self.bucket, key, upload_id)
-                except Exception as exc:  # never hides the first failure; reconcile lists it
-                    log.warning("could not abort the upload of %s/%s: %s", self.bucket, key, exc)
-        expected = multipart_etag(digests)
-        if _etag(completed.etag) != expected and hash_stream(self.open(key)) != (sha256, size):
+        """Check what S3 made of the upload: its ETag (else the bytes, read back), size and
+        retention; ``checkpoint("final")`` once the object is known good."""
+        if _etag(etag) not in _etags(digests) and hash_stream(self.open(key)) != (sha256, size):
             raise BlobError(
                 f"S3 stored something other than the bytes sent to {self.bucket}/{key} "
-                f"(ETag {completed.etag}, expected {expected})"
+                f"(ETag {etag}, expected {multipart_etag(digests)})"
             )
         found = self._call(
             "reading the status of", key, lambda: self.client.stat_object(self.bucket, key)
@@ -447,20 +535,65 @@ class S3BlobStore(BlobStore):
         self.checkpoint("final")
         return StoredBlob(key, sha256, size, info.version_id, info.retain_until, created=True)
 
+    def _upload(
+        self, key: str, body: IO[bytes], sha256: str, size: int, *, over_current: bool
+    ) -> StoredBlob:
+        """Send the spooled bytes to ``key`` as a multipart upload, hashed again as they are
+        read: the object exists only once every part was accepted (Content-MD5) and the
+        second read was found to have the SHA-256 of the first."""
+        headers = {"Content-Type": "application/octet-stream", **self._lock_headers()}
+        # Never a second version over a good one: only a damaged current one is covered.
+        guard = {} if over_current else {"If-None-Match": "*"}
+        upload_id = self._call(
+            "starting the upload of",
+            key,
+            lambda: self.client._create_multipart_upload(self.bucket, key, dict(headers)),
+        )
+        completed = None
+        try:
+            again = hashlib.sha256()
+
+            def parts() -> Iterator[bytes]:
+                for length in self._part_lengths(size):
+                    data = _read_exactly(body, length)
+                    again.update(data)
+                    yield data
+
+            etags, digests = self._send_parts(key, upload_id, parts())
+            self.checkpoint("written")  # an unfinished upload: listed by temporary_keys
+            if again.hexdigest() != sha256:
+                raise BlobError(f"the spooled bytes of {key} changed before they were sent")
+            self.checkpoint("verified")
+            completed = self._complete(key, upload_id, etags, guard)
+        finally:
+            if completed is None:
+                self._abort(key, upload_id)
+        return self._verified(key, sha256, size, digests, completed.etag, headers)
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self.client._abort_multipart_upload(self.bucket, key, upload_id)
+        except Exception as exc:  # never hides the first failure; reconcile lists it
+            log.warning("could not abort the upload of %s/%s: %s", self.bucket, key, exc)
+
+    def _part_lengths(self, size: int) -> list[int]:
+        full, rest = divmod(size, self.part_size)
+        return [self.part_size] * full + ([rest] if rest else [])
+
     def _send_parts(
-        self, key: str, upload_id: str, body: IO[bytes] | Readable, size: int
-    ) -> tuple[list[str], list[bytes], str]:
+        self, key: str, upload_id: str, parts: Iterator[bytes]
+    ) -> tuple[list[str], list[bytes]]:
         """Upload the parts, at most ``parallel_uploads`` in flight (memory stays flat).
 
-        Each worker takes its part's MD5 and sends it as Content-MD5; this thread reads
-        the next part meanwhile and hashes them all again. Returns the part ETags, the
-        part MD5s and the SHA-256 of what was sent.
+        The worker that sends a part takes its MD5 and sends it as Content-MD5, so the
+        server refuses bytes damaged on the way; this thread reads the next part
+        meanwhile. Returns the part ETags and the part MD5s.
         """
         etags: dict[int, str] = {}
-        digests: dict[int, bytes] = {}
+        sent: dict[int, bytes] = {}
 
         def send(number: int, data: bytes) -> str:
-            digests[number] = digest = _md5(data)
+            sent[number] = digest = _md5(data)
             extra = {"Content-MD5": _content_md5(digest)}
             return self._call(
                 f"uploading part {number} of",
@@ -476,14 +609,9 @@ class S3BlobStore(BlobStore):
                 for future in done:
                     etags[in_flight.pop(future)] = future.result()
 
-        again = hashlib.sha256()
         pool = ThreadPoolExecutor(self.parallel_uploads, thread_name_prefix="s3-part")
         try:
-            for number, length in enumerate(self._part_lengths(size), start=1):
-                data = _read_exactly(body, length)  # while the others are on their way
-                if len(data) != length:
-                    raise BlobError("the source changed between the two reads of the upload")
-                again.update(data)
+            for number, data in enumerate(parts, start=1):  # read while the others are sent
                 collect(self.parallel_uploads - 1)
                 in_flight[pool.submit(send, number, data)] = number
                 del data
@@ -491,7 +619,7 @@ class S3BlobStore(BlobStore):
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         numbers = sorted(etags)
-        return [etags[n] for n in numbers], [digests[n] for n in numbers], again.hexdigest()
+        return [etags[n] for n in numbers], [sent[n] for n in numbers]
 
     def _complete(
         self, key: str, upload_id: str, etags: list[str], guard: dict[str, str]
@@ -522,13 +650,17 @@ class S3BlobStore(BlobStore):
 
     # -- reading -------------------------------------------------------------------
 
-    def open(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    def open(
+        self, key: str, start: int = 0, end: int | None = None, version_id: str | None = None
+    ) -> Iterator[bytes]:
         key_digest(key)  # refuses anything that is not a content address
         if end is not None and end < start:
             return
         length = 0 if end is None else end - start + 1
         try:
-            response = self.client.get_object(self.bucket, key, offset=start, length=length)
+            response = self.client.get_object(
+                self.bucket, key, offset=start, length=length, version_id=version_id
+            )
         except S3Error as exc:
             if exc.code in _MISSING:
                 raise BlobError(f"original {key} is missing from storage") from None
@@ -549,10 +681,10 @@ class S3BlobStore(BlobStore):
                 response.close()
             response.release_conn()
 
-    def stat(self, key: str) -> BlobInfo | None:
+    def stat(self, key: str, version_id: str | None = None) -> BlobInfo | None:
         key_digest(key)
         try:
-            found = self.client.stat_object(self.bucket, key)
+            found = self.client.stat_object(self.bucket, key, version_id=version_id)
         except S3Error as exc:
             if exc.code in _MISSING:
                 return None
@@ -624,17 +756,17 @@ class S3BlobStore(BlobStore):
             lambda: self.client._abort_multipart_upload(self.bucket, key, upload_id),
         )
 
-    def set_legal_hold(self, key: str, on: bool) -> None:
+    def set_legal_hold(self, key: str, on: bool, version_id: str | None = None) -> None:
         key_digest(key)
         if not self.enforces_retention:
             raise BlobError(f"bucket {self.bucket} has no Object Lock: legal holds are impossible")
-        if self.stat(key) is None:  # SeaweedFS answers 500, not NoSuchKey, for a missing key
+        if self.stat(key, version_id) is None:  # SeaweedFS answers 500 for a missing key
             raise BlobError(f"original {key} is missing from storage")
         try:
             if on:
-                self.client.enable_object_legal_hold(self.bucket, key)
+                self.client.enable_object_legal_hold(self.bucket, key, version_id)
             else:
-                self.client.disable_object_legal_hold(self.bucket, key)
+                self.client.disable_object_legal_hold(self.bucket, key, version_id)
         except S3Error as exc:
             if exc.code in _MISSING:
                 raise BlobError(f"original {key} is missing from storage") from None

@@ -62,8 +62,13 @@ def s3_store(seaweedfs: SeaweedFS, bucket: str, tmp_path: Path, **overrides: Any
 
 
 @pytest.fixture(params=["filesystem", "s3"])
-def blob_store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
-    if request.param == "filesystem":
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def blob_store(store_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    if store_kind == "filesystem":
         return FilesystemBlobStore(tmp_path / "originals")
     seaweedfs: SeaweedFS = request.getfixturevalue("seaweedfs")
     return s3_store(seaweedfs, request.getfixturevalue("s3_bucket"), tmp_path)
@@ -226,13 +231,32 @@ class InjectedFault(Exception):
     pass
 
 
+#: The steps ``put`` goes through, per adapter and way of storing ("small": at most one
+#: part; "spooled": larger, checksum not declared; "streamed": larger, declared).
+PUT_STEPS = {
+    ("filesystem", "small"): ["written", "verified", "final"],
+    ("filesystem", "streamed"): ["written", "verified", "final"],
+    ("s3", "small"): ["verified", "final"],  # one PutObject: nothing is written before it
+    ("s3", "spooled"): ["written", "verified", "final"],
+    ("s3", "streamed"): ["written", "verified", "final"],
+}
+PUT_CASES = sorted({(backend, way) for backend, way in PUT_STEPS})
+
+
+def put_case(way: str) -> tuple[bytes, str | None]:
+    """Bytes for one way of storing, and the checksum to declare."""
+    data = os.urandom(1000 if way == "small" else TEST_PART + 77)
+    return data, sha(data) if way == "streamed" else None
+
+
+@pytest.mark.parametrize(("store_kind", "way"), PUT_CASES)
 @pytest.mark.parametrize("step", ["written", "verified", "final"])
 def test_a_fault_at_each_step_of_put(
-    blob_store: BlobStore, monkeypatch: pytest.MonkeyPatch, step: str
+    blob_store: BlobStore, monkeypatch: pytest.MonkeyPatch, store_kind: str, way: str, step: str
 ) -> None:
     """Before "final" nothing is left; after it, the complete object (an orphan that a
-    retry adopts)."""
-    data = os.urandom(TEST_PART + 77)
+    retry adopts). A way of storing without the step completes."""
+    data, declared = put_case(way)
     steps: list[str] = []
 
     def checkpoint(reached: str) -> None:
@@ -241,13 +265,18 @@ def test_a_fault_at_each_step_of_put(
             raise InjectedFault(reached)
 
     monkeypatch.setattr(blob_store, "checkpoint", checkpoint)
-    with pytest.raises(InjectedFault):
-        blob_store.put(io.BytesIO(data))
-    assert steps == ["written", "verified", "final"][: steps.index(step) + 1]
     key = content_key(sha(data))
+    expected_steps = PUT_STEPS[(store_kind, way)]
+    if step not in expected_steps:
+        assert blob_store.put(io.BytesIO(data), expected_sha256=declared).created
+        assert steps == expected_steps and read_all(blob_store, key) == data
+        return
+    with pytest.raises(InjectedFault):
+        blob_store.put(io.BytesIO(data), expected_sha256=declared)
+    assert steps == expected_steps[: expected_steps.index(step) + 1]
     assert leftovers(blob_store) == ([key] if step == "final" else [], [])
     monkeypatch.undo()
-    retried = blob_store.put(io.BytesIO(data))
+    retried = blob_store.put(io.BytesIO(data), expected_sha256=declared)
     assert retried.created is (step != "final") and read_all(blob_store, key) == data
 
 
@@ -303,7 +332,8 @@ class StallingSource:
 def upload_then_hang(config: dict[str, Any], stall: str, stalled: Any) -> None:
     """Child process: an upload that never finishes.
 
-    ``stall="source"``: the source hangs after more than one part's worth of bytes.
+    ``stall="source"``: the source hangs after more than one part's worth of bytes
+    (``"declared source"``: the same, with a declared SHA-256, so the parts are streamed).
     ``stall="storage"`` (S3): the source is read whole, then each part upload hangs once
     its bytes have reached the server.
     """
@@ -324,6 +354,8 @@ def upload_then_hang(config: dict[str, Any], stall: str, stalled: Any) -> None:
         store = s3
     if stall == "source":
         store.put(StallingSource(TEST_PART + MiB, stalled))
+    elif stall == "declared source":
+        store.put(StallingSource(TEST_PART + MiB, stalled), expected_sha256="0" * 64)
     else:
         store.put(ChunkedSource(2 * TEST_PART + MiB))
 
@@ -388,6 +420,19 @@ def test_s3_killed_while_reading_the_source_leaves_nothing(
     spool = kill_mid_upload(s3, "source", tmp_path, request)
     assert leftovers(s3) == ([], [])
     assert list(spool.iterdir()) == []
+
+
+def test_s3_killed_while_streaming_a_declared_upload_leaves_a_temporary(
+    s3: S3BlobStore, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """With a declared SHA-256 the parts go out as they are read: killed then, the
+    unfinished upload is listed, never visible as an object, and can be discarded."""
+    kill_mid_upload(s3, "declared source", tmp_path, request)
+    keys, temporary = leftovers(s3)
+    assert keys == [] and len(temporary) == 1, temporary
+    assert temporary[0].startswith(content_key("0" * 64) + "?uploadId=")
+    s3.discard_temporary(temporary[0])
+    assert leftovers(s3) == ([], [])
 
 
 # -- memory ----------------------------------------------------------------------------
@@ -583,24 +628,29 @@ def test_s3_an_unfamiliar_etag_is_checked_by_reading_back(
 
 
 @pytest.mark.parametrize("size", [1000, 2 * TEST_PART + 1])
+@pytest.mark.parametrize("declared", [False, True])
 def test_s3_bytes_damaged_on_the_way_are_refused(
-    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch, size: int
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch, size: int, declared: bool
 ) -> None:
-    """The server checks each part's Content-MD5: nothing is stored, nothing is left."""
-    real_upload_part = s3.client._upload_part
+    """The server checks the Content-MD5 of the PutObject or of each part: nothing is
+    stored, nothing is left."""
+    real_put_object = s3.client._put_object  # UploadPart goes through it too
+    last = -(-size // TEST_PART)
 
-    def damaged(bucket: str, name: str, data: bytes, *args: Any) -> Any:
-        last = args[-1] == -(-size // TEST_PART)  # the last part number
-        return real_upload_part(bucket, name, data[:-1] + b"!" if last else data, *args)
+    def damaged(bucket: str, name: str, data: bytes, headers: Any, query_params: Any = None) -> Any:
+        if query_params is None or query_params.get("partNumber") == str(last):
+            data = data[:-1] + b"!"
+        return real_put_object(bucket, name, data, headers, query_params)
 
-    monkeypatch.setattr(s3.client, "_upload_part", damaged)
+    monkeypatch.setattr(s3.client, "_put_object", damaged)
+    data = os.urandom(size) + b"?"
     with pytest.raises(BlobError, match="BadDigest"):
-        s3.put(io.BytesIO(os.urandom(size) + b"?"))
+        s3.put(io.BytesIO(data), expected_sha256=sha(data) if declared else None)
     assert leftovers(s3) == ([], [])
 
 
 class ChangingFile(io.BytesIO):
-    """A seekable source whose bytes change after the first read (someone edits the file)."""
+    """A seekable source whose bytes change when it is rewound (someone edits the file)."""
 
     def seek(self, offset: int, whence: int = 0) -> int:
         position = super().seek(offset, whence)
@@ -610,18 +660,20 @@ class ChangingFile(io.BytesIO):
 
 
 @pytest.mark.parametrize("size", [1000, 2 * TEST_PART + 1])
-def test_s3_a_source_changing_between_the_reads_is_refused(s3: S3BlobStore, size: int) -> None:
-    with pytest.raises(BlobError, match="source changed"):
-        s3.put(ChangingFile(os.urandom(size)))
-    assert leftovers(s3) == ([], [])
-
-
-@pytest.mark.parametrize("size", [1000, 2 * TEST_PART + 9])
-def test_s3_a_racing_upload_of_the_same_bytes_adds_no_version(
-    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch, size: int
-) -> None:
-    """If-None-Match: * refuses the second write; put() then reports the first one."""
+def test_s3_reads_the_source_once(s3: S3BlobStore, size: int) -> None:
+    """No rewind, no second read: what was hashed is what is stored."""
     data = os.urandom(size)
+    blob = s3.put(ChangingFile(data))
+    assert (blob.sha256, blob.size) == (sha(data), size)
+    assert read_all(s3, blob.key) == data
+
+
+def test_s3_a_racing_upload_of_the_same_bytes_adds_no_version(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If-None-Match: * refuses the second write; put() then reports the first one.
+    (Larger than a part: the spooled way looks first, so the race is staged.)"""
+    data = os.urandom(2 * TEST_PART + 9)
     first = s3.put(io.BytesIO(data))
     real_existing = s3._existing
     calls: list[str] = []
@@ -637,6 +689,58 @@ def test_s3_a_racing_upload_of_the_same_bytes_adds_no_version(
     versions = list(s3.client.list_objects(s3.bucket, prefix=first.key, include_version=True))
     assert [v.version_id for v in versions] == [first.version_id]
     assert leftovers(s3) == ([first.key], [])
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_s3_a_small_upload_of_bytes_already_there_adds_no_version(
+    s3: S3BlobStore, declared: bool
+) -> None:
+    """The one PutObject carries If-None-Match: *, so no check goes before it: refused,
+    it adopts the object already there."""
+    data = os.urandom(1000)
+    first = s3.put(io.BytesIO(data))
+    second = s3.put(io.BytesIO(data), expected_sha256=sha(data) if declared else None)
+    assert second.created is False and second.version_id == first.version_id
+    versions = list(s3.client.list_objects(s3.bucket, prefix=first.key, include_version=True))
+    assert [v.version_id for v in versions] == [first.version_id]
+
+
+@pytest.mark.parametrize("size", [1000, 2 * TEST_PART + 9])
+def test_s3_a_declared_checksum_that_does_not_match_leaves_nothing(
+    s3: S3BlobStore, size: int
+) -> None:
+    """Streamed to the declared key, the upload is aborted, not completed."""
+    data = os.urandom(size)
+    with pytest.raises(ChecksumMismatchError):
+        s3.put(io.BytesIO(data), expected_sha256=sha(b"other bytes"))
+    assert leftovers(s3) == ([], [])
+
+
+def test_s3_reads_address_the_version_put_recorded(s3: S3BlobStore) -> None:
+    """A PUT or a DELETE over the key behind the archive's back changes the current
+    version; reads by the recorded version id still see the original."""
+    data = os.urandom(TEST_PART + 5)
+    blob = s3.put(io.BytesIO(data))
+    assert blob.version_id
+    s3.client.put_object(s3.bucket, blob.key, io.BytesIO(b"forged"), 6)
+    assert read_all(s3, blob.key) == b"forged"
+    assert b"".join(s3.open(blob.key, version_id=blob.version_id)) == data
+    assert b"".join(s3.open(blob.key, 10, 19, blob.version_id)) == data[10:20]
+    assert s3.digest(blob.key, blob.version_id) == (sha(data), len(data))
+    s3.client.remove_object(s3.bucket, blob.key)  # a delete marker
+    assert s3.stat(blob.key) is None
+    info = s3.stat(blob.key, blob.version_id)
+    assert info is not None and info.size == len(data) and info.retain_until is not None
+    assert s3.digest(blob.key, blob.version_id) == (sha(data), len(data))
+    s3.set_legal_hold(blob.key, True, blob.version_id)
+    held = s3.stat(blob.key, blob.version_id)
+    assert held is not None and held.legal_hold
+    with pytest.raises(BlobError, match="missing"):
+        read_all_version(s3, blob.key, "0" * 32)
+
+
+def read_all_version(store: BlobStore, key: str, version_id: str) -> bytes:
+    return b"".join(store.open(key, version_id=version_id))
 
 
 def test_s3_putting_the_bytes_again_repairs_a_forged_current_version(s3: S3BlobStore) -> None:

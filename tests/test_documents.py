@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -151,6 +152,23 @@ def test_every_download_is_recorded_with_its_reader(client: Client) -> None:
     assert [h["actor"] for h in history if h["type"] == "Downloaded"] == [d[0] for d in downloads]
 
 
+@pytest.mark.parametrize("declared", [False, True])
+def test_a_file_larger_than_a_part_streams_through(client: Client, declared: bool) -> None:
+    """Over one S3 part: spooled and uploaded (no checksum declared), or streamed straight
+    to its content address (Content-Digest)."""
+    content = PDF + os.urandom(9 * 1024 * 1024)
+    digest = base64.b64encode(hashlib.sha256(content).digest()).decode()
+    headers = {"Content-Digest": f"sha-256=:{digest}:"} if declared else None
+    answer = client.upload(content, headers=headers)
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["size"] == len(content)
+    got = client.http.get(
+        f"/api/v1/documents/{answer.json()['id']}/original", headers=client.as_("auditor")
+    )
+    assert got.content == content
+    assert list(client.archive.blobs.temporary_keys()) == []
+
+
 def test_same_bytes_twice_are_stored_once(client: Client) -> None:
     first = client.upload(PDF).json()
     second = client.upload(PDF, filename="copia.pdf", loan_number="CR-2").json()
@@ -244,6 +262,56 @@ def test_refused_metadata(
 ) -> None:
     assert_problem(client.upload(PDF, **fields), status, fragment)
     nothing_stored(client)
+
+
+BOUNDARY = "archive-test-boundary"
+
+
+def form_part(name: str, value: bytes, filename: str | None = None) -> bytes:
+    disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+    return f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + value + b"\r\n"
+
+
+def post_form(client: Client, body: bytes, content_type: str | None = None) -> Any:
+    return client.http.post(
+        "/api/v1/documents",
+        headers={
+            **client.as_("archivist"),
+            "Content-Type": content_type or f"multipart/form-data; boundary={BOUNDARY}",
+        },
+        content=body,
+    )
+
+
+FIELDS = form_part("loan_number", b"CR-1") + form_part("doc_type", b"contract")
+FILE = form_part("file", PDF, "c.pdf")
+END = f"--{BOUNDARY}--\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "fragment"),
+    [
+        (FILE + FIELDS + END, None, 422, "body.loan_number: Field required"),
+        (FIELDS + FILE + form_part("sha256", b"0" * 64) + END, None, 422, "must be the last part"),
+        (FIELDS + END, None, 422, "body.file: Field required"),
+        (FIELDS + FILE, None, 400, "ended before"),
+        (b"garbage", None, 400, "not a valid multipart/form-data body"),
+        (FIELDS + form_part("reason", b"x" * 70_000) + FILE + END, None, 422, "longer than"),
+        (b'{"loan_number": "CR-1"}', "application/json", 415, "multipart/form-data"),
+        (FIELDS + FILE + END, "multipart/form-data", 415, "multipart/form-data"),
+    ],
+)
+def test_the_form_is_read_as_it_arrives(
+    client: Client, body: bytes, content_type: str | None, status: int, fragment: str
+) -> None:
+    """The file is the last part: the fields before it are checked before a byte of it
+    is stored; anything else is refused with a problem, and nothing is left behind."""
+    assert_problem(post_form(client, body, content_type), status, fragment)
+    nothing_stored(client)
+    assert list(client.archive.blobs.temporary_keys()) == []
+    ok = post_form(client, FIELDS + FILE + END)
+    assert ok.status_code == 201, ok.text
+    assert ok.json()["sha256"] == hashlib.sha256(PDF).hexdigest()
 
 
 def test_declared_checksum_must_match(client: Client) -> None:
@@ -349,6 +417,35 @@ def test_reconcile_reports_orphans_and_missing(client: Client, tamper: Any) -> N
         e for _, e in iter_all(client.archive) if type(e).__qualname__ == "Reconciliation.Completed"
     ]
     assert runs[-1].orphans == [orphan.key]
+
+
+@pytest.mark.parametrize("blob_backend", ["s3"])
+def test_a_put_or_delete_behind_the_archives_back_does_not_replace_the_original(
+    client: Client, blob_backend: str
+) -> None:
+    """On S3 a plain PUT adds a newer version and a plain DELETE a delete marker; the
+    archive reads the version its event recorded, so downloads, fixity, reconcile and
+    the extraction worker still get the original."""
+    doc = client.upload(PDF).json()["id"]
+    document = client.archive.get_document(UUID(doc))
+    assert document.object_version
+    s3, bucket = client.archive.blobs.client, client.archive.settings.s3_bucket  # type: ignore[attr-defined]
+    url = f"/api/v1/documents/{doc}/original"
+    fixity = "/api/v1/documents/fixity-checks"
+    for change in ("put", "delete"):
+        if change == "put":
+            s3.put_object(bucket, document.object_key, io.BytesIO(b"%PDF-1.7 forged"), 15)
+        else:
+            s3.remove_object(bucket, document.object_key)
+        got = client.http.get(url, headers=client.as_("auditor"))
+        assert got.status_code == 200 and got.content == PDF, change
+        part = client.http.get(url, headers={**client.as_("auditor"), "Range": "bytes=0-7"})
+        assert part.status_code == 206 and part.content == PDF[:8], change
+        report = client.http.post(fixity, headers=client.as_("auditor")).json()
+        assert report == {"documents_checked": 1, "ok": True, "failures": []}, change
+        reconciled = client.archive.reconcile(operator_context(change))
+        assert reconciled.missing == [] and reconciled.changed == [], change
+        assert b"".join(client.archive.original_bytes(document)) == PDF
 
 
 class iter_reader:

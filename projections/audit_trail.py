@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 from projections import registry
-from projections.encoding import dumps, iso_utc, json_text, loads, plain
+from projections.encoding import dumps, id_text, iso_utc, json_text, loads, plain
 from projections.store import Row, Store, Tx
 from projections.view import (
     MAX_LIMIT,
@@ -115,7 +115,7 @@ class AuditTrailView(View):
         while the batch is applied (across batches in a rebuild), and the rows and the
         changed values are written with one statement each."""
         known: dict[str, dict[str, Any]] = cache.setdefault("fields", {})
-        ids = {str(e.originator_id) for _, e in events}
+        ids = {id_text(e.originator_id) for _, e in events}
         for _, event in events:
             registration = _lien_registration(event, type(event).__qualname__.split(".")[0])
             if registration is not None:
@@ -504,7 +504,7 @@ def record(position: int, event: Any, known: dict[str, dict[str, Any]], changed:
     updated; if any changed, its id is added to ``changed``."""
     qualname = type(event).__qualname__
     aggregate_type = qualname.split(".")[0]
-    aggregate_id = str(event.originator_id)
+    aggregate_id = id_text(event.originator_id)
     seen = known[aggregate_id]
     diff: dict[str, dict[str, Any]] = {}
     latest: dict[str, Any] = {}

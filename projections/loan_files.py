@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from archive.documents import ExtractionStatus
 from projections import registry
-from projections.encoding import dumps, iso_utc, loads, opt
+from projections.encoding import dumps, id_text, iso_utc, loads, opt
 from projections.store import Row, Store, Tx
 from projections.view import (
     Cache,
@@ -172,7 +172,7 @@ class LoanFilesView(View):
         for _, event in events:
             qualname = type(event).__qualname__
             if qualname in self.handlers and qualname not in CREATES:
-                wanted[TABLE_OF[qualname.split(".")[0]]].add(str(event.originator_id))
+                wanted[TABLE_OF[qualname.split(".")[0]]].add(id_text(event.originator_id))
         for table, keys in wanted.items():
             rows.load(table, keys)
         for position, event in events:
@@ -280,11 +280,11 @@ def _touch(event: Any, position: int) -> dict[str, Any]:
 
 
 def _update_loan(rows: Rows, position: int, event: Any, **changes: Any) -> None:
-    rows.update(LOANS, str(event.originator_id), {**changes, **_touch(event, position)})
+    rows.update(LOANS, id_text(event.originator_id), {**changes, **_touch(event, position)})
 
 
 def _loan(rows: Rows, event: Any) -> Row:
-    return rows.get(LOANS, str(event.originator_id))
+    return rows.get(LOANS, id_text(event.originator_id))
 
 
 @handlers.on("LoanFile.Opened")
@@ -292,7 +292,7 @@ def _opened(rows: Rows, position: int, e: Any) -> None:
     rows.insert(
         LOANS,
         {
-            "loan_id": str(e.originator_id),
+            "loan_id": id_text(e.originator_id),
             "loan_number": e.loan_number,
             "borrower_name": e.borrower_name,
             "borrower_national_id": e.borrower_national_id,
@@ -454,7 +454,7 @@ def _stamp(e: Any, changes: dict[str, Any]) -> dict[str, Any]:
 
 
 def _update_collateral(rows: Rows, e: Any, **changes: Any) -> None:
-    rows.update(COLLATERAL, str(e.originator_id), _stamp(e, changes))
+    rows.update(COLLATERAL, id_text(e.originator_id), _stamp(e, changes))
 
 
 @handlers.on("MortgageRegistration.Filed")
@@ -462,7 +462,7 @@ def _filed(rows: Rows, position: int, e: Any) -> None:
     rows.insert(
         COLLATERAL,
         {
-            "registration_id": str(e.originator_id),
+            "registration_id": id_text(e.originator_id),
             "loan_number": e.loan_number,
             "version": e.originator_version,
             "cadastral_reference": e.cadastral_reference,
@@ -503,7 +503,7 @@ def _registered(rows: Rows, position: int, e: Any) -> None:
 
 @handlers.on("MortgageRegistration.SiteVerified")
 def _site_verified(rows: Rows, position: int, e: Any) -> None:
-    row = rows.get(COLLATERAL, str(e.originator_id))
+    row = rows.get(COLLATERAL, id_text(e.originator_id))
     visit = {
         "officer": e.officer,
         "verified_on": e.verified_on,
@@ -522,7 +522,7 @@ def _released(rows: Rows, position: int, e: Any) -> None:
 
 
 def _update_valuation(rows: Rows, e: Any, **changes: Any) -> None:
-    rows.update(VALUATIONS, str(e.originator_id), _stamp(e, changes))
+    rows.update(VALUATIONS, id_text(e.originator_id), _stamp(e, changes))
 
 
 @handlers.on("Valuation.Appraised")
@@ -530,7 +530,7 @@ def _appraised(rows: Rows, position: int, e: Any) -> None:
     rows.insert(
         VALUATIONS,
         {
-            "valuation_id": str(e.originator_id),
+            "valuation_id": id_text(e.originator_id),
             "loan_number": e.loan_number,
             "version": e.originator_version,
             "collateral_id": opt(e.collateral_id),
@@ -590,7 +590,7 @@ def _valuation_superseded(rows: Rows, position: int, e: Any) -> None:
 
 
 def _update_document(rows: Rows, e: Any, **changes: Any) -> None:
-    rows.update(DOCUMENTS, str(e.originator_id), _stamp(e, changes))
+    rows.update(DOCUMENTS, id_text(e.originator_id), _stamp(e, changes))
 
 
 @handlers.on("Document.Registered")
@@ -598,7 +598,7 @@ def _document_registered(rows: Rows, position: int, e: Any) -> None:
     rows.insert(
         DOCUMENTS,
         {
-            "document_id": str(e.originator_id),
+            "document_id": id_text(e.originator_id),
             "loan_number": e.loan_number,
             "version": e.originator_version,
             "collateral_id": opt(e.collateral_id),
@@ -633,7 +633,7 @@ def _document_superseded(rows: Rows, position: int, e: Any) -> None:
 
 @handlers.on("Document.Downloaded")
 def _downloaded(rows: Rows, position: int, e: Any) -> None:
-    row = rows.get(DOCUMENTS, str(e.originator_id))
+    row = rows.get(DOCUMENTS, id_text(e.originator_id))
     _update_document(
         rows, e, downloads=int(row["downloads"]) + 1, last_downloaded_at=iso_utc(e.timestamp)
     )

@@ -579,7 +579,7 @@ def instrumented(archive: ArchiveApp, projections: Projections, name: str) -> It
     tx_methods = {
         (cls, m): getattr(cls, m)
         for cls in tx_classes
-        for m in ("execute", "executemany", "_write_rows")
+        for m in ("execute", "executemany", "insert_rows", "upsert_rows")
     }
 
     def select(*args: Any, **kwargs: Any) -> Any:
@@ -612,8 +612,9 @@ def instrumented(archive: ArchiveApp, projections: Projections, name: str) -> It
                 return method(self, sql, *args)
             finally:
                 spent = perf() - t0
-                if method.__name__ == "_write_rows":  # insert_rows/upsert_rows: sql is a table
-                    what = f"WRITE ROWS {re.sub(r'_g[0-9]+$', '', sql)}"
+                if method.__name__.endswith("_rows"):  # insert_rows/upsert_rows: sql is a table
+                    verb = method.__name__.split("_")[0].upper()
+                    what = f"{verb} ROWS {re.sub(r'_g[0-9]+$', '', sql)}"
                 else:
                     m = TABLE.search(sql)
                     what = f"{sql.split(None, 1)[0]} {m.group(1) if m else '?'}"

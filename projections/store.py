@@ -252,6 +252,19 @@ class _PostgresTx(Tx):
     def lock(self, key: str) -> None:
         self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"views:{key}",))
 
+    def insert_rows(self, table: str, rows: Sequence[Row]) -> None:
+        """COPY: about 3 times faster than the JSON statement below for plain inserts."""
+        if not rows:
+            return
+        columns = list(rows[0])
+        values = operator.itemgetter(*columns)
+        with (
+            self.conn.cursor() as cursor,
+            cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(values(row))
+
     def _write_rows(self, table: str, rows: Sequence[Row], conflict: str) -> None:
         """One statement and one round trip for all the rows: they travel as one JSON
         array, which ``json_populate_recordset`` turns into rows of the table's types

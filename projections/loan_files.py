@@ -171,8 +171,9 @@ class LoanFilesView(View):
         wanted: dict[str, set[str]] = {table: set() for table in KEYS}
         for _, event in events:
             qualname = type(event).__qualname__
-            if qualname in self.handlers and qualname not in CREATES:
-                wanted[TABLE_OF[qualname.split(".")[0]]].add(id_text(event.originator_id))
+            table = TABLE_OF.get(qualname.split(".")[0])
+            if table is not None and qualname in self.handlers and qualname not in CREATES:
+                wanted[table].add(id_text(event.originator_id))
         for table, keys in wanted.items():
             rows.load(table, keys)
         for position, event in events:

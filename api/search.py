@@ -1,7 +1,7 @@
 """Full-text search over the extracted pages of every document, with metadata filters."""
 
 from datetime import date
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
@@ -15,7 +15,14 @@ from archive.domain import Role
 from archive.exceptions import ArchiveError
 from projections import query_syntax
 from projections.query_syntax import MAX_QUERY_CHARS
-from projections.search import MAX_FILTER_CHARS, MAX_OFFSET, SearchView, search
+from projections.runner import Projections
+from projections.search import (
+    MAX_FILTER_CHARS,
+    MAX_OFFSET,
+    IndexBehindError,
+    SearchView,
+    search,
+)
 from projections.view import Page
 
 router = APIRouter(prefix="/api/v1/search", tags=["search"], route_class=AuthFirstRoute)
@@ -85,21 +92,27 @@ async def search_pages(
     # docstring above is the OpenAPI description). The barrier runs only once every
     # parameter is valid.
     def run() -> Page:
-        views = fresh_views(request)
+        views: Projections = request.app.state.projections
         if SearchView.name not in views.views:
             raise SearchUnavailableError("the search index is not configured on this server")
-        return search(
-            views.store,
-            query,
-            loan_number=loan_number,
-            doc_type=None if doc_type is None else doc_type.value,
-            borrower=borrower,
-            uploaded_from=uploaded_from,
-            uploaded_to=uploaded_to,
-            include_superseded=include_superseded,
-            limit=limit,
-            offset=offset,
-        )
+        given: dict[str, Any] = {
+            "loan_number": loan_number,
+            "doc_type": None if doc_type is None else doc_type.value,
+            "borrower": borrower,
+            "uploaded_from": uploaded_from,
+            "uploaded_to": uploaded_to,
+            "include_superseded": include_superseded,
+            "limit": limit,
+            "offset": offset,
+        }
+        head = request.app.state.archive.head_position()
+        try:
+            # The index has usually applied the head already; the search's own read of
+            # its position checks that, one read transaction fewer than the barrier.
+            return search(views.store, query, at_least=head, **given)
+        except IndexBehindError:
+            fresh_views(request)  # the barrier every route uses: a bounded wait, or 503
+            return search(views.store, query, **given)
 
     page = await run_in_threadpool(run)
     body = page.as_dict()

@@ -815,6 +815,10 @@ def _hit(row: Row, pattern: re.Pattern[str] | None) -> dict[str, Any]:
     }
 
 
+class IndexBehindError(Exception):
+    """The search index has not yet applied the log position a search must reflect."""
+
+
 def search(
     store: Store,
     q: str | Query,
@@ -827,6 +831,7 @@ def search(
     include_superseded: bool = True,
     limit: int = 20,
     offset: int = 0,
+    at_least: int = 0,
 ) -> Page:
     """Pages matching the query ``q`` (see ``projections.query_syntax``) and every given
     filter, best first: the total, and one page of hits with a highlighted snippet.
@@ -835,7 +840,8 @@ def search(
     national id; ``uploaded_from``/``uploaded_to`` are inclusive UTC dates of upload.
     Ranks are comparable within one backend only (bm25 on SQLite, ts_rank on
     PostgreSQL; higher is better). Raises QueryError (422) for a query or filter that
-    cannot be searched as given.
+    cannot be searched as given, and IndexBehindError, before any search query runs,
+    while the index has not applied the log position ``at_least`` (read your writes).
     """
     query = q if isinstance(q, Query) else parse(q)
     try:
@@ -854,6 +860,9 @@ def search(
     )
     with store.read() as tx:
         current = registry.active(tx, SearchView.name)
+        applied = 0 if current is None else current.position
+        if applied < at_least:
+            raise IndexBehindError(f"the index is at position {applied}, not yet {at_least}")
         if current is None:
             return Page([], 0, limit, offset, 0)
         t = SearchView().tables(current.generation)

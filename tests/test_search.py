@@ -50,6 +50,7 @@ from projections.query_syntax import (
 from projections.runner import Projections
 from projections.search import (
     TS_CONFIG,
+    IndexBehindError,
     SearchView,
     highlighter,
     install_text_search,
@@ -791,6 +792,13 @@ def test_bad_searches_over_http_are_problems_never_500s(http: Http) -> None:
 def test_search_says_so_when_the_index_is_not_configured(http: Http, corpus: Corpus) -> None:
     http.app.state.projections = Projections(corpus.archive, corpus.store, views=[])
     assert_problem(http.get(q="tasacion"), 503)
+
+
+def test_a_search_never_answers_from_before_a_position_it_must_reflect(corpus: Corpus) -> None:
+    head = corpus.archive.head_position()
+    assert search(corpus.store, "tasacion", at_least=head).position == head
+    with pytest.raises(IndexBehindError):
+        search(corpus.store, "tasacion", at_least=head + 1)
 
 
 def test_query_objects_can_be_passed_directly(corpus: Corpus) -> None:

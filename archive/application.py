@@ -37,7 +37,12 @@ from archive.documents import (
     sniff_media_type,
 )
 from archive.domain import ArchiveAggregate, CommandContext, Role, choice
-from archive.eventlog import protect_events_table, select_with_positions, snapshot_events
+from archive.eventlog import (
+    protect_events_table,
+    select_with_positions,
+    snapshot_events,
+    snapshotted_ids,
+)
 from archive.exceptions import (
     ArchiveError,
     AuthenticationError,
@@ -867,16 +872,15 @@ class ArchiveApp(Application[UUID]):
         report = verify_store(self.recorder, self.mapper)
         if report.breach is not None or self.snapshots is None:
             return report
-        ids = {
-            n.originator_id for _, n in iter_log(self.recorder, topics=self._snapshotted_topics())
-        }
-        for aggregate_id in sorted(ids):
+        for aggregate_id in snapshotted_ids(self.snapshots.recorder):
+            replayed, upto = None, 0  # one pass over the events, checked at each snapshot
             for snapshot in self.snapshots.get(aggregate_id):
-                replayed = replay(
-                    None,
-                    self.repository.event_store.get(aggregate_id, lte=snapshot.originator_version),
+                later = self.repository.event_store.get(
+                    aggregate_id, gt=upto, lte=snapshot.originator_version
                 )
-                expected = {k: v for k, v in vars(replayed).items() if k not in SNAPSHOT_SKIP}
+                replayed, upto = replay(replayed, later), snapshot.originator_version
+                state = vars(replayed) if replayed is not None else {}
+                expected = {k: v for k, v in state.items() if k not in SNAPSHOT_SKIP}
                 if snapshot.state != expected:
                     breach = Breach(
                         aggregate_id,
@@ -886,15 +890,6 @@ class ArchiveApp(Application[UUID]):
                     )
                     return ChainReport(report.events_checked, report.aggregates_checked, breach)
         return report
-
-    def _snapshotted_topics(self) -> list[str]:
-        """The creation events of the aggregates that take snapshots."""
-        return [
-            get_topic(event_class)
-            for cls in self.snapshotting_intervals
-            for event_class in vars(cls).values()
-            if isinstance(event_class, type) and issubclass(event_class, Aggregate.Created)
-        ]
 
     def verify_loan_chain(self, loan_number: str) -> ChainReport:
         try:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from eventsourcing.domain import Snapshot
 from factories import appraisal_fields, mortgage_fields, open_loan
 from hypothesis import HealthCheck, assume, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from archive.application import ArchiveApp, replay
+from archive.collateral import PropertyLiens, property_id
 from archive.domain import CommandContext
 from archive.exceptions import DomainError
 from archive.integrity import digest_of
@@ -303,3 +306,22 @@ def test_time_travel_around_every_snapshot_agrees_with_a_replay_from_scratch(
         by_moment = archive.loan_file("S-2", as_of=moment)
         assert {k: by_moment[k] for k in expected} == expected
         assert archive.loan_file("S-2", version=version) == by_moment
+
+
+def test_a_planted_snapshot_of_any_aggregate_is_caught(
+    archive: ArchiveApp, officer: CommandContext
+) -> None:
+    """The library rebuilds any aggregate from a snapshot it finds, including types that
+    never take one: verification checks every snapshot in the store."""
+    open_loan(archive, officer)
+    archive.register_collateral(officer, **mortgage_fields())
+    prop_id = property_id(mortgage_fields()["cadastral_reference"])
+    honest = Snapshot.take(archive.repository.get(prop_id))
+    assert PropertyLiens not in archive.snapshotting_intervals
+    assert archive.snapshots is not None
+    archive.snapshots.put([replace(honest, state={**honest.state, "liens": {}})])
+    assert archive.repository.get(prop_id).liens == {}  # reads would now see the forgery
+    report = archive.verify_chain()
+    assert report.breach is not None
+    assert (report.breach.originator_id, report.breach.originator_version) == (prop_id, 2)
+    assert "snapshot" in report.breach.problem

@@ -20,6 +20,10 @@ Writer = Annotated[Principal, Depends(require(Role.CREDIT_OFFICER))]
 Reader = Annotated[Principal, Depends(require(*Role))]
 
 
+MAX_LIEN_RANK = 99
+"""The highest lien rank accepted: bounded so that no read model column can overflow."""
+
+
 class FileMortgage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -28,7 +32,12 @@ class FileMortgage(BaseModel):
     address: str = Field(min_length=1, max_length=500)
     owner: str = Field(min_length=1, max_length=500)
     registry_office: str = Field(min_length=1, max_length=500)
-    lien_rank: int = Field(1, description="1 for a first mortgage; repeated mortgages need more.")
+    lien_rank: int = Field(
+        1,
+        ge=1,
+        le=MAX_LIEN_RANK,
+        description="1 for a first mortgage; repeated mortgages need more (at most 99).",
+    )
     secured_amount: Decimal
     currency: str = "EUR"
     reason: str | None = Field(None, max_length=2000)

@@ -34,6 +34,11 @@ Replayer = Annotated[
 ]
 
 
+MAX_TERM_MONTHS = 1200
+"""The longest term accepted (a hundred years): beyond it no loan exists, and a read model's
+32-bit column might not hold it."""
+
+
 class Command(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -57,7 +62,11 @@ class OpenLoan(BaseModel):
     principal: Decimal = Field(examples=["120000.00"])
     currency: str = Field("EUR", examples=["EUR"])
     interest_rate: Decimal = Field(description="Yearly percentage.", examples=["3.75"])
-    term_months: int
+    term_months: int = Field(
+        ge=1,
+        le=MAX_TERM_MONTHS,
+        description="1 to 1200 (a hundred years): events are forever, so no view may overflow.",
+    )
     disbursement_date: date
     maturity_date: date
     branch: str = Field(min_length=1, max_length=120)

@@ -630,6 +630,20 @@ def test_an_accepted_amount_never_makes_the_loan_unreadable(api: Api) -> None:
         assert_problem(resp, 422)
 
 
+def test_an_integer_beyond_any_column_is_refused_not_stored(api: Api) -> None:
+    """Events are forever: a term or lien rank no view column can hold would wedge the
+    read models for every caller, so the request is refused before anything is stored."""
+    for term in (10**20, 2**31, 1201, 0):
+        assert_problem(api.post("/api/v1/loans", loan_body("CR-9", term_months=term)), 422)
+    assert_problem(api.get("/api/v1/loans/CR-9"), 404)
+    api.open("CR-1", term_months=1200)
+    for rank in (10**20, 2**31, 1000):
+        assert_problem(api.post("/api/v1/collateral", mortgage_body(lien_rank=rank)), 422)
+    listed = assert_ok(api.get("/api/v1/loans"))
+    assert [loan["loan_number"] for loan in listed["items"]] == ["CR-1"]
+    assert listed["items"][0]["collateral"] == []
+
+
 # -- the past -------------------------------------------------------------------------------------
 
 

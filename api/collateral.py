@@ -7,8 +7,9 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from api.bodies import Body
 from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command, state_response
 from api.loans import Command
 from archive.application import Principal
@@ -24,9 +25,7 @@ MAX_LIEN_RANK = 99
 """The highest lien rank accepted: bounded so that no read model column can overflow."""
 
 
-class FileMortgage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FileMortgage(Body):
     loan_number: str = Field(min_length=1, max_length=64)
     cadastral_reference: str = Field(examples=["9872023VH5797S0001WX"])
     address: str = Field(min_length=1, max_length=500)

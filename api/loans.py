@@ -7,8 +7,9 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from api.bodies import Body
 from api.deps import (
     Archive,
     AuthFirstRoute,
@@ -39,18 +40,14 @@ MAX_TERM_MONTHS = 1200
 32-bit column might not hold it."""
 
 
-class Command(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Command(Body):
     reason: str | None = Field(None, max_length=2000, description="Why: lands in the event.")
     expected_version: int | None = Field(
         None, ge=1, description="Refuse with 409 unless the loan is at this version."
     )
 
 
-class OpenLoan(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class OpenLoan(Body):
     loan_number: str = Field(min_length=1, max_length=64, examples=["CR-2024-000123"])
     borrower_name: str = Field(min_length=1, max_length=500)
     borrower_national_id: str = Field(min_length=1, max_length=64)

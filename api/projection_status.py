@@ -4,8 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from api.bodies import Body
 from api.deps import AuthFirstRoute, require
 from api.encoding import jsonable
 from archive.application import Principal
@@ -28,9 +29,7 @@ def status(request: Request, who: Operator) -> JSONResponse:
     return JSONResponse(jsonable([s.as_dict() for s in projections_of(request).status()]))
 
 
-class Rebuild(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Rebuild(Body):
     reason: str | None = Field(None, max_length=2000)
 
 

@@ -4,8 +4,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from api.bodies import Body
 from api.deps import Archive, AuthFirstRoute, context, require
 from archive.application import Principal
 from archive.domain import Role
@@ -16,24 +17,18 @@ Admin = Annotated[Principal, Depends(require(Role.ADMIN))]
 Anyone = Annotated[Principal, Depends(require(*Role))]
 
 
-class AddUser(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AddUser(Body):
     name: str = Field(examples=["ana.perez"])
     role: Role
     reason: str | None = Field(None, max_length=2000)
 
 
-class ChangeRole(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ChangeRole(Body):
     role: Role
     reason: str | None = Field(None, max_length=2000)
 
 
-class Reason(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Reason(Body):
     reason: str | None = Field(None, max_length=2000)
 
 

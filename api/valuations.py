@@ -7,8 +7,9 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from api.bodies import Body
 from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command, state_response
 from api.loans import Command
 from archive.application import Principal
@@ -20,9 +21,7 @@ Writer = Annotated[Principal, Depends(require(Role.CREDIT_OFFICER))]
 Reader = Annotated[Principal, Depends(require(*Role))]
 
 
-class Appraise(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Appraise(Body):
     loan_number: str = Field(min_length=1, max_length=64)
     collateral_id: UUID | None = None
     agency: str = Field(min_length=1, max_length=200)

@@ -644,6 +644,32 @@ def test_an_integer_beyond_any_column_is_refused_not_stored(api: Api) -> None:
     assert listed["items"][0]["collateral"] == []
 
 
+def test_text_with_a_nul_character_is_refused_and_the_views_keep_reading(api: Api) -> None:
+    """PostgreSQL text cannot hold U+0000: an accepted one would fail every view forever."""
+    assert_problem(api.post("/api/v1/loans", loan_body("CR-9", borrower_name="Ana\x00")), 422)
+    api.open()
+    nul_bodies = {
+        "/api/v1/loans/CR-1/status": {"status": "overdue", "reason": "three\x00missed"},
+        "/api/v1/loans/CR-1/recovery-category": {
+            "category": "recoverable",
+            "causes_of_default": ["sequ\x00ía"],
+        },
+        "/api/v1/loans/CR-1/investigation": {
+            "checklist": {**CHECKLIST, "valid_assets\x00": True},
+            "investigated_on": "2024-09-01",
+        },
+        "/api/v1/collateral": mortgage_body(owner="\x00"),
+        "/api/v1/valuations": appraisal_body(agency="Tinsa\x00"),
+    }
+    for path, body in nul_bodies.items():
+        problem = assert_problem(api.post(path, body), 422)
+        assert "NUL" in problem["detail"], problem
+    assert_problem(api.post("/api/v1/users", {"name": "x\x00", "role": "auditor"}, "admin"), 422)
+    assert assert_ok(api.get("/api/v1/loans"))["total"] == 1
+    assert assert_ok(api.get("/api/v1/loans/CR-1"))["version"] == 1
+    assert_ok(api.get("/api/v1/audit-trail", role="auditor"))
+
+
 # -- the past -------------------------------------------------------------------------------------
 
 

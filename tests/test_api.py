@@ -788,6 +788,16 @@ def test_client_errors(api: Api) -> None:
     assert_problem(api.get("/api/v1/loans/CR-2"), 404)
 
 
+def test_a_405_names_the_allowed_methods(api: Api) -> None:
+    """RFC 9110: a 405 carries Allow; the problem handler must not drop the header."""
+    resp = api.client.put("/api/v1/loans/CR-1", headers=api.headers())
+    assert_problem(resp, 405)
+    assert resp.headers["allow"] == "GET"
+    resp = api.client.get("/api/v1/loans/CR-1/status", headers=api.headers())
+    assert_problem(resp, 405)
+    assert resp.headers["allow"] == "POST"
+
+
 # -- authentication --------------------------------------------------------------------------------
 
 

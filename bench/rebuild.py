@@ -48,6 +48,7 @@ import io
 import pstats
 import random
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -913,7 +914,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     report(results)
-    print(f"\n(whole run {time.perf_counter() - began:.0f} s)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    print(f"\n(whole run {time.perf_counter() - began:.0f} s, peak RSS {peak:.0f} MiB)")
     return 0  # a benchmark reports; it does not fail `make bench` on a noisy machine
 
 

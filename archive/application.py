@@ -131,9 +131,7 @@ class UnsupportedMediaTypeError(ArchiveError):
 
 class PrefixedReader:
     """A stream whose first bytes were already read (to sniff them), put back in front.
-
-    Seekable when the underlying stream is (an uploaded file is spooled to disk), so a
-    store that reads twice (hash, then upload) can rewind instead of spooling again."""
+    Read once, front to back: stores never rewind their source."""
 
     def __init__(self, head: bytes, rest: Readable) -> None:
         self.head = head
@@ -147,21 +145,6 @@ class PrefixedReader:
             self.offset += len(data)
             return data
         return self.rest.read(size)
-
-    def seekable(self) -> bool:
-        return bool(getattr(self.rest, "seekable", lambda: False)())
-
-    def seek(self, position: int, whence: int = 0) -> int:
-        if (position, whence) != (0, 0):
-            raise OSError("only a rewind to the start is supported")
-        self.rest.seek(len(self.head))  # type: ignore[attr-defined]
-        self.offset = 0
-        return 0
-
-    def tell(self) -> int:
-        if self.offset < len(self.head):
-            return self.offset
-        return self.rest.tell()  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

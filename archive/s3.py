@@ -165,21 +165,22 @@ T = TypeVar("T")
 
 @functools.cache
 def _release_part_buffers_to_the_os() -> None:
-    """Make glibc hand every buffer of 1 MiB or more straight back to the OS when freed.
+    """Make glibc hand every buffer of 256 KiB or more straight back to the OS when freed.
 
     By default glibc raises its mmap threshold to the size of the largest block freed
     (up to 32 MiB), so after the first upload the 8 MiB part buffers come from the
     per-thread heaps instead, where freed space is kept: a server's peak RSS then grows
     upload after upload (measured: 133 MiB after one 500 MB upload, 165 MiB after two;
-    with this, 127 MiB after either). Called once, by the first S3 store; a no-op on
-    other C libraries.
+    with this, 127 MiB after either). 256 KiB, not more, so that the 1 MB buffers of
+    small uploads, made in whichever of the server's worker threads, go back too.
+    Called once, by the first S3 store; a no-op on other C libraries.
     """
     name = ctypes.util.find_library("c")
     if not name:
         return
     mallopt = getattr(ctypes.CDLL(name), "mallopt", None)
     if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
+        mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h

@@ -9,6 +9,7 @@ Errors print one line to stderr and exit non-zero.
 
 from __future__ import annotations
 
+import gc
 import html
 import json
 import signal
@@ -127,9 +128,13 @@ def serve(
         threading.Thread(
             target=run_worker, args=(application, stop), name="ocr-worker", daemon=True
         ).start()
+    api = create_app(settings, application)
+    # Start-up objects (modules, routes, caches) live as long as the process: keep them
+    # out of every full collection, whose pauses would otherwise land on requests.
+    gc.freeze()
     try:
         uvicorn.run(
-            create_app(settings, application),
+            api,
             host=host or settings.host,
             port=port or settings.port,
             log_level=settings.log_level,
@@ -150,6 +155,7 @@ def run_worker(application: ArchiveApp, stop: threading.Event, name: str | None 
             name=name or default_worker_name(),
             languages=application.settings.ocr_languages,
         )
+        gc.freeze()  # start-up objects stay out of full collections (see serve)
         worker.run_forever(stop)
 
 

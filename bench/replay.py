@@ -27,6 +27,7 @@ events, so ``ArchiveApp`` takes its snapshots (every 100 events) as it always do
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import statistics
 import sys
@@ -379,7 +380,10 @@ def measure(
             f"with {loan.version} events in {seconds:.2f} s; {events} events in the store",
             flush=True,
         )
+        gc.collect()
+        gc.freeze()  # what `serve` and `worker` do after start-up (see archive/cli.py)
         rec = reconstruct(archive, plain, loan, samples, seed)
+        gc.unfreeze()
         for t in rec.timings:
             (a_med, a_p95), (b_med, b_p95) = ms(t.with_snapshots), ms(t.without)
             print(

@@ -564,6 +564,10 @@ def main() -> None:
         sys.exit(2 if isinstance(exc, SettingsError) else 1)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
+    except OSError as exc:  # e.g. ARCHIVE_DATA_DIR cannot be created or is not a directory
+        where = f": {exc.filename}" if exc.filename else ""
+        typer.echo(f"loan-archive: {exc.strerror or exc}{where}", err=True)
+        sys.exit(1)
     except ClickException as exc:  # usage errors: unknown option, missing argument
         typer.echo(f"loan-archive: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)

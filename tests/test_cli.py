@@ -204,6 +204,24 @@ def test_verify_passes_then_names_the_tampered_event(
     assert "v2" in line.split(), line
 
 
+def test_an_unusable_data_dir_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    data_dir = tmp_path / "a-file" / "archive"
+    env = cli_env(Settings(data_dir=data_dir, demo_data=False))
+    result = subprocess.run(
+        [str(CLI), "verify"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    line = one_error_line(result)
+    assert "a-file" in line, line
+    assert result.returncode == 1
+
+
 @pytest.mark.parametrize(
     ("variable", "value"),
     [("ARCHIVE_PORT", "abc"), ("ARCHIVE_DATABASE_URL", "mysql://x")],

@@ -118,6 +118,8 @@ def serve(
     from archive.demo import seed
 
     settings = load_settings()
+    if with_worker:
+        check_ocr_languages(settings)
     application = ArchiveApp(settings)
     if settings.demo_data and application.head_position() == 0:
         tokens_file = settings.data_dir / "demo-tokens.txt"
@@ -141,6 +143,22 @@ def serve(
         )
     finally:
         stop.set()
+
+
+def check_ocr_languages(settings: Settings) -> None:
+    """Refuse to start a worker whose Tesseract lacks ARCHIVE_OCR_LANGUAGES: it would
+    otherwise fail every scanned page, quietly, one document at a time."""
+    from ocr import tesseract
+
+    if tesseract.engine_version() is None:
+        return  # no Tesseract at all: text layers still extract; scans fail, each saying why
+    missing = tesseract.missing_languages(settings.ocr_languages)
+    if missing:
+        installed = "+".join(sorted(tesseract.installed_languages())) or "none"
+        raise SettingsError(
+            f"invalid setting ARCHIVE_OCR_LANGUAGES: Tesseract has no language data for "
+            f"{', '.join(missing)} (installed: {installed})"
+        )
 
 
 def run_worker(application: ArchiveApp, stop: threading.Event, name: str | None = None) -> None:
@@ -167,6 +185,7 @@ def worker(
     ] = None,
 ) -> None:
     """Run an OCR worker: extract the text of every registered original (Ctrl-C stops)."""
+    check_ocr_languages(load_settings())
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with archive() as application:

@@ -204,6 +204,19 @@ def test_verify_passes_then_names_the_tampered_event(
     assert "v2" in line.split(), line
 
 
+@pytest.mark.parametrize("command", [("worker",), ("serve", "--with-worker", "--port", "1")])
+def test_a_worker_refuses_ocr_languages_tesseract_lacks(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """Rather than start and fail every scan, one line names the variable (exit 2)."""
+    env = cli_env(Settings(data_dir=tmp_path, demo_data=False), ARCHIVE_OCR_LANGUAGES="spa+tlh")
+    result = run(env, *command)
+    line = one_error_line(result)
+    assert result.returncode == 2, result
+    assert "ARCHIVE_OCR_LANGUAGES" in line and "tlh" in line, line
+    assert "spa" not in line.split("installed")[0], line
+
+
 def test_an_unusable_data_dir_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a directory")
     data_dir = tmp_path / "a-file" / "archive"

@@ -10,6 +10,7 @@ from api.bodies import Body
 from api.deps import Archive, AuthFirstRoute, context, require
 from archive.application import Principal
 from archive.domain import Role
+from archive.exceptions import DomainError
 
 router = APIRouter(prefix="/api/v1/users", tags=["users"], route_class=AuthFirstRoute)
 
@@ -47,9 +48,11 @@ def add_user(body: AddUser, archive: Archive, who: Admin, request: Request) -> J
 
 @router.post("/{name}/tokens", status_code=201, summary="Issue another token for a user")
 def issue_token(
-    name: str, body: Reason, archive: Archive, who: Admin, request: Request
+    name: str, archive: Archive, who: Admin, request: Request, body: Reason | None = None
 ) -> JSONResponse:
-    token = archive.issue_token(context(who, request, body.reason), name)
+    """The body (a reason) is optional."""
+    reason = body.reason if body is not None else None
+    token = archive.issue_token(context(who, request, reason), name)
     return JSONResponse({"name": name, "token": token}, status_code=201)
 
 
@@ -64,8 +67,12 @@ def change_role(
 
 @router.post("/{name}/deactivate", summary="Deactivate a user: all their tokens stop working")
 def deactivate(
-    name: str, body: Reason, archive: Archive, who: Admin, request: Request
+    name: str, archive: Archive, who: Admin, request: Request, body: Reason | None = None
 ) -> dict[str, str]:
-    ctx = context(who, request, body.reason)
+    """The body (a reason) is optional. An admin cannot deactivate themselves: the last
+    one would lock every admin out of the API."""
+    if name == who.name:
+        raise DomainError("you cannot deactivate your own account; ask another admin")
+    ctx = context(who, request, body.reason if body is not None else None)
     archive.change_user(ctx, name, lambda u: u.deactivate(ctx))
     return {"name": name, "status": "deactivated"}

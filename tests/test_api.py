@@ -838,6 +838,28 @@ def test_a_deactivated_users_token_is_401(api: Api) -> None:
     assert_problem(api.get("/api/v1/loans/CR-1"), 404)  # the open did not happen
 
 
+def test_token_and_deactivation_need_no_body_and_an_admin_keeps_their_own_account(
+    api: Api,
+) -> None:
+    assert_ok(api.post("/api/v1/users", {"name": "temp.user", "role": "auditor"}, "admin"), 201)
+    issued = assert_ok(api.post("/api/v1/users/temp.user/tokens", role="admin"), 201)
+    assert (
+        assert_ok(
+            api.get(
+                "/api/v1/users/me",
+                headers={"Authorization": f"Bearer {issued['token']}"},
+                role=None,
+            )
+        )["name"]
+        == "temp.user"
+    )
+    assert_ok(api.post("/api/v1/users/temp.user/deactivate", role="admin"))
+    me = USERS["admin"]
+    problem = assert_problem(api.post(f"/api/v1/users/{me}/deactivate", {}, role="admin"), 422)
+    assert "your own account" in problem["detail"]
+    assert assert_ok(api.get("/api/v1/users/me", role="admin"))["name"] == me
+
+
 def test_users_routes(api: Api) -> None:
     me = assert_ok(api.get("/api/v1/users/me", role="auditor"))
     assert me == {"name": USERS["auditor"], "role": "auditor"}

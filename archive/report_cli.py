@@ -296,7 +296,7 @@ def _table(title: str, columns: list[Column], rows: list[dict[str, Any]]) -> Any
 
     table = Table(title=title, title_justify="left")
     for heading, _ in columns:
-        table.add_column(heading)
+        table.add_column(heading, overflow="fold")  # too narrow a terminal folds, never elides
     for row in rows:
         table.add_row(*(_cell(row.get(key)) for _, key in columns))
     return table
@@ -400,10 +400,17 @@ def tables(report: dict[str, Any]) -> list[Any]:
     return out
 
 
+PIPED_WIDTH = 1000
+"""Columns of the console when stdout is not a terminal: tables take only what they need."""
+
+
 def print_tables(report: dict[str, Any]) -> None:
     from rich.console import Console
 
     console = Console()
+    if not console.is_terminal:
+        # Piped or redirected: rich would assume 80 columns and cut figures short.
+        console = Console(width=PIPED_WIDTH)
     figures = {
         k: v for k, v in report.items() if not isinstance(v, list | dict) and k not in ("report",)
     }

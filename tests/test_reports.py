@@ -751,6 +751,15 @@ def test_reports_through_the_cli(portfolio: Portfolio, settings: Settings, tmp_p
     assert result.exit_code == 0, result.output
     assert "55555555K" in result.stdout and "46.84" in result.stdout
 
+    # Piped (not a terminal, even at 80 columns), no table cuts a figure short.
+    ledgers = json.loads(run("officer-ledgers").stdout)
+    piped = run("officer-ledgers", "--table", COLUMNS="80").stdout
+    assert "…" not in piped
+    for officer in ledgers["loan_officers"] + ledgers["collection_officers"]:
+        for loan in officer["loans"]:
+            assert loan["loan_number"] in piped and loan["outstanding"] in piped, piped
+            assert loan["borrower_name"] in piped, piped
+
     for command in (
         "officer-ledgers",
         "npl-gaps",

@@ -1,5 +1,6 @@
 """Mortgage registrations: file, register at the registry, verify on site, release."""
 
+import json
 from datetime import date
 from decimal import Decimal
 from typing import Annotated
@@ -64,12 +65,14 @@ def file_mortgage(
 ) -> JSONResponse:
     ctx = context(who, request, body.reason)
     fields = body.model_dump(exclude={"reason", "currency"})
-    return run_command(
+    answer = run_command(
         lambda _: archive.register_collateral(ctx, currency_code=body.currency, **fields),
         None,
         None,
         status_code=201,
     )
+    answer.headers["Location"] = f"/api/v1/collateral/{json.loads(answer.body)['id']}"
+    return answer
 
 
 @router.get("/{registration_id}", summary="A mortgage registration")

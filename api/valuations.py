@@ -1,5 +1,6 @@
 """Valuations: appraisal, independent review with the overvaluation flag, revaluation."""
 
+import json
 from datetime import date
 from decimal import Decimal
 from typing import Annotated
@@ -49,7 +50,7 @@ class ScheduleRevaluation(Command):
 def appraise(body: Appraise, archive: Archive, who: Writer, request: Request) -> JSONResponse:
     ctx = context(who, request, body.reason)
     fields = body.model_dump(exclude={"reason", "currency", "supersedes"})
-    return run_command(
+    answer = run_command(
         lambda _: archive.appraise(
             ctx, supersedes=body.supersedes, currency_code=body.currency, **fields
         ),
@@ -57,6 +58,8 @@ def appraise(body: Appraise, archive: Archive, who: Writer, request: Request) ->
         None,
         status_code=201,
     )
+    answer.headers["Location"] = f"/api/v1/valuations/{json.loads(answer.body)['id']}"
+    return answer
 
 
 @router.get("/{valuation_id}", summary="A valuation")

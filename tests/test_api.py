@@ -226,6 +226,20 @@ def test_open_loan_answers_201_with_location_and_the_loan_reads_back(api: Api) -
     assert loan["collateral"] == [] and loan["valuations"] == []
 
 
+def test_created_collateral_and_valuations_answer_with_a_location_that_resolves(
+    api: Api,
+) -> None:
+    api.open()
+    for path, body in (
+        ("/api/v1/collateral", mortgage_body()),
+        ("/api/v1/valuations", appraisal_body()),
+    ):
+        resp = api.post(path, body)
+        created = assert_ok(resp, 201)
+        assert resp.headers["location"] == f"{path}/{created['id']}"
+        assert assert_ok(api.get(resp.headers["location"]))["id"] == created["id"]
+
+
 @pytest.mark.parametrize(
     "loan_number",
     [" CR-9 ", "CR/2024/000123", "CR-Ñ-1", "贷款-1"],

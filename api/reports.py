@@ -28,7 +28,14 @@ router = APIRouter(prefix="/api/v1/reports", tags=["reports"], route_class=AuthF
 READERS = (Role.AUDITOR, Role.CREDIT_OFFICER, Role.COMPLIANCE, Role.ADMIN)
 Reader = Annotated[Principal, Depends(require(*READERS))]
 
-AsOf = Annotated[date | None, Query(description="Reporting date (YYYY-MM-DD); default today.")]
+LATEST_AS_OF = date(9899, 12, 31)
+"""The last reporting date: a report looks up to ten years past it (revaluations, next
+inspections), and the calendar ends in 9999."""
+
+AsOf = Annotated[
+    date | None,
+    Query(le=LATEST_AS_OF, description="Reporting date (YYYY-MM-DD); default today."),
+]
 Currency = Annotated[
     str | None,
     Query(

@@ -39,6 +39,11 @@ AsTable = Annotated[bool, typer.Option("--table", help="Print tables instead of 
 
 
 def _day(as_of: datetime | None) -> date | None:
+    """The reporting date of ``--as-of`` (refused past the last one a report can handle)."""
+    from api.reports import LATEST_AS_OF
+
+    if as_of is not None and as_of.date() > LATEST_AS_OF:
+        raise typer.BadParameter(f"reporting dates end at {LATEST_AS_OF}", param_hint="'--as-of'")
     return None if as_of is None else as_of.date()
 
 

@@ -697,6 +697,19 @@ def test_reports_over_http(portfolio: Portfolio) -> None:
     due = get("/revaluations-due", as_of="2025-06-30", days=9).json()
     assert [i["loan_number"] for i in due["items"]] == ["CR-7"]
     assert get("/revaluations-due", days=-1).status_code == 422
+    # The calendar ends in 9999: a reporting date past the last one is a 422, never a 500.
+    for path in (
+        "/npl-portfolio",
+        "/revaluations-due",
+        "/inspections-overdue",
+        "/loans/CR-1/analysis",
+        "/loans/CR-1/analysis.pdf",
+    ):
+        late = get(path, as_of="9999-12-31")
+        assert late.status_code == 422, (path, late.text)
+        assert late.headers["content-type"].startswith("application/problem+json")
+        assert get(path, as_of="9899-12-31").status_code == 200, path
+    assert get("/revaluations-due", as_of="9899-12-31", days=3660).status_code == 200
     overdue = get("/inspections-overdue", as_of="2025-06-30").json()
     assert overdue["overdue_counts"] == {"monthly": 2, "quarterly": 2}
     top = get("/concentration", top=1).json()
@@ -746,6 +759,10 @@ def test_reports_through_the_cli(portfolio: Portfolio, settings: Settings, tmp_p
     body = json.loads(result.stdout)
     assert (body["as_of"], body["totals"]["outstanding"]) == ("2025-06-30", "176500.00")
     assert body["position"] == p.archive.head_position()
+
+    late = run("inspections-overdue", "--as-of", "9999-12-31")
+    assert late.exit_code == 2 and "reporting dates end at 9899-12-31" in late.output, late.output
+    assert late.exception is None or isinstance(late.exception, SystemExit), late.exception
 
     result = run("concentration", "--top", "2", "--table")
     assert result.exit_code == 0, result.output

@@ -1,6 +1,6 @@
 """The audit trail: one row per event, filterable, exportable as CSV or JSON Lines."""
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -15,6 +15,9 @@ from projections import audit_trail
 
 router = APIRouter(prefix="/api/v1/audit-trail", tags=["audit"], route_class=AuthFirstRoute)
 
+MAX_OFFSET = 10**12
+"""Far beyond any trail, and far below what a database integer holds."""
+
 Auditor = Annotated[Principal, Depends(require(Role.AUDITOR, Role.COMPLIANCE, Role.ADMIN))]
 
 
@@ -26,8 +29,14 @@ def filters(
     until: Annotated[datetime | None, Query(description="Exclusive; ISO 8601 with zone.")] = None,
 ) -> dict[str, object]:
     for name, moment in (("since", since), ("until", until)):
-        if moment is not None and moment.tzinfo is None:
+        if moment is None:
+            continue
+        if moment.tzinfo is None:
             raise DomainError(f"{name} needs a time zone, e.g. 2026-01-31T00:00:00Z")
+        try:
+            moment.astimezone(UTC)
+        except OverflowError:
+            raise DomainError(f"{name} falls outside the calendar in UTC: {moment}") from None
     return {
         "loan_number": loan_number,
         "actor_id": actor,
@@ -46,7 +55,7 @@ def trail(
     who: Auditor,
     where: Filters,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JSONResponse:
     page = audit_trail.query(views.store, limit=limit, offset=offset, **where)  # type: ignore[arg-type]
     return JSONResponse(jsonable(page.as_dict()))

@@ -40,6 +40,10 @@ MAX_TERM_MONTHS = 1200
 32-bit column might not hold it."""
 
 
+MAX_OFFSET = 10**12
+"""Far beyond any portfolio, and far below what a database integer holds."""
+
+
 class Command(Body):
     reason: str | None = Field(None, max_length=2000, description="Why: lands in the event.")
     expected_version: int | None = Field(
@@ -203,7 +207,7 @@ def list_loans(
     branch: str | None = None,
     product: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JSONResponse:
     page = loan_files.query(
         views.store,

@@ -812,6 +812,23 @@ def test_a_405_names_the_allowed_methods(api: Api) -> None:
     assert resp.headers["allow"] == "POST"
 
 
+def test_extreme_offsets_and_moments_are_client_errors_not_500s(api: Api) -> None:
+    api.open()
+    huge = str(10**20)
+    assert_problem(api.get("/api/v1/loans", params={"offset": huge}), 422)
+    assert_problem(api.get("/api/v1/audit-trail", "auditor", params={"offset": huge}), 422)
+    for name, moment in (
+        ("since", "0001-01-01T00:00:00+14:00"),
+        ("until", "9999-12-31T23:59:59-12:00"),
+    ):
+        for path in ("/api/v1/audit-trail", "/api/v1/audit-trail/export"):
+            problem = assert_problem(api.get(path, "auditor", params={name: moment}), 422)
+            assert name in problem["detail"]
+    everything = api.get("/api/v1/audit-trail", "auditor", params={"since": "0001-01-01T00:00:00Z"})
+    assert assert_ok(everything)["total"] >= 1
+    assert assert_ok(api.get("/api/v1/loans", params={"offset": 10**12}))["items"] == []
+
+
 # -- authentication --------------------------------------------------------------------------------
 
 

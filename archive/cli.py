@@ -415,15 +415,37 @@ def loans_show(
 @app.command("history")
 def history(loan_number: str, token: Token) -> None:
     """Print the loan's timeline: every event of the file, its collateral, valuations and documents."""
+    from api.loans import HEADER_FIELDS
+
     with archive() as application:
         caller(application, token, Role.AUDITOR, Role.CREDIT_OFFICER, Role.COMPLIANCE, Role.ADMIN)
         for position, event in application.loan_events(loan_number):
             kind = type(event).__qualname__
             reason = f"  ({event.reason})" if event.reason else ""
+            what = "  ".join(
+                f"{name}={_field(value)}"
+                for name, value in vars(event).items()
+                if name not in HEADER_FIELDS | CHAIN_FIELDS and not name.startswith("_")
+            )
             typer.echo(
                 f"{position:>8}  {event.timestamp:%Y-%m-%d %H:%M:%S}  {kind:<40} "
                 f"v{event.originator_version:<4} {event.actor_id} [{event.actor_role}]{reason}"
+                + (f"  {what}" if what else "")
             )
+
+
+CHAIN_FIELDS = frozenset({"prev_hash", "event_hash"})
+"""Left out of ``history`` lines: ``verify`` checks the chain."""
+
+
+def _field(value: Any) -> str:
+    """One event field on one line: scalars as text, the rest as compact JSON."""
+    from api.encoding import jsonable
+
+    plain = jsonable(value)
+    if isinstance(plain, str):
+        return plain.replace("\n", " ")
+    return json.dumps(plain, ensure_ascii=False, separators=(",", ":"))
 
 
 # -- collateral and valuations ---------------------------------------------------------------

@@ -118,6 +118,9 @@ def test_loan_commands_show_and_history(settings: Settings, archive: ArchiveApp)
     assert len(lines) == 2, history.stdout
     assert "LoanFile.Opened" in lines[0] and "v1" in lines[0] and "(new mortgage)" in lines[0]
     assert "LoanFile.StatusChanged" in lines[1] and "v2" in lines[1]
+    # What changed, from the event itself (the hash chain is left to `verify`).
+    assert "old_status=performing  new_status=overdue" in lines[1], lines[1]
+    assert "principal=100000.00" in lines[0] and "hash" not in history.stdout, lines[0]
     for line in lines:
         assert "ana.officer [credit_officer]" in line
     positions = [int(line.split()[0]) for line in lines]

@@ -41,8 +41,7 @@ must show the size and the retention -- ``checkpoint("final")``.
 Until CompleteMultipartUpload an upload is unfinished and invisible: any failure aborts
 it, and a killed process leaves it behind, listed by ``temporary_keys`` as
 ``<key>?uploadId=<id>`` (``discard_temporary`` aborts it). Memory stays at a few parts
-whatever the file size (``_release_part_buffers_to_the_os`` keeps glibc from hoarding
-freed part buffers).
+whatever the file size.
 
 Why not a temporary object and a server-side copy
 -------------------------------------------------
@@ -109,9 +108,6 @@ re-raised as ``BlobError`` without minio's exception chain.
 from __future__ import annotations
 
 import base64
-import ctypes
-import ctypes.util
-import functools
 import hashlib
 import logging
 import math
@@ -161,29 +157,6 @@ _NO_HOLD = {"NoSuchObjectLegalHold", "ObjectLockConfigurationNotFoundError"}
 _STORAGE_ERRORS = (MinioException, urllib3.exceptions.HTTPError)
 
 T = TypeVar("T")
-
-
-@functools.cache
-def _release_part_buffers_to_the_os() -> None:
-    """Make glibc hand every buffer of 256 KiB or more straight back to the OS when freed.
-
-    By default glibc raises its mmap threshold to the size of the largest block freed
-    (up to 32 MiB), so after the first upload the 8 MiB part buffers come from the
-    per-thread heaps instead, where freed space is kept: a server's peak RSS then grows
-    upload after upload (measured: 133 MiB after one 500 MB upload, 165 MiB after two;
-    with this, 127 MiB after either). 256 KiB, not more, so that the 1 MB buffers of
-    small uploads, made in whichever of the server's worker threads, go back too.
-    Called once, by the first S3 store; a no-op on other C libraries.
-    """
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    mallopt = getattr(ctypes.CDLL(name), "mallopt", None)
-    if mallopt is not None:
-        mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 class _Raced(Exception):
@@ -267,7 +240,6 @@ class S3BlobStore(BlobStore):
         self.spool_dir = spool_dir
         self.endpoint = endpoint
         self._object_lock: bool | None = None
-        _release_part_buffers_to_the_os()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3BlobStore:

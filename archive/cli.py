@@ -200,7 +200,11 @@ def reindex(
     token: Token,
     document: Annotated[UUID | None, typer.Option(help="One document.")] = None,
     all_failed: Annotated[
-        bool, typer.Option("--all-failed", help="Every document whose extraction failed.")
+        bool,
+        typer.Option(
+            "--all-failed",
+            help="Every document whose extraction failed, or left a page without text.",
+        ),
     ] = False,
     reason: Annotated[str | None, typer.Option()] = None,
 ) -> None:
@@ -216,11 +220,19 @@ def reindex(
             targets = [
                 d
                 for d in application.document_ids()
-                if application.get_document(d).extraction["status"] == "failed"
+                if extraction_failed(application.get_document(d).extraction)
             ]
         for target in targets:
             application.request_reindex(ctx, target)
     typer.echo(f"reindex requested for {len(targets)} documents")
+
+
+def extraction_failed(extraction: dict[str, Any]) -> bool:
+    """Failed outright, or done with pages that failed (e.g. Tesseract lacked a language):
+    either way some of the original is not searchable."""
+    return extraction["status"] == "failed" or (
+        extraction["status"] == "done" and bool(extraction.get("failed_pages"))
+    )
 
 
 # -- users ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ in-process through the ``archive`` fixture, which shares the CLI's database.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sqlite3
@@ -15,6 +16,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from factories import loan_terms
+from ocr_fixtures import DEED_LINES, png, scanned_page, text_pdf
 from psycopg.sql import SQL, Identifier
 
 from archive.application import ArchiveApp, Principal, operator_context
@@ -22,6 +24,8 @@ from archive.domain import CommandContext, Role
 from archive.exceptions import NotFoundError
 from archive.loans import loan_id
 from archive.settings import Settings
+from archive.worker import ExtractionWorker
+from projections.store import open_store
 
 CLI = Path(__file__).parents[1] / ".venv/bin/loan-archive"
 
@@ -218,6 +222,41 @@ def test_a_worker_refuses_ocr_languages_tesseract_lacks(
     assert result.returncode == 2, result
     assert "ARCHIVE_OCR_LANGUAGES" in line and "tlh" in line, line
     assert "spa" not in line.split("installed")[0], line
+
+
+def test_reindex_all_failed_takes_failed_documents_and_pages(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    """A document whose pages all failed is "done" but unsearchable: it is retried too."""
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
+    archivist = CommandContext("ines.archivist", "archivist")
+
+    def upload(content: bytes, name: str) -> object:
+        return archive.register_document(
+            archivist,
+            io.BytesIO(content),
+            loan_number="CR-1",
+            doc_type="mortgage_deed",
+            original_filename=name,
+        ).id
+
+    scan = png(scanned_page(DEED_LINES[:4], dpi=150).image)
+    clean = upload(text_pdf([DEED_LINES[:6]]), "escritura.pdf")
+    broken = upload(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "roto.pdf")
+    cut = upload(scan[: len(scan) // 2], "cortado.png")
+    with open_store(settings) as store:
+        assert ExtractionWorker(archive, store, name="ocr@test").run_once() == 3
+    assert archive.get_document(broken).extraction["status"] == "failed"
+    partial = archive.get_document(cut).extraction
+    assert (partial["status"], partial["failed_pages"]) == ("done", 1)
+
+    token = archive.add_user(operator_context(), "ines.archivist", "archivist")
+    result = run(cli_env(settings), "reindex", "--all-failed", "--token", token)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "reindex requested for 2 documents"
+    assert archive.get_document(clean).extraction["status"] == "done"
+    for retried in (broken, cut):
+        assert archive.get_document(retried).extraction["status"] not in ("done", "failed")
 
 
 def test_an_unusable_data_dir_is_one_line_not_a_traceback(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from api.deps import (
 from api.encoding import jsonable
 from archive.application import Principal
 from archive.domain import Role
-from archive.loans import LoanFile
+from archive.loans import Classification, LoanFile, LoanStatus, Product, RecoveryCategory
 from projections import audit_trail, loan_files
 
 router = APIRouter(prefix="/api/v1/loans", tags=["loans"], route_class=AuthFirstRoute)
@@ -199,13 +199,13 @@ def history(loan_number: str, archive: Archive, views: Views, who: Replayer) -> 
 def list_loans(
     views: Views,
     who: Reader,
-    status: str | None = None,
-    classification: str | None = None,
-    recovery_category: str | None = None,
+    status: LoanStatus | None = None,
+    classification: Classification | None = None,
+    recovery_category: RecoveryCategory | None = None,
     loan_officer: str | None = None,
     collection_officer: str | None = None,
     branch: str | None = None,
-    product: str | None = None,
+    product: Product | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JSONResponse:

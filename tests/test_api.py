@@ -829,6 +829,27 @@ def test_extreme_offsets_and_moments_are_client_errors_not_500s(api: Api) -> Non
     assert assert_ok(api.get("/api/v1/loans", params={"offset": 10**12}))["items"] == []
 
 
+def test_a_misspelt_list_filter_is_a_422_naming_the_values_not_an_empty_page(api: Api) -> None:
+    api.open()
+    assert_ok(api.post("/api/v1/loans/CR-1/status", {"status": "overdue"}))
+    for name, wrong in (
+        ("status", "npl"),
+        ("classification", "LOSS"),
+        ("recovery_category", "lost"),
+        ("product", "yacht"),
+    ):
+        problem = assert_problem(api.get("/api/v1/loans", params={name: wrong}), 422)
+        assert name in problem["detail"], problem
+    assert (
+        "non_performing"
+        in assert_problem(api.get("/api/v1/loans", params={"status": "npl"}), 422)["detail"]
+    )
+    listed = assert_ok(
+        api.get("/api/v1/loans", params={"status": "overdue", "product": "mortgage"})
+    )
+    assert [loan["loan_number"] for loan in listed["items"]] == ["CR-1"]
+
+
 # -- authentication --------------------------------------------------------------------------------
 
 

@@ -106,7 +106,9 @@ def report(outcome: Outcome) -> None:
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Default: ARCHIVE_HOST.")] = None,
-    port: Annotated[int | None, typer.Option(help="Default: ARCHIVE_PORT.")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Default: ARCHIVE_PORT.")
+    ] = None,
     with_worker: Annotated[
         bool, typer.Option("--with-worker", help="Also run an OCR worker in this process.")
     ] = False,

@@ -259,6 +259,14 @@ def test_reindex_all_failed_takes_failed_documents_and_pages(
         assert archive.get_document(retried).extraction["status"] not in ("done", "failed")
 
 
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_serve_refuses_a_port_out_of_range_in_one_line(tmp_path: Path, port: str) -> None:
+    env = cli_env(Settings(data_dir=tmp_path, demo_data=False))
+    result = run(env, "serve", "--port", port)
+    assert result.returncode == 2, result
+    assert "--port" in one_error_line(result)
+
+
 def test_an_unusable_data_dir_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a directory")
     data_dir = tmp_path / "a-file" / "archive"

@@ -14,16 +14,13 @@ from api.bodies import Body
 from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command, state_response
 from api.loans import Command
 from archive.application import Principal
+from archive.collateral import MAX_LIEN_RANK
 from archive.domain import Role
 
 router = APIRouter(prefix="/api/v1/collateral", tags=["collateral"], route_class=AuthFirstRoute)
 
 Writer = Annotated[Principal, Depends(require(Role.CREDIT_OFFICER))]
 Reader = Annotated[Principal, Depends(require(*Role))]
-
-
-MAX_LIEN_RANK = 99
-"""The highest lien rank accepted: bounded so that no read model column can overflow."""
 
 
 class FileMortgage(Body):

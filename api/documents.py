@@ -16,12 +16,13 @@ import anyio.from_thread
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from api.bodies import Body
 from api.deps import Archive, AuthFirstRoute, context, require, run_command, state_response
 from api.encoding import jsonable
 from api.problems import problem
@@ -96,8 +97,9 @@ _M_ARENA_MAX = -8  # glibc's malloc.h
 _share_malloc_arenas()
 
 
-class UploadForm(BaseModel):
-    """The form fields of an upload, all before the file part (validated before it is read)."""
+class UploadForm(Body):
+    """The form fields of an upload, all before the file part (validated before it is read):
+    unknown fields and NUL characters are refused as in every JSON body."""
 
     loan_number: str = Field(min_length=1, max_length=64)
     doc_type: str = Field(description="contract, mortgage_deed, registry_certificate, ...")
@@ -212,6 +214,8 @@ class FormStream:
             self._in_file = False
             self._state = "after file"
         elif self._late_part is None:
+            if self._name in self.fields:  # which one would count is anyone's guess
+                raise DomainError(f"form field {self._name!r} is given more than once")
             self.fields[self._name] = self._text.decode("utf-8", "replace")
 
     def _end(self) -> None:
@@ -457,9 +461,7 @@ def download(
     )
 
 
-class LegalHold(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LegalHold(Body):
     on: bool = Field(description="true places the hold, false releases it")
     reason: str | None = Field(None, max_length=2000)
 
@@ -472,9 +474,7 @@ def legal_hold(
     return run_command(lambda _: archive.set_legal_hold(ctx, document_id, body.on), None, None)
 
 
-class FixityRun(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FixityRun(Body):
     reason: str | None = Field("fixity check", max_length=2000)
 
 

@@ -23,7 +23,14 @@ from api.deps import (
 from api.encoding import jsonable
 from archive.application import Principal
 from archive.domain import Role
-from archive.loans import Classification, LoanFile, LoanStatus, Product, RecoveryCategory
+from archive.loans import (
+    MAX_TERM_MONTHS,
+    Classification,
+    LoanFile,
+    LoanStatus,
+    Product,
+    RecoveryCategory,
+)
 from projections import audit_trail, loan_files
 
 router = APIRouter(prefix="/api/v1/loans", tags=["loans"], route_class=AuthFirstRoute)
@@ -33,11 +40,6 @@ Reader = Annotated[Principal, Depends(require(*Role))]
 Replayer = Annotated[
     Principal, Depends(require(Role.AUDITOR, Role.CREDIT_OFFICER, Role.COMPLIANCE, Role.ADMIN))
 ]
-
-
-MAX_TERM_MONTHS = 1200
-"""The longest term accepted (a hundred years): beyond it no loan exists, and a read model's
-32-bit column might not hold it."""
 
 
 MAX_OFFSET = 10**12

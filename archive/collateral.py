@@ -18,12 +18,15 @@ from archive.domain import (
     ArchiveAggregate,
     CommandContext,
     a_date,
+    bounded_int,
     currency,
     money,
     stable_id,
     text,
 )
 from archive.exceptions import DomainError
+
+MAX_LIEN_RANK = 99  # no property carries more; bounded so no view column can overflow
 
 
 class RegistrationStatus(StrEnum):
@@ -194,8 +197,7 @@ class MortgageRegistration(ArchiveAggregate):
         secured_amount: Decimal | str,
         currency_code: str,
     ) -> Self:
-        if not isinstance(lien_rank, int) or isinstance(lien_rank, bool) or lien_rank < 1:
-            raise DomainError(f"lien rank must be 1 or more, got {lien_rank!r}")
+        bounded_int(lien_rank, "lien rank", 1, MAX_LIEN_RANK)
         return cls._start(
             cls.Filed,
             ctx,

@@ -40,12 +40,20 @@ class Role(StrEnum):
 
 @dataclass(frozen=True)
 class CommandContext:
-    """Who issues a command, why, and under which request."""
+    """Who issues a command, why, and under which request.
+
+    Checked here because every event stores these fields forever: a value no view can
+    hold (a NUL character, a megabyte header) would be refused by every write path."""
 
     actor_id: str
     actor_role: str
     reason: str | None = None
     correlation_id: str = field(default_factory=lambda: str(uuid4()))
+
+    def __post_init__(self) -> None:
+        if self.reason is not None:
+            printable(self.reason, "reason", max_length=2000)
+        printable(self.correlation_id, "correlation id", max_length=200)
 
 
 A = TypeVar("A", bound="ArchiveAggregate")
@@ -188,13 +196,32 @@ def currency(value: str) -> str:
     return value
 
 
+# C0 controls but tab, line feed and carriage return, and DEL: PostgreSQL text cannot hold
+# NUL, and none of them belongs in a name, a finding or a reason.
+CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def printable(value: str, what: str, *, max_length: int) -> str:
+    """``value`` unchanged if it has no control characters and fits ``max_length``."""
+    if CONTROL.search(value):
+        raise DomainError(f"{what} contains control characters")
+    if len(value) > max_length:
+        raise DomainError(f"{what} is longer than {max_length} characters")
+    return value
+
+
 def text(value: str | None, what: str, *, max_length: int = 500) -> str:
     cleaned = (value or "").strip()
     if not cleaned:
         raise DomainError(f"{what} must not be empty")
-    if len(cleaned) > max_length:
-        raise DomainError(f"{what} is longer than {max_length} characters")
-    return cleaned
+    return printable(cleaned, what, max_length=max_length)
+
+
+def bounded_int(value: int, what: str, low: int, high: int) -> int:
+    """Whole numbers in a business range (a view column is a 32-bit integer at most)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise DomainError(f"{what} must be a whole number from {low} to {high}, got {value!r}")
+    return value
 
 
 def a_date(value: date | str, what: str) -> date:

@@ -12,6 +12,7 @@ from archive.domain import (
     ArchiveAggregate,
     CommandContext,
     a_date,
+    bounded_int,
     choice,
     currency,
     money,
@@ -20,6 +21,8 @@ from archive.domain import (
 )
 from archive.domain import loan_number as valid_loan_number
 from archive.exceptions import DomainError
+
+MAX_TERM_MONTHS = 1200  # a hundred years
 
 
 class Product(StrEnum):
@@ -301,8 +304,7 @@ class LoanFile(ArchiveAggregate):
         rate = money(interest_rate, "interest rate", allow_zero=True)
         if rate > 100:
             raise DomainError(f"interest rate is a yearly percentage; {rate} is over 100")
-        if not isinstance(term_months, int) or isinstance(term_months, bool) or term_months <= 0:
-            raise DomainError(f"term must be a positive number of months, got {term_months!r}")
+        bounded_int(term_months, "term in months", 1, MAX_TERM_MONTHS)
         disbursed = a_date(disbursement_date, "disbursement date")
         matures = a_date(maturity_date, "maturity date")
         if matures <= disbursed:

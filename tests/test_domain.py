@@ -62,7 +62,10 @@ def test_every_status_transition_follows_the_table(
         ("currency_code", "euro", "ISO 4217"),
         ("maturity_date", "2020-01-01", "maturity date must be after"),
         ("disbursement_date", "15/01/2024", "ISO date"),
-        ("term_months", 0, "positive number of months"),
+        ("term_months", 0, "from 1 to 1200"),
+        ("term_months", 10**20, "from 1 to 1200"),  # would overflow a view's integer column
+        ("borrower_name", "Ana\x00Pérez", "control characters"),  # PostgreSQL text refuses NUL
+        ("branch", "Teruel\x1b[31m", "control characters"),
         ("interest_rate", "120", "over 100"),
         ("borrower_name", "  ", "borrower name must not be empty"),
     ],
@@ -72,6 +75,21 @@ def test_opening_refuses_bad_terms(
 ) -> None:
     with pytest.raises(DomainError, match=message):
         LoanFile.open(officer, **loan_terms(**{field: value}))
+
+
+def test_what_every_event_stores_is_checked_at_the_command(
+    archive: ArchiveApp, officer: CommandContext
+) -> None:
+    """Events are forever: a value no read model can hold must never be appended."""
+    with pytest.raises(DomainError, match="reason contains control characters"):
+        CommandContext("ana", "credit_officer", "typo\x00")
+    with pytest.raises(DomainError, match="correlation id is longer than 200"):
+        CommandContext("ana", "credit_officer", None, "x" * 201)
+    assert CommandContext("ana", "credit_officer", "line one\nline two\tend").reason
+    open_loan(archive, officer, "CR-1")
+    with pytest.raises(DomainError, match="lien rank must be a whole number from 1 to 99"):
+        archive.register_collateral(officer, **mortgage_fields("CR-1", lien_rank=100))
+    assert archive.loan_events("CR-1")[-1][1].__class__.__name__ == "Opened"
 
 
 def test_village_group_loans_name_their_group(officer: CommandContext) -> None:

@@ -100,6 +100,9 @@ def read_text_layer(page: Any) -> TextLayer:
     area = _page_area(page)
     coverage = min(1.0, scan.image_area / area) if area > 0 else 0.0
     usable, why = judge(text, scan.visible, scan.invisible, coverage)
+    # Judged with its control characters (many of them mean a garbled layer); stored
+    # without: a stray NUL from a broken font would otherwise reach every index.
+    text = _CONTROLS.sub("", text)
     return TextLayer(text, scan.visible, scan.invisible, coverage, usable, why)
 
 
@@ -142,6 +145,9 @@ def _garbled(text: str, chars: int) -> str | None:
     if latin >= 40 and latin >= 0.9 * letters and not 0.2 <= vowels / latin <= 0.7:
         return f"garbled text layer (vowel share {vowels / latin:.2f} is not that of words)"
     return None
+
+
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def _tidy(text: str) -> str:

@@ -151,6 +151,28 @@ def test_a_text_layer_pdf_is_read_without_ocr_and_fast() -> None:
     assert elapsed < 0.5
 
 
+def test_control_characters_of_a_text_layer_never_reach_the_text() -> None:
+    """A broken font can put NUL into a text layer; PostgreSQL text cannot hold it."""
+    from fpdf import FPDF
+
+    lines = [
+        f"Escritura de hipoteca sobre la finca registral n\x00mero {i} de Teruel" for i in range(20)
+    ]
+    pdf = FPDF(format="A4")
+    pdf.add_page()
+    pdf.set_font("helvetica", size=11)  # a core font writes the NUL into the text layer
+    for i, line in enumerate(lines):
+        pdf.text(20, 20 + 8 * i, line)
+
+    result = extract(bytes(pdf.output()))
+
+    assert result.ok
+    assert result.pages[0].method == Method.TEXT_LAYER
+    assert "\x00" not in result.pages[0].text
+    expected = "\n".join(lines).replace("\x00", "")
+    assert fx.normalise(result.pages[0].text) == fx.normalise(expected)
+
+
 def test_a_mixed_pdf_is_handled_page_by_page(annex: fx.Page) -> None:
     data = fx.merge_pdfs([fx.text_pdf([fx.DEED_LINES]), fx.image_pdf([annex.image])])
 

@@ -689,8 +689,23 @@ def export_csv(store: Store, **filters: Any) -> Iterator[str]:
     yield line(list(COLUMNS))
     for row in rows(store, **filters):
         yield line(
-            [dumps(row[c]) if c == "diff" else ("" if row[c] is None else row[c]) for c in COLUMNS]
+            [
+                dumps(row[c]) if c == "diff" else "" if row[c] is None else inert(row[c])
+                for c in COLUMNS
+            ]
         )
+
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def inert(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (a reason typed as
+    ``=HYPERLINK(...)``) gets a leading apostrophe, OWASP's advice for CSV exports; the
+    JSON Lines export keeps the exact text."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
 
 
 def rows_for_loan(store: Store, loan_number: str) -> Iterator[dict[str, Any]]:

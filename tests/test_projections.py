@@ -649,6 +649,23 @@ def test_audit_trail_exports_csv_and_json_lines(
         list(audit_trail.export_jsonl(store, colour="red"))
 
 
+def test_the_csv_export_never_hands_a_spreadsheet_a_formula(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    formula = '=HYPERLINK("http://evil.example","x")'
+    open_loan(archive, officer, "CR-1")
+    ctx = CommandContext(officer.actor_id, officer.actor_role, formula)
+    archive.change_loan(ctx, "CR-1", None, lambda loan: loan.classify(ctx, "special_mention"))
+    Follower(AuditTrailView(), archive, store).catch_up()
+
+    text = "".join(audit_trail.export_csv(store, loan_number="CR-1"))
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    assert [r["reason"] for r in rows][-1] == "'" + formula
+    assert not any(v.startswith(("=", "+", "-", "@")) for r in rows for v in r.values())
+    exact = [json.loads(x) for x in audit_trail.export_jsonl(store, loan_number="CR-1")]
+    assert exact[-1]["reason"] == formula
+
+
 class Memo(ArchiveAggregate):
     """An aggregate the views have never heard of."""
 

@@ -174,7 +174,7 @@ class ExtractionWorker:
         PDF and TIFF readers need random access, so the bytes are handed to ``ocr`` whole;
         the OCR itself runs page by page in the worker pool."""
         with tempfile.TemporaryFile(prefix="ocr-") as spool:
-            for chunk in self.archive.blobs.open(document.object_key):
+            for chunk in self.archive.original_bytes(document):
                 spool.write(chunk)
             spool.seek(0)
             return self.extract(spool.read(), document.media_type, self.languages)

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any, Self
 from uuid import UUID
 
-from archive.domain import ArchiveAggregate, CommandContext, choice, stable_id
+from archive.domain import CONTROL, ArchiveAggregate, CommandContext, choice, stable_id
 from archive.exceptions import DomainError
 
 
@@ -286,7 +286,9 @@ class Document(ArchiveAggregate):
 
     def record_extraction_failure(self, ctx: CommandContext, attempt: int, reason: str) -> None:
         self._check_claim(attempt)
-        self._trigger(self.ExtractionFailed, ctx, attempt=attempt, reason=reason[:2000])
+        # The reason comes from a parser's error message about untrusted bytes.
+        reason = CONTROL.sub("", reason)[:2000]
+        self._trigger(self.ExtractionFailed, ctx, attempt=attempt, reason=reason)
 
     def request_reindex(self, ctx: CommandContext) -> None:
         if self.extraction["status"] in (ExtractionStatus.PENDING, ExtractionStatus.RUNNING):

@@ -74,8 +74,8 @@ COLUMNS = (
 
 class AuditTrailView(View):
     name: ClassVar[str] = "audit_trail"
-    #: 2: audit_fields holds one row per aggregate (its fields as one JSON object)
-    schema_version: ClassVar[int] = 2
+    #: 2: audit_fields holds one row per aggregate; 3: summaries of text extraction events
+    schema_version: ClassVar[int] = 3
     table_names: ClassVar[tuple[str, ...]] = (EVENTS, FIELDS)
     handlers: ClassVar[Handlers] = Handlers()
     ddl: ClassVar[tuple[str, ...]] = (
@@ -386,6 +386,30 @@ def _(e: Any, s: dict[str, Any]) -> str:
 @_says("Document.FixityChecked")
 def _(e: Any, s: dict[str, Any]) -> str:
     return f"fixity of document {_short(s.get('doc_type'))}: {e.outcome}"
+
+
+@_says("Document.ExtractionStarted")
+def _(e: Any, s: dict[str, Any]) -> str:
+    return (
+        f"text extraction {e.attempt} of document {_short(s.get('doc_type'))} started by {e.worker}"
+    )
+
+
+@_says("Document.TextExtracted")
+def _(e: Any, s: dict[str, Any]) -> str:
+    failed = sum(1 for p in e.pages if p.get("error"))
+    tail = f", {failed} failed" if failed else ""
+    return f"text extracted from document {_short(s.get('doc_type'))}: {len(e.pages)} pages{tail}"
+
+
+@_says("Document.ExtractionFailed")
+def _(e: Any, s: dict[str, Any]) -> str:
+    return f"text extraction of document {_short(s.get('doc_type'))} failed: {e.reason[:200]}"
+
+
+@_says("Document.ReindexRequested")
+def _(e: Any, s: dict[str, Any]) -> str:
+    return f"text extraction of document {_short(s.get('doc_type'))} requested again"
 
 
 @_says("LoanDocuments.Started")

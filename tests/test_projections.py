@@ -502,6 +502,17 @@ def test_documents_show_their_extraction_status(
     assert extraction_step(archive, doc.id) == shown() == "done"
     rebuilt_equals_incremental(LoanFilesView(), archive, store)
     assert shown() == "done"
+    # The audit trail says the same in words, the failure's reason included.
+    Follower(AuditTrailView(), archive, store).catch_up()
+    trail = audit_trail.query(store, loan_number="CR-1", limit=100).items
+    kinds = ("ExtractionStarted", "ExtractionFailed", "ReindexRequested", "TextExtracted")
+    assert [r["summary"] for r in trail if r["event_type"].endswith(kinds)] == [
+        "text extraction 1 of document contract started by worker-1",
+        "text extraction of document contract failed: unreadable scan",
+        "text extraction of document contract requested again",
+        "text extraction 2 of document contract started by worker-1",
+        "text extracted from document contract: 1 pages",
+    ]
 
 
 # -- audit_trail ---------------------------------------------------------------------------------

@@ -571,8 +571,10 @@ def search_command(
 
 @projections_app.command("status")
 def projections_status() -> None:
-    """Each view's position, the log head and the lag."""
-    with read_models() as views:
+    """Each view's position, the log head and the lag (as they are: a stuck view shows)."""
+    from projections.runner import Projections
+
+    with archive() as application, Projections.open(application.settings, application) as views:
         for s in views.status():
             typer.echo(
                 f"{s.view:<14} generation {s.generation:<3} position {s.position:>9} "

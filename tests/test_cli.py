@@ -131,6 +131,26 @@ def test_loan_commands_show_and_history(settings: Settings, archive: ArchiveApp)
     assert positions == sorted(positions)
 
 
+def test_projections_status_shows_the_lag_as_it_is(settings: Settings, archive: ArchiveApp) -> None:
+    """Status reports, it does not catch up: a view that is behind (or stuck) shows it."""
+    ctx = CommandContext("ana", "credit_officer")
+    archive.open_loan(ctx, **loan_terms("CR-1"))
+    archive.open_loan(ctx, **loan_terms("CR-2"))
+    env = cli_env(settings)
+
+    shown = run(env, "projections", "status")
+    assert shown.returncode == 0, shown.stderr
+    lines = {line.split()[0]: line.split() for line in shown.stdout.splitlines()}
+    head = archive.head_position()
+    assert lines["loan_files"][-1] == str(head)  # lag: nothing followed yet
+    assert run(env, "projections", "rebuild").returncode == 0
+    after = {
+        line.split()[0]: line.split()
+        for line in run(env, "projections", "status").stdout.splitlines()
+    }
+    assert after["loan_files"][-1] == "0"
+
+
 def test_refused_commands_exit_non_zero_with_one_line(
     settings: Settings, archive: ArchiveApp
 ) -> None:

@@ -176,6 +176,22 @@ def money(value: Decimal | int | str, what: str, *, allow_zero: bool = False) ->
     return amount.quantize(CENT)
 
 
+RATE_STEP = Decimal("0.0001")
+
+
+def percentage(value: Decimal | int | str, what: str) -> Decimal:
+    """A yearly rate in percent, 0 to 100, to four decimals: Euribor + 0.125 is 3.125."""
+    try:
+        rate = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        raise DomainError(f"{what} must be a decimal percentage, got {value!r}") from None
+    if not rate.is_finite() or not 0 <= rate <= 100:
+        raise DomainError(f"{what} is a yearly percentage from 0 to 100, got {value}")
+    if rate.as_tuple().exponent < -4:  # type: ignore[operator]
+        raise DomainError(f"{what} has more than four decimal places: {rate}")
+    return rate.quantize(CENT) if rate.as_tuple().exponent > -2 else rate  # type: ignore[operator]
+
+
 LOAN_NUMBER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 

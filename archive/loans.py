@@ -16,6 +16,7 @@ from archive.domain import (
     choice,
     currency,
     money,
+    percentage,
     stable_id,
     text,
 )
@@ -301,9 +302,7 @@ class LoanFile(ArchiveAggregate):
         group = (village_group or "").strip() or None
         if kind in (Product.VILLAGE_GROUP, Product.COOPERATIVE) and group is None:
             raise DomainError(f"a {kind.value} loan must name its village group or cooperative")
-        rate = money(interest_rate, "interest rate", allow_zero=True)
-        if rate > 100:
-            raise DomainError(f"interest rate is a yearly percentage; {rate} is over 100")
+        rate = percentage(interest_rate, "interest rate")
         bounded_int(term_months, "term in months", 1, MAX_TERM_MONTHS)
         disbursed = a_date(disbursement_date, "disbursement date")
         matures = a_date(maturity_date, "maturity date")

@@ -66,7 +66,9 @@ def test_every_status_transition_follows_the_table(
         ("term_months", 10**20, "from 1 to 1200"),  # would overflow a view's integer column
         ("borrower_name", "Ana\x00Pérez", "control characters"),  # PostgreSQL text refuses NUL
         ("branch", "Teruel\x1b[31m", "control characters"),
-        ("interest_rate", "120", "over 100"),
+        ("interest_rate", "120", "from 0 to 100"),
+        ("interest_rate", "-1", "from 0 to 100"),
+        ("interest_rate", "3.12345", "more than four decimal places"),
         ("borrower_name", "  ", "borrower name must not be empty"),
     ],
 )
@@ -90,6 +92,14 @@ def test_what_every_event_stores_is_checked_at_the_command(
     with pytest.raises(DomainError, match="lien rank must be a whole number from 1 to 99"):
         archive.register_collateral(officer, **mortgage_fields("CR-1", lien_rank=100))
     assert archive.loan_events("CR-1")[-1][1].__class__.__name__ == "Opened"
+
+
+@pytest.mark.parametrize(("given", "kept"), [("3.125", "3.125"), ("3.5", "3.50"), ("0", "0.00")])
+def test_interest_rates_keep_up_to_four_decimals(
+    given: str, kept: str, officer: CommandContext
+) -> None:
+    loan = LoanFile.open(officer, **loan_terms(interest_rate=given))
+    assert str(loan.interest_rate) == kept
 
 
 def test_village_group_loans_name_their_group(officer: CommandContext) -> None:

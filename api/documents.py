@@ -422,11 +422,26 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-@router.get(
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 If-None-Match (weak comparison): ``*`` or a list naming ``etag``."""
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+@router.api_route(
     "/{document_id}/original",
+    methods=["GET", "HEAD"],
     summary="Download the exact original bytes (Range supported; every download is recorded)",
+    description="HEAD, and a GET whose If-None-Match names the ETag (304), send no bytes and "
+    "so record no download.",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Part"}},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "Part"},
+        304: {"description": "The client holds these bytes (If-None-Match)"},
+    },
 )
 def download(
     document_id: UUID,
@@ -434,23 +449,29 @@ def download(
     archive: Archive,
     who: Reader,
     range_header: Annotated[str | None, Header(alias="range")] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    document = archive.get_document(document_id)
+    document = archive.stored_document(document_id)
+    etag = f'"{document.sha256}"'
+    if request.method == "GET" and etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers={"ETag": etag})
     try:
-        wanted = parse_range(range_header, document.size)
+        wanted = parse_range(range_header, document.size) if request.method == "GET" else None
     except RangeNotSatisfiableError as exc:
         answer = problem(exc.status, exc.title, str(exc), request)
         answer.headers["Content-Range"] = f"bytes */{document.size}"
         return answer
-    start, end = wanted if wanted else (0, None)
-    _, chunks = archive.open_original(context(who, request, None), document_id, start, end)
     headers = {
-        "ETag": f'"{document.sha256}"',
+        "ETag": etag,
         "Accept-Ranges": "bytes",
         "Content-Disposition": content_disposition(document.original_filename),
         "Content-Length": str(document.size if wanted is None else wanted[1] - wanted[0] + 1),
         "Digest-Algorithm": "sha-256",
     }
+    if request.method == "HEAD":
+        return Response(media_type=document.media_type, headers=headers)
+    start, end = wanted if wanted else (0, None)
+    _, chunks = archive.open_original(context(who, request, None), document_id, start, end)
     if wanted is not None:
         headers["Content-Range"] = f"bytes {wanted[0]}-{wanted[1]}/{document.size}"
     return StreamingResponse(

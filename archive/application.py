@@ -587,14 +587,19 @@ class ArchiveApp(Application[UUID]):
         self, ctx: CommandContext, document_id: UUID, start: int = 0, end: int | None = None
     ) -> tuple[Document, Iterator[bytes]]:
         """Record the download (who, when, which bytes), then stream the original."""
-        document = self.get_document(document_id)
-        if self.blobs.stat(document.object_key, document.object_version) is None:
-            raise BlobError(f"the original of document {document_id} is missing from storage")
+        document = self.stored_document(document_id)
         byte_range = (
             None if (start == 0 and end is None) else f"{start}-{'' if end is None else end}"
         )
         self.change_document(ctx, document_id, lambda d: d.record_download(ctx, byte_range))
         return document, self.original_bytes(document, start, end)
+
+    def stored_document(self, document_id: UUID) -> Document:
+        """The document, once its original is known to be in storage (else BlobError)."""
+        document = self.get_document(document_id)
+        if self.blobs.stat(document.object_key, document.object_version) is None:
+            raise BlobError(f"the original of document {document_id} is missing from storage")
+        return document
 
     def original_bytes(
         self, document: Document, start: int = 0, end: int | None = None

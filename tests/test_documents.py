@@ -152,6 +152,28 @@ def test_every_download_is_recorded_with_its_reader(client: Client) -> None:
     assert [h["actor"] for h in history if h["type"] == "Downloaded"] == [d[0] for d in downloads]
 
 
+def test_head_and_a_cached_copy_send_no_bytes_and_record_no_download(client: Client) -> None:
+    doc = client.upload(PDF, filename="escritura.pdf").json()["id"]
+    url = f"/api/v1/documents/{doc}/original"
+    etag = f'"{hashlib.sha256(PDF).hexdigest()}"'
+
+    head = client.http.head(url, headers=client.as_("auditor"))
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["etag"] == etag
+    assert head.headers["content-length"] == str(len(PDF))
+    assert head.headers["content-type"] == "application/pdf"
+    assert "escritura.pdf" in head.headers["content-disposition"]
+    for held in (etag, f'W/{etag}, "other"', "*"):
+        cached = client.http.get(url, headers={**client.as_("auditor"), "If-None-Match": held})
+        assert (cached.status_code, cached.content) == (304, b""), held
+        assert cached.headers["etag"] == etag
+    stale = client.http.get(url, headers={**client.as_("auditor"), "If-None-Match": '"other"'})
+    assert stale.status_code == 200 and stale.content == PDF
+    downloads = [e for e in document_events(client.archive) if type(e).__name__ == "Downloaded"]
+    assert len(downloads) == 1  # only the GET that sent the bytes
+    assert client.http.head(url).status_code == 401
+
+
 @pytest.mark.parametrize("declared", [False, True])
 def test_a_file_larger_than_a_part_streams_through(client: Client, declared: bool) -> None:
     """Over one S3 part: spooled and uploaded (no checksum declared), or streamed straight

@@ -79,6 +79,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("POST", DOCUMENTS): frozenset({ARCHIVIST, OFFICER}),
     ("GET", DOCUMENT): EVERYONE,
     ("GET", DOCUMENT + "/original"): EVERYONE,
+    ("HEAD", DOCUMENT + "/original"): EVERYONE,
     ("POST", DOCUMENT + "/legal-hold"): frozenset({ARCHIVIST, ADMIN}),
     ("POST", DOCUMENTS + "/fixity-checks"): VERIFIERS,
     ("GET", USERS + "/me"): EVERYONE,
@@ -372,6 +373,9 @@ def assert_problem(resp: Response, status: int, what: str) -> None:
         f"{what}: expected {status}, got {resp.status_code}: {resp.text}"
     )
     assert resp.headers["content-type"].split(";")[0] == PROBLEM_JSON, what
+    if resp.request.method == "HEAD":
+        assert resp.content == b"", what  # a HEAD answer has headers only (RFC 9110)
+        return
     body = resp.json()
     assert body["status"] == status, what
     for key in ("type", "title", "detail"):
@@ -406,7 +410,7 @@ def test_each_routes_guard_matches_the_table(bare_app: FastAPI) -> None:
 def test_no_write_admits_auditors_or_compliance() -> None:
     for method, template in EXPECTED:
         allowed = EXPECTED[method, template]
-        if method != "GET":
+        if method not in ("GET", "HEAD"):  # reads
             assert COMPLIANCE not in allowed, template
             assert AUDITOR not in allowed or (method, template) in AUDITOR_WRITES, template
 

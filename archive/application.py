@@ -345,6 +345,9 @@ class ArchiveApp(Application[UUID]):
     def get_loan(self, loan_number: str, version: int | None = None) -> LoanFile:
         return self._load(LoanFile, loan_id(loan_number), f"loan {loan_number}", version)
 
+    def has_loan(self, loan_number: str) -> bool:
+        return loan_id(loan_number) in self.repository
+
     def change_loan(
         self, ctx: CommandContext, loan_number: str, expected_version: int | None, change: Any
     ) -> Outcome:

@@ -15,8 +15,9 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from archive.application import ArchiveApp
-from archive.domain import CommandContext
-from archive.exceptions import ArchiveError, DomainError
+from archive.documents import DocumentType
+from archive.domain import CommandContext, choice
+from archive.exceptions import ArchiveError, DomainError, NotFoundError
 
 CHUNK = 1024 * 1024
 
@@ -69,7 +70,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_plan(archive: ArchiveApp, plan: list[ImportItem]) -> None:
+    """Refuse the whole import, before a byte moves, if a loan or a type is wrong: one
+    line to fix the command or the manifest, not the same failure for every file."""
+    for doc_type in sorted({item.doc_type for item in plan}):
+        choice(DocumentType, doc_type, "document type")
+    unknown = [n for n in sorted({item.loan_number for item in plan}) if not archive.has_loan(n)]
+    if unknown:
+        raise NotFoundError(f"no loan file {', '.join(unknown)}: nothing imported")
+
+
 def run_import(archive: ArchiveApp, ctx: CommandContext, plan: list[ImportItem]) -> ImportSummary:
+    check_plan(archive, plan)
     summary = ImportSummary()
     columns = (
         TextColumn("{task.description}"),

@@ -279,6 +279,61 @@ def test_reindex_all_failed_takes_failed_documents_and_pages(
         assert archive.get_document(retried).extraction["status"] not in ("done", "failed")
 
 
+def test_import_a_folder_then_again_skips_what_is_archived(
+    settings: Settings, archive: ArchiveApp, tmp_path: Path
+) -> None:
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
+    token = archive.add_user(operator_context(), "ines.archivist", "archivist")
+    scans = tmp_path / "scans"
+    (scans / "2024").mkdir(parents=True)
+    (scans / "escritura.pdf").write_bytes(text_pdf([DEED_LINES[:6]]))
+    (scans / "2024" / "nota-simple.png").write_bytes(
+        png(scanned_page(DEED_LINES[:3], dpi=100).image)
+    )
+    env = cli_env(settings)
+    args = ("import", str(scans), "--loan", "CR-1", "--type", "registry_certificate")
+
+    first = run(env, *args, "--token", token)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "imported 2, skipped 0 already archived, failed 0"
+    index = archive.loan_documents("CR-1")
+    assert index is not None and len(index.documents) == 2
+    (scans / "informe.txt").write_text("not an original")
+    again = run(env, *args, "--token", token)
+    assert again.returncode == 1  # the text file is refused, the rest skipped
+    assert again.stdout.strip() == "imported 0, skipped 2 already archived, failed 1"
+    assert "informe.txt" in again.stderr and "415" not in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("loan", "doc_type", "message"),
+    [
+        ("CR-404", "contract", "no loan file CR-404: nothing imported"),
+        ("CR-1", "selfie", "unknown document type 'selfie'"),
+    ],
+)
+def test_import_refuses_an_unknown_loan_or_type_before_any_upload(
+    settings: Settings, archive: ArchiveApp, tmp_path: Path, loan: str, doc_type: str, message: str
+) -> None:
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
+    token = archive.add_user(operator_context(), "ines.archivist", "archivist")
+    (tmp_path / "a.pdf").write_bytes(text_pdf([DEED_LINES[:2]]))
+    (tmp_path / "b.pdf").write_bytes(text_pdf([DEED_LINES[2:4]]))
+    result = run(
+        cli_env(settings),
+        "import",
+        str(tmp_path),
+        "--loan",
+        loan,
+        "--type",
+        doc_type,
+        "--token",
+        token,
+    )
+    assert message in one_error_line(result)
+    assert archive.loan_documents("CR-1") is None
+
+
 @pytest.mark.parametrize("port", ["99999", "0", "-1"])
 def test_serve_refuses_a_port_out_of_range_in_one_line(tmp_path: Path, port: str) -> None:
     env = cli_env(Settings(data_dir=tmp_path, demo_data=False))

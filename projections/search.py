@@ -28,6 +28,13 @@ The text comes from ``Document.TextExtracted`` events: a rebuild replays the log
 never runs OCR again. A second ``TextExtracted`` for a document (a reindex) replaces
 that document's pages; a failed reindex attempt leaves the pages of the last good one.
 A superseded document stays searchable; its hits say ``superseded``.
+
+A batch of events is applied in memory and written when it ends, a statement or so per
+table (``Batch``). A rebuild builds the full-text index after its load, with the filter
+indexes (``SearchView.create_indexes``): FTS5 from the stored text in one pass, the GIN
+index over the stored tsvectors; cheaper than keeping them up to date page by page
+(bench/RESULTS.md, rebuild). The index on a page's document is needed while applying
+and exists from the start.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import logging
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar, NamedTuple
@@ -59,16 +66,7 @@ from projections.query_syntax import (
     words,
 )
 from projections.store import Row, Store, Tx, identifier
-from projections.view import (
-    Handlers,
-    Page,
-    Tables,
-    View,
-    check_page,
-    fetch_row,
-    insert_row,
-    update_row,
-)
+from projections.view import Cache, Events, Handlers, Page, Tables, View, check_page, trim
 
 log = logging.getLogger("projections")
 
@@ -91,7 +89,8 @@ MAX_FILTER_CHARS = 200
 #: about how many characters of the page a snippet shows
 SNIPPET_CHARS = 200
 
-handlers = Handlers()
+#: apply functions of the search view: ``fn(batch, position, event)`` (see ``Batch``)
+handlers: Handlers[Callable[..., None]] = Handlers()
 
 _COMMON_DDL = (
     "CREATE TABLE {search_loans} ("
@@ -100,7 +99,6 @@ _COMMON_DDL = (
     " borrower_national_id TEXT NOT NULL,"
     " borrower_key TEXT NOT NULL,"
     " borrower_id_key TEXT NOT NULL)",
-    "CREATE INDEX {search_loans}_national_id ON {search_loans} (borrower_id_key)",
     "CREATE TABLE {search_documents} ("
     " document_id TEXT PRIMARY KEY,"
     " loan_number TEXT NOT NULL,"
@@ -118,7 +116,6 @@ _COMMON_DDL = (
     " extracted_at TEXT,"
     " updated_at TEXT NOT NULL,"
     " position BIGINT NOT NULL)",
-    "CREATE INDEX {search_documents}_loan ON {search_documents} (loan_number)",
 )
 _PAGES = (
     "CREATE TABLE {{search_pages}} ("
@@ -133,28 +130,32 @@ _PAGES = (
     " uploaded_at TEXT NOT NULL,"
     " superseded INTEGER NOT NULL{extra})"
 )
+_PAGES_BY_DOCUMENT = (
+    # Applying needs it (a reindex deletes a document's pages, a supersession flags
+    # them), so it is created with the table, not after a rebuild's load.
+    "CREATE INDEX {search_pages}_document ON {search_pages} (document_id, page_number)"
+)
 _SQLITE_DDL = (
     # INTEGER PRIMARY KEY is SQLite's rowid: what FTS5 hands out and looks text up by
     _PAGES.format(id="INTEGER", extra=""),
+    _PAGES_BY_DOCUMENT,
     "CREATE TABLE {search_text} (page_id INTEGER PRIMARY KEY, text TEXT NOT NULL)",
-    "CREATE VIRTUAL TABLE {search_fts} USING fts5(text, content='{search_text}',"
-    " content_rowid='page_id', tokenize='unicode61 remove_diacritics 2')",
 )
 _POSTGRES_DDL = (
     # The tsvector sits in the narrow page row: counting and ranking never read the text,
     # and a filter is a condition on the same row.
     _PAGES.format(id="BIGINT", extra=", tsv tsvector NOT NULL"),
+    _PAGES_BY_DOCUMENT,
     "CREATE TABLE {search_text} (page_id BIGINT PRIMARY KEY, text TEXT NOT NULL)",
-    "CREATE INDEX {search_pages}_tsv ON {search_pages} USING gin (tsv)",
 )
-
-
-_PAGE_INDEXES = (
-    "CREATE INDEX {search_pages}_document ON {search_pages} (document_id, page_number)",
-    "CREATE INDEX {search_pages}_loan ON {search_pages} (loan_number)",
-    "CREATE INDEX {search_pages}_type ON {search_pages} (doc_type, uploaded_at)",
-    "CREATE INDEX {search_pages}_uploaded ON {search_pages} (uploaded_at)",
+#: the full-text index, built after a rebuild's load: FTS5 from the stored text in one
+#: pass ('rebuild'), the GIN index from the stored tsvectors
+_SQLITE_TEXT_INDEX = (
+    "CREATE VIRTUAL TABLE {search_fts} USING fts5(text, content='{search_text}',"
+    " content_rowid='page_id', tokenize='unicode61 remove_diacritics 2')",
+    "INSERT INTO {search_fts} ({search_fts}) VALUES ('rebuild')",
 )
+_POSTGRES_TEXT_INDEX = ("CREATE INDEX {search_pages}_tsv ON {search_pages} USING gin (tsv)",)
 
 
 class SearchView(View):
@@ -162,20 +163,55 @@ class SearchView(View):
     #: 2: text in its own table; filters, and on PostgreSQL the tsvector, on the page row
     schema_version: ClassVar[int] = 2
     table_names: ClassVar[tuple[str, ...]] = (LOANS, DOCUMENTS, PAGES, TEXT, FTS)
-    handlers: ClassVar[Handlers] = handlers
+    handlers: ClassVar[Handlers[Callable[..., None]]] = handlers  # type: ignore[assignment]
     #: the tables both backends write alike; ``create`` adds the pages and text tables,
     #: whose key and index types differ
     ddl: ClassVar[tuple[str, ...]] = _COMMON_DDL
+    #: for the filters only (``create_indexes`` adds the full-text index)
+    indexes: ClassVar[tuple[str, ...]] = (
+        "CREATE INDEX {search_loans}_national_id ON {search_loans} (borrower_id_key)",
+        "CREATE INDEX {search_documents}_loan ON {search_documents} (loan_number)",
+        "CREATE INDEX {search_pages}_loan ON {search_pages} (loan_number)",
+        "CREATE INDEX {search_pages}_type ON {search_pages} (doc_type, uploaded_at)",
+        "CREATE INDEX {search_pages}_uploaded ON {search_pages} (uploaded_at)",
+    )
 
     def create(self, tx: Tx, generation: int) -> None:
         tables = self.tables(generation)
         if tx.backend == "postgres":
             install_text_search(tx)
-            statements = (*self.ddl, *_POSTGRES_DDL, *_PAGE_INDEXES)
+            statements = (*self.ddl, *_POSTGRES_DDL)
         else:
-            statements = (*self.ddl, *_SQLITE_DDL, *_PAGE_INDEXES)
+            statements = (*self.ddl, *_SQLITE_DDL)
         for statement in statements:
             tx.execute(statement.format(**tables))
+
+    def create_indexes(self, tx: Tx, generation: int) -> None:
+        super().create_indexes(tx, generation)
+        tables = self.tables(generation)
+        text_index = _POSTGRES_TEXT_INDEX if tx.backend == "postgres" else _SQLITE_TEXT_INDEX
+        for statement in text_index:
+            tx.execute(statement.format(**tables))
+
+    def apply(self, tx: Tx, tables: Tables, position: int, event: Any) -> None:
+        self.apply_batch(tx, tables, [(position, event)], {})
+
+    def apply_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
+        """Read the documents the batch changes (one query), apply the events to them in
+        memory, write each table once (see ``Batch``)."""
+        batch = Batch(tx, tables, cache)
+        batch.load(
+            {
+                str(event.originator_id)
+                for _, event in events
+                if type(event).__qualname__ in _CHANGES_DOCUMENT
+            }
+        )
+        for position, event in events:
+            handler = self.handlers.get(type(event).__qualname__)
+            if handler is not None:
+                handler(batch, position, event)
+        batch.flush()
 
     def dump(self, store: Store, generation: int | None = None) -> dict[str, list[Row]]:
         """Every row of the tables (the FTS5 index is derived from search_text)."""
@@ -262,27 +298,151 @@ def id_key(text: str) -> str:
 
 # -- apply ---------------------------------------------------------------------------------
 
+#: documents a rebuild keeps in memory between batches (see ``view.trim``)
+CACHE_ROWS = 100_000
+#: ids per ``IN (...)``
+READ_CHUNK = 500
+_PAGE_COLUMNS = (
+    "page_id",
+    "document_id",
+    "page_number",
+    "method",
+    "confidence",
+    "attempt",
+    "loan_number",
+    "doc_type",
+    "uploaded_at",
+    "superseded",
+)
+#: PostgreSQL: a batch's pages travel as one JSON array, their tsvectors computed in the
+#: statement (COPY cannot call to_tsvector)
+_PG_PAGE_TYPES = (
+    "page_id bigint, document_id text, page_number integer, method text,"
+    " confidence double precision, attempt integer, loan_number text, doc_type text,"
+    " uploaded_at text, superseded integer, words text"
+)
+
+
+def _chunks(keys: list[str]) -> Iterator[list[str]]:
+    for n in range(0, len(keys), READ_CHUNK):
+        yield keys[n : n + READ_CHUNK]
+
+
+class Batch:
+    """What one batch changes, held in memory and written when it ends: each document
+    row read at most once (one query for the batch) and written once; only the last
+    extraction of a document in the batch is written, its pages in one statement per
+    table; the stored pages of reindexed or superseded documents are touched by one
+    statement each. With a cache kept across batches (a rebuild, the only writer of its
+    generation), document rows are read back only after an eviction."""
+
+    def __init__(self, tx: Tx, tables: Tables, cache: Cache) -> None:
+        self.tx = tx
+        self.t = tables
+        self.documents: dict[str, Row] = cache.setdefault("documents", {})
+        self.loans: list[Row] = []
+        self.new: dict[str, None] = {}  # insertion-ordered sets of document ids
+        self.dirty: dict[str, None] = {}
+        #: documents whose stored pages (from before the batch) the batch replaces
+        self.replaced: dict[str, None] = {}
+        #: documents superseded by the batch whose stored pages it keeps
+        self.superseded: dict[str, None] = {}
+        #: the last extraction of each document in the batch: (attempt, page rows)
+        self.pages: dict[str, tuple[int, list[tuple[Any, ...]]]] = {}
+
+    def load(self, keys: set[str]) -> None:
+        missing = [k for k in keys if k not in self.documents]
+        for chunk in _chunks(missing):
+            marks = ", ".join("?" for _ in chunk)
+            for row in self.tx.execute(
+                f"SELECT * FROM {self.t[DOCUMENTS]} WHERE document_id IN ({marks})", chunk
+            ):
+                self.documents[row["document_id"]] = row
+
+    def document(self, document_id: str) -> Row:
+        row = self.documents.get(document_id)
+        if row is None:  # pragma: no cover - a document's events follow its registration
+            raise LookupError(f"document {document_id} has no row")
+        return row
+
+    def stored_pages(self, document_id: str) -> bool:
+        """Whether the document may have pages written before this batch."""
+        return (
+            document_id not in self.new
+            and document_id not in self.pages
+            and self.document(document_id)["extraction_attempt"] is not None
+        )
+
+    def insert(self, row: Row) -> None:
+        self.documents[row["document_id"]] = row
+        self.new[row["document_id"]] = None
+
+    def update(self, document_id: str, changes: dict[str, Any]) -> None:
+        self.document(document_id).update(changes)
+        if document_id not in self.new:
+            self.dirty[document_id] = None
+
+    def flush(self) -> None:
+        tx, t = self.tx, self.t
+        tx.insert_rows(t[LOANS], self.loans)
+        documents = self.documents
+        tx.insert_rows(t[DOCUMENTS], [documents[k] for k in self.new])
+        tx.upsert_rows(t[DOCUMENTS], "document_id", [documents[k] for k in self.dirty])
+        for chunk in _chunks(list(self.superseded)):
+            marks = ", ".join("?" for _ in chunk)
+            tx.execute(
+                f"UPDATE {t[PAGES]} SET superseded = 1 WHERE document_id IN ({marks})", chunk
+            )
+        for chunk in _chunks(list(self.replaced)):
+            _delete_pages(tx, t, chunk)
+        pages: list[Row] = []
+        texts: list[Row] = []
+        for document_id, (attempt, rows) in self.pages.items():
+            document = documents[document_id]
+            meta = {
+                "document_id": document_id,
+                "attempt": attempt,
+                "loan_number": document["loan_number"],
+                "doc_type": document["doc_type"],
+                "uploaded_at": document["uploaded_at"],
+                # final: a later Superseded in the batch counts too (it is never undone)
+                "superseded": 0 if document["superseded_by"] is None else 1,
+            }
+            for page_id, number, text, method, confidence in rows:
+                pages.append(
+                    {
+                        "page_id": page_id,
+                        "page_number": number,
+                        "method": method,
+                        "confidence": confidence,
+                        **meta,
+                    }
+                )
+                texts.append({"page_id": page_id, "text": text})
+        _insert_pages(tx, t, pages, texts)
+        trim(documents, CACHE_ROWS)
+
+
+#: the events that change a stored document row (read before the batch applies)
+_CHANGES_DOCUMENT = frozenset({"Document.Superseded", "Document.TextExtracted"})
+
 
 @handlers.on("LoanFile.Opened")
-def _loan_opened(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    insert_row(
-        tx,
-        t[LOANS],
+def _loan_opened(batch: Batch, position: int, e: Any) -> None:
+    batch.loans.append(
         {
             "loan_number": e.loan_number,
             "borrower_name": e.borrower_name,
             "borrower_national_id": e.borrower_national_id,
             "borrower_key": fold(e.borrower_name),
             "borrower_id_key": id_key(e.borrower_national_id),
-        },
+        }
     )
 
 
 @handlers.on("Document.Registered")
-def _registered(tx: Tx, t: Tables, position: int, e: Any) -> None:
-    insert_row(
-        tx,
-        t[DOCUMENTS],
+def _registered(batch: Batch, position: int, e: Any) -> None:
+    batch.insert(
         {
             "document_id": str(e.originator_id),
             "loan_number": e.loan_number,
@@ -300,17 +460,16 @@ def _registered(tx: Tx, t: Tables, position: int, e: Any) -> None:
             "extracted_at": None,
             "updated_at": iso_utc(e.timestamp),
             "position": position,
-        },
+        }
     )
 
 
 @handlers.on("Document.Superseded")
-def _superseded(tx: Tx, t: Tables, position: int, e: Any) -> None:
+def _superseded(batch: Batch, position: int, e: Any) -> None:
     document_id = str(e.originator_id)
-    update_row(
-        tx,
-        t[DOCUMENTS],
-        "document_id",
+    if batch.stored_pages(document_id):
+        batch.superseded[document_id] = None
+    batch.update(
         document_id,
         {
             "superseded_by": str(e.superseded_by),
@@ -318,7 +477,6 @@ def _superseded(tx: Tx, t: Tables, position: int, e: Any) -> None:
             "position": position,
         },
     )
-    tx.execute(f"UPDATE {t[PAGES]} SET superseded = 1 WHERE document_id = ?", (document_id,))
 
 
 def _page_number(value: Any, default: int) -> int:
@@ -370,64 +528,58 @@ def page_rows(position: int, event: Any) -> Iterator[tuple[Any, ...]]:
         )
 
 
-def _delete_pages(tx: Tx, t: Tables, document_id: str) -> None:
-    ids = f"SELECT page_id FROM {t[PAGES]} WHERE document_id = ?"
-    if tx.backend == "sqlite":
+def _delete_pages(tx: Tx, t: Tables, document_ids: list[str]) -> None:
+    marks = ", ".join("?" for _ in document_ids)
+    ids = f"SELECT page_id FROM {t[PAGES]} WHERE document_id IN ({marks})"
+    if tx.backend == "sqlite" and _has_fts(tx, t):
         # External content: FTS5 forgets a row given the values it indexed.
         tx.execute(
             f"INSERT INTO {t[FTS]} ({t[FTS]}, rowid, text)"
             f" SELECT 'delete', page_id, text FROM {t[TEXT]} WHERE page_id IN ({ids})",
-            (document_id,),
+            document_ids,
         )
-    tx.execute(f"DELETE FROM {t[TEXT]} WHERE page_id IN ({ids})", (document_id,))
-    tx.execute(f"DELETE FROM {t[PAGES]} WHERE document_id = ?", (document_id,))
+    tx.execute(f"DELETE FROM {t[TEXT]} WHERE page_id IN ({ids})", document_ids)
+    tx.execute(f"DELETE FROM {t[PAGES]} WHERE document_id IN ({marks})", document_ids)
 
 
-def _insert_pages(
-    tx: Tx, t: Tables, document: Row, attempt: int, rows: list[tuple[Any, ...]]
-) -> None:
-    if not rows:
+def _has_fts(tx: Tx, t: Tables) -> bool:
+    """Whether the generation's FTS5 index exists yet: a rebuild creates it after its
+    bulk load (``SearchView.create_indexes``), from the stored text."""
+    return tx.one("SELECT 1 AS found FROM sqlite_master WHERE name = ?", (t[FTS],)) is not None
+
+
+def _insert_pages(tx: Tx, t: Tables, pages: list[Row], texts: list[Row]) -> None:
+    if not pages:
         return
-    meta = (
-        document["loan_number"],
-        document["doc_type"],
-        document["uploaded_at"],
-        0 if document["superseded_by"] is None else 1,
-    )
-    columns = (
-        "page_id, document_id, page_number, method, confidence, attempt, loan_number,"
-        " doc_type, uploaded_at, superseded"
-    )
-    marks = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?"
-    pages = [(pid, document["document_id"], n, m, c, attempt, *meta) for pid, n, _, m, c in rows]
-    texts = [(pid, text) for pid, _, text, _, _ in rows]
+    tx.insert_rows(t[TEXT], texts)
     if tx.backend == "sqlite":
-        tx.executemany(f"INSERT INTO {t[PAGES]} ({columns}) VALUES ({marks})", pages)
-        tx.executemany(f"INSERT INTO {t[TEXT]} (page_id, text) VALUES (?, ?)", texts)
-        tx.executemany(f"INSERT INTO {t[FTS]} (rowid, text) VALUES (?, ?)", texts)
+        tx.insert_rows(t[PAGES], pages)
+        if _has_fts(tx, t):
+            tx.executemany(
+                f"INSERT INTO {t[FTS]} (rowid, text) VALUES (?, ?)",
+                [(x["page_id"], x["text"]) for x in texts],
+            )
         return
-    tx.executemany(
-        f"INSERT INTO {t[PAGES]} ({columns}, tsv) VALUES ({marks}, to_tsvector('{TS_CONFIG}', ?))",
-        [
-            (*page, word_text(text[:PG_INDEX_CHARS]))
-            for page, (_, text) in zip(pages, texts, strict=True)
-        ],
+    words = [
+        {**page, "words": word_text(x["text"][:PG_INDEX_CHARS])}
+        for page, x in zip(pages, texts, strict=True)
+    ]
+    columns = ", ".join(_PAGE_COLUMNS)
+    tx.execute(
+        f"INSERT INTO {t[PAGES]} ({columns}, tsv)"
+        f" SELECT {columns}, to_tsvector('{TS_CONFIG}', words)"
+        f" FROM json_to_recordset(?::json) AS r({_PG_PAGE_TYPES})",
+        (json.dumps(words, ensure_ascii=False, separators=(",", ":")),),
     )
-    tx.executemany(f"INSERT INTO {t[TEXT]} (page_id, text) VALUES (?, ?)", texts)
 
 
 @handlers.on("Document.TextExtracted")
-def _text_extracted(tx: Tx, t: Tables, position: int, e: Any) -> None:
+def _text_extracted(batch: Batch, position: int, e: Any) -> None:
     document_id = str(e.originator_id)
-    document = fetch_row(tx, t[DOCUMENTS], "document_id", document_id)
-    if document is None:  # pragma: no cover - a document's events follow its registration
-        raise LookupError(f"document {document_id} has no row")
-    _delete_pages(tx, t, document_id)
-    _insert_pages(tx, t, document, int(e.attempt), list(page_rows(position, e)))
-    update_row(
-        tx,
-        t[DOCUMENTS],
-        "document_id",
+    if batch.stored_pages(document_id):
+        batch.replaced[document_id] = None
+    batch.pages[document_id] = (int(e.attempt), list(page_rows(position, e)))
+    batch.update(
         document_id,
         {
             "extraction_attempt": int(e.attempt),

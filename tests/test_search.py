@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -57,7 +58,7 @@ from projections.search import (
     search,
     snippet,
 )
-from projections.store import Store, open_store
+from projections.store import PostgresStore, SQLiteStore, Store, open_store
 from projections.view import Page
 
 OCR = CommandContext("ocr.worker-1", Role.ADMIN.value, "text extraction")
@@ -533,6 +534,60 @@ def rebuilt_equals_incremental(corpus: Corpus) -> None:
 
 def test_a_rebuild_gives_the_same_index(corpus: Corpus) -> None:
     rebuilt_equals_incremental(corpus)
+
+
+def other_store(settings: Settings, tmp_path: Path) -> Store:
+    """A second, empty views database beside the corpus's."""
+    if settings.backend == "postgres":
+        assert settings.database_url is not None
+        return PostgresStore(settings.database_url, schema="views_other")
+    return SQLiteStore(tmp_path / "other-views.sqlite3")
+
+
+def test_batch_boundaries_never_change_the_index(
+    corpus: Corpus,
+    officer: CommandContext,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    """A batch applies many events to one document in memory and writes once: the last
+    of two extractions, pages flagged by a later supersession in the same batch, stored
+    pages replaced or flagged. Whatever the batch size, the rows are the same."""
+    a = corpus.archive
+    ids = corpus.ids
+    extract(a, ids["valuation"], ["primera revisión del informe"], reindex=True)
+    extract(a, ids["valuation"], ["segunda revisión del informe, definitiva"], reindex=True)
+    contract2 = register(a, officer, monkeypatch, "CR-1", "contract", None, ids["contract"])
+    extract(a, ids["contract"], ["contrato releído tras sustituirlo"], reindex=True)
+    memo = register(a, officer, monkeypatch, "CR-3", "other")
+    extract(a, memo, ["nota interna efímera"])
+    memo2 = register(a, officer, monkeypatch, "CR-3", "other", None, memo)
+    extract(a, memo2, ["nota interna corregida"])
+
+    ids.update(memo=memo, memo2=memo2, contract2=contract2)
+    corpus.follower.catch_up()  # everything above in one batch
+    assert corpus.hits("revision") == {"valuation#1"}
+    [final] = corpus.find("definitiva").items
+    assert final["extraction_attempt"] == 3
+    assert corpus.hits("primera") == set()
+    assert corpus.hits("releido", include_superseded=False) == set()
+    [reread] = corpus.find("releido").items
+    assert reread["superseded_by"] == str(contract2)
+    assert corpus.hits("nota", include_superseded=False) == {"memo2#1"}
+    assert corpus.hits("nota") == {"memo#1", "memo2#1"}
+
+    view = SearchView()
+    expected = view.dump(corpus.store)
+    with other_store(settings, tmp_path) as store:
+        Follower(view, a, store, batch_size=1).catch_up()  # event by event
+        assert view.dump(store) == expected
+        for batch_size in (3, 1000):
+            rebuild(view, a, store, batch_size=batch_size)
+            assert view.dump(store) == expected
+            assert search(store, "nota", limit=10).total == 2
+            assert search(store, "nota", include_superseded=False, limit=10).total == 1
+            assert search(store, "definitiva").total == 1
 
 
 def test_odd_pages_never_stop_the_view(

@@ -430,12 +430,15 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-@router.api_route(
+@router.head(
     "/{document_id}/original",
-    methods=["GET", "HEAD"],
+    summary="The original's headers (size, type, ETag): no bytes sent, no download recorded",
+)
+@router.get(
+    "/{document_id}/original",
     summary="Download the exact original bytes (Range supported; every download is recorded)",
-    description="HEAD, and a GET whose If-None-Match names the ETag (304), send no bytes and "
-    "so record no download.",
+    description="A GET whose If-None-Match names the ETag gets 304: no bytes are sent, so "
+    "no download is recorded.",
     response_class=StreamingResponse,
     responses={
         200: {"content": {"application/octet-stream": {}}},

@@ -396,12 +396,7 @@ class S3BlobStore(BlobStore):
         """The client declared the SHA-256, so the key is known before the first byte: the
         parts go straight to it while they are received; the upload is completed only if
         the bytes turn out to have that SHA-256, and aborted otherwise."""
-        headers = {"Content-Type": "application/octet-stream", **self._lock_headers()}
-        upload_id = self._call(
-            "starting the upload of",
-            key,
-            lambda: self.client._create_multipart_upload(self.bucket, key, dict(headers)),
-        )
+        upload_id, headers = self._start_upload(key)
         completed = None
         try:
             etags, digests = self._send_parts(key, upload_id, parts)
@@ -514,14 +509,9 @@ class S3BlobStore(BlobStore):
         """Send the spooled bytes to ``key`` as a multipart upload, hashed again as they are
         read: the object exists only once every part was accepted (Content-MD5) and the
         second read was found to have the SHA-256 of the first."""
-        headers = {"Content-Type": "application/octet-stream", **self._lock_headers()}
         # Never a second version over a good one: only a damaged current one is covered.
         guard = {} if over_current else {"If-None-Match": "*"}
-        upload_id = self._call(
-            "starting the upload of",
-            key,
-            lambda: self.client._create_multipart_upload(self.bucket, key, dict(headers)),
-        )
+        upload_id, headers = self._start_upload(key)
         completed = None
         try:
             again = hashlib.sha256()
@@ -542,6 +532,17 @@ class S3BlobStore(BlobStore):
             if completed is None:
                 self._abort(key, upload_id)
         return self._verified(key, sha256, size, digests, completed.etag, headers)
+
+    def _start_upload(self, key: str) -> tuple[str, dict[str, str]]:
+        """Start a multipart upload of ``key`` under the retention settings: its id, and
+        the headers the finished object must show (checked by ``_verified``)."""
+        headers = {"Content-Type": "application/octet-stream", **self._lock_headers()}
+        upload_id = self._call(
+            "starting the upload of",
+            key,
+            lambda: self.client._create_multipart_upload(self.bucket, key, dict(headers)),
+        )
+        return upload_id, headers
 
     def _abort(self, key: str, upload_id: str) -> None:
         try:

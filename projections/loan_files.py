@@ -37,6 +37,18 @@ DOCUMENTS = "loan_documents"
 handlers: Handlers[RowHandler] = Handlers()
 
 
+#: the columns the list endpoint filters on (each indexed)
+FILTERS = (
+    "status",
+    "classification",
+    "recovery_category",
+    "loan_officer",
+    "collection_officer",
+    "branch",
+    "product",
+)
+
+
 class LoanFilesView(View):
     name: ClassVar[str] = "loan_files"
     #: 2: documents' extraction_status (pending, running, done, failed)
@@ -146,15 +158,7 @@ class LoanFilesView(View):
     indexes: ClassVar[tuple[str, ...]] = (
         *(
             f"CREATE INDEX {{loan_files}}_{column} ON {{loan_files}} ({column}, loan_number)"
-            for column in (
-                "status",
-                "classification",
-                "recovery_category",
-                "loan_officer",
-                "collection_officer",
-                "branch",
-                "product",
-            )
+            for column in FILTERS
         ),
         "CREATE INDEX {loan_collateral}_loan ON {loan_collateral} (loan_number)",
         "CREATE INDEX {loan_valuations}_loan ON {loan_valuations} (loan_number)",
@@ -685,16 +689,6 @@ _JSON = {
     "overvaluation",
 }
 _FLAGS = {"legal_hold", "overvalued"}
-
-FILTERS = (
-    "status",
-    "classification",
-    "recovery_category",
-    "loan_officer",
-    "collection_officer",
-    "branch",
-    "product",
-)
 
 
 def _out(row: Row) -> dict[str, Any]:

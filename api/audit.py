@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.deps import AuthFirstRoute, Views, require
+from api.deps import AuditTrailViews, AuthFirstRoute, require
 from api.encoding import jsonable
 from archive.application import Principal
 from archive.domain import Role
@@ -51,7 +51,7 @@ Filters = Annotated[dict[str, object], Depends(filters)]
 
 @router.get("", summary="Audit rows (who, when, why, what changed), by position")
 def trail(
-    views: Views,
+    views: AuditTrailViews,
     who: Auditor,
     where: Filters,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -68,7 +68,7 @@ def trail(
     responses={200: {"content": {"text/csv": {}, "application/x-ndjson": {}}}},
 )
 def export(
-    views: Views,
+    views: AuditTrailViews,
     who: Auditor,
     where: Filters,
     format: Annotated[Literal["csv", "jsonl"], Query()] = "csv",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request, Response
@@ -24,6 +24,8 @@ from archive.exceptions import (
     PermissionDeniedError,
     PreconditionFailedError,
 )
+from projections.audit_trail import AuditTrailView
+from projections.loan_files import LoanFilesView
 from projections.runner import Projections
 
 bearer = HTTPBearer(auto_error=False, description="A token from `loan-archive users add`.")
@@ -41,19 +43,30 @@ Archive = Annotated[ArchiveApp, Depends(get_archive)]
 READ_WAIT_SECONDS = 2.0
 
 
-def fresh_views(request: Request) -> Projections:
-    """The read models, brought up to the log head as of this request, so a client
-    always reads its own earlier writes (bounded wait; 503 if the views lag behind)."""
+def fresh_views(request: Request, names: Sequence[str]) -> Projections:
+    """The read models, with the ``names`` views brought up to the log head as of this
+    request, so a client always reads its own earlier writes (bounded wait; 503 if they
+    lag behind). Only the views a route reads are waited for: one stuck view delays its
+    own routes, not every read."""
     views: Projections = request.app.state.projections
     head = request.app.state.archive.head_position()
-    if not views.fresh(head, READ_WAIT_SECONDS):
+    if not views.fresh(head, READ_WAIT_SECONDS, names):
         raise ViewsLaggingError(
-            f"the read models have not yet reached position {head}; retry shortly"
+            f"the {', '.join(names)} view has not yet reached position {head}; retry shortly"
         )
     return views
 
 
-Views = Annotated[Projections, Depends(fresh_views)]
+def _loan_files(request: Request) -> Projections:
+    return fresh_views(request, (LoanFilesView.name,))
+
+
+def _audit_trail(request: Request) -> Projections:
+    return fresh_views(request, (AuditTrailView.name,))
+
+
+LoanFilesViews = Annotated[Projections, Depends(_loan_files)]
+AuditTrailViews = Annotated[Projections, Depends(_audit_trail)]
 
 
 class ViewsLaggingError(ArchiveError):

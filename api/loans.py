@@ -12,9 +12,10 @@ from pydantic import Field
 from api.bodies import Body
 from api.deps import (
     Archive,
+    AuditTrailViews,
     AuthFirstRoute,
     IfMatch,
-    Views,
+    LoanFilesViews,
     context,
     require,
     run_command,
@@ -167,7 +168,9 @@ HEADER_FIELDS = {
     "/{loan_number}/history",
     summary="Every event of the loan file and of its collateral, valuations and documents",
 )
-def history(loan_number: str, archive: Archive, views: Views, who: Replayer) -> JSONResponse:
+def history(
+    loan_number: str, archive: Archive, views: AuditTrailViews, who: Replayer
+) -> JSONResponse:
     """Replayed from the event log (the authority), with the audit trail's one-line
     summary and field-level diff for each event."""
     events = archive.loan_events(loan_number)
@@ -199,7 +202,7 @@ def history(loan_number: str, archive: Archive, views: Views, who: Replayer) -> 
 
 @router.get("", summary="Current loan files (from the loan_files view), filtered and paginated")
 def list_loans(
-    views: Views,
+    views: LoanFilesViews,
     who: Reader,
     status: LoanStatus | None = None,
     classification: Classification | None = None,

@@ -14,13 +14,14 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import Archive, AuthFirstRoute, require
+from api.deps import Archive, AuthFirstRoute, fresh_views, require
 from api.encoding import jsonable
 from archive.application import Principal
 from archive.domain import Role
 from archive.exceptions import ArchiveError
 from projections import reports
 from projections.analysis import analysis_pdf, loan_analysis
+from projections.loan_files import LoanFilesView
 from projections.store import Store
 
 router = APIRouter(prefix="/api/v1/reports", tags=["reports"], route_class=AuthFirstRoute)
@@ -53,10 +54,10 @@ class ViewsUnavailableError(ArchiveError):
 
 
 def get_store(request: Request) -> Store:
-    projections = getattr(request.app.state, "projections", None)
-    if projections is None:
+    """The loan_files view (what every report reads), up to this request's log head."""
+    if getattr(request.app.state, "projections", None) is None:
         raise ViewsUnavailableError("the read views are not running on this server")
-    return projections.store
+    return fresh_views(request, (LoanFilesView.name,)).store
 
 
 Views = Annotated[Store, Depends(get_store)]

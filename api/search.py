@@ -111,7 +111,7 @@ async def search_pages(
             # its position checks that, one read transaction fewer than the barrier.
             return search(views.store, query, at_least=head, **given)
         except IndexBehindError:
-            fresh_views(request)  # the barrier every route uses: a bounded wait, or 503
+            fresh_views(request, (SearchView.name,))  # the barrier: a bounded wait, or 503
             return search(views.store, query, **given)
 
     page = await run_in_threadpool(run)

@@ -96,12 +96,14 @@ class Projections:
     def running(self) -> bool:
         return bool(self._threads)
 
-    def fresh(self, head: int, timeout: float) -> bool:
-        """Make the views reflect the log up to ``head`` (a read-your-writes barrier):
-        wait for the background followers, or, when none run, catch up in this thread."""
+    def fresh(self, head: int, timeout: float, views: Sequence[str] | None = None) -> bool:
+        """Make the views (or the named ones) reflect the log up to ``head`` (a
+        read-your-writes barrier): wait for the background followers, or, when none
+        run, catch up in this thread."""
         if self.running:
-            return self.wait_for(head, timeout)
-        self.catch_up()
+            return self.wait_for(head, timeout, views)
+        for name in views if views is not None else self.views:
+            self.followers[name].catch_up()
         return True
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -29,6 +29,11 @@ from api.app import create_app
 from archive.application import ArchiveApp, operator_context
 from archive.domain import CommandContext
 from archive.settings import Settings
+from projections.audit_trail import AuditTrailView
+from projections.loan_files import LoanFilesView
+from projections.runner import Projections
+from projections.search import SearchView
+from projections.store import open_store
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -682,6 +687,42 @@ def test_text_with_a_nul_character_is_refused_and_the_views_keep_reading(api: Ap
     assert assert_ok(api.get("/api/v1/loans"))["total"] == 1
     assert assert_ok(api.get("/api/v1/loans/CR-1"))["version"] == 1
     assert_ok(api.get("/api/v1/audit-trail", role="auditor"))
+
+
+class StuckSearchView(SearchView):
+    """Fault injection: a search index that cannot apply anything."""
+
+    def apply_batch(self, *args: Any) -> None:
+        raise RuntimeError("cannot apply this event")
+
+
+def test_a_stuck_view_delays_only_the_routes_that_read_it(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    app = create_app(settings, archive)
+    views = Projections(
+        archive,
+        open_store(settings),
+        [LoanFilesView(), AuditTrailView(), StuckSearchView()],
+        poll_interval=0.05,
+        owns_store=True,
+    )
+    app.state.projections = views  # no lifespan: only these followers run
+    token = archive.add_user(operator_context(), "ana.auditor", "auditor")
+    archive.open_loan(CommandContext("ana", "credit_officer"), **loan_terms("CR-1"))
+    client = TestClient(app, raise_server_exceptions=False)
+    auth = {"Authorization": f"Bearer {token}"}
+    views.start()
+    try:
+        assert client.get("/api/v1/loans", headers=auth).json()["total"] == 1
+        assert client.get("/api/v1/audit-trail", headers=auth).status_code == 200
+        assert client.get("/api/v1/reports/npl-portfolio", headers=auth).status_code == 200
+        assert client.get("/api/v1/loans/CR-1/history", headers=auth).status_code == 200
+        stuck = client.get("/api/v1/search", params={"q": "hipoteca"}, headers=auth)
+        assert stuck.status_code == 503, stuck.text
+        assert "search view has not yet reached" in stuck.json()["detail"]
+    finally:
+        views.close()
 
 
 # -- the past -------------------------------------------------------------------------------------

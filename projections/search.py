@@ -163,6 +163,7 @@ class SearchView(View):
     #: 2: text in its own table; filters, and on PostgreSQL the tsvector, on the page row
     schema_version: ClassVar[int] = 2
     table_names: ClassVar[tuple[str, ...]] = (LOANS, DOCUMENTS, PAGES, TEXT, FTS)
+    derived_tables: ClassVar[tuple[str, ...]] = (FTS,)  # built from search_text
     handlers: ClassVar[Handlers[Callable[..., None]]] = handlers  # type: ignore[assignment]
     #: the tables both backends write alike; ``create`` adds the pages and text tables,
     #: whose key and index types differ
@@ -212,24 +213,6 @@ class SearchView(View):
             if handler is not None:
                 handler(batch, position, event)
         batch.flush()
-
-    def dump(self, store: Store, generation: int | None = None) -> dict[str, list[Row]]:
-        """Every row of the tables (the FTS5 index is derived from search_text)."""
-        with store.read() as tx:
-            if generation is None:
-                active = registry.active(tx, self.name)
-                if active is None:
-                    return {n: [] for n in self.table_names if n != FTS}
-                generation = active.generation
-            tables = self.tables(generation)
-            return {
-                logical: sorted(
-                    tx.execute(f"SELECT * FROM {physical}"),
-                    key=lambda row: json.dumps(row, sort_keys=True, default=str),
-                )
-                for logical, physical in tables.items()
-                if logical != FTS
-            }
 
 
 def install_text_search(tx: Tx) -> None:

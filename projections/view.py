@@ -47,6 +47,8 @@ class View:
     schema_version: ClassVar[int]
     #: logical table names; physical names are ``<logical>_g<generation>``
     table_names: ClassVar[tuple[str, ...]]
+    #: tables rebuilt from the others (a full-text index): left out of ``dump``
+    derived_tables: ClassVar[tuple[str, ...]] = ()
     #: DDL, formatted with the physical names, e.g. ``CREATE TABLE {loan_files} (...)``
     ddl: ClassVar[tuple[str, ...]]
     #: secondary indexes, formatted likewise. A rebuild creates them after its bulk load
@@ -95,19 +97,20 @@ class View:
         comparing an incrementally maintained view with a rebuilt one."""
         from projections import registry
 
+        compared = [n for n in self.table_names if n not in self.derived_tables]
         with store.read() as tx:
             if generation is None:
                 active = registry.active(tx, self.name)
                 if active is None:
-                    return {n: [] for n in self.table_names}
+                    return {n: [] for n in compared}
                 generation = active.generation
             tables = self.tables(generation)
             return {
                 logical: sorted(
-                    tx.execute(f"SELECT * FROM {physical}"),
+                    tx.execute(f"SELECT * FROM {tables[logical]}"),
                     key=lambda row: json.dumps(row, sort_keys=True, default=str),
                 )
-                for logical, physical in tables.items()
+                for logical in compared
             }
 
 

@@ -47,6 +47,17 @@ from eventsourcing.application import Application  # noqa: E402
 from eventsourcing.domain import Aggregate, event  # noqa: E402
 from factories import appraisal_fields, loan_terms, mortgage_fields  # noqa: E402
 from postgres_cluster import PostgresCluster  # noqa: E402
+from rebuild import (  # noqa: E402 (the same credit department as bench/rebuild.py)
+    BRANCHES,
+    COLLECTORS,
+    FINDINGS,
+    INSPECTORS,
+    OFFICERS,
+    OUTCOMES,
+    PRODUCTS,
+    REVIEWERS,
+    SURNAMES,
+)
 
 from archive.application import ArchiveApp, Outcome  # noqa: E402
 from archive.domain import CommandContext, Role  # noqa: E402
@@ -59,25 +70,7 @@ CENT = Decimal("0.01")
 
 # -- (a) the credit department's workload ----------------------------------------------------
 
-OFFICERS = [f"officer.{n:02d}" for n in range(1, 21)]
-COLLECTORS = [f"collector.{n:02d}" for n in range(1, 9)]
-INSPECTORS = ["Marta Gil", "Jorge Sanz", "Elena Royo", "Pablo Lahoz"]
-REVIEWERS = ["Carmen Ruiz", "Alberto Navarro", "Lucía Ferrer"]
-BRANCHES = ["Teruel Centro", "Alcañiz", "Calamocha", "Andorra", "Utrillas", "Monreal"]
-SURNAMES = ["Pérez", "García", "Martínez", "López", "Sánchez", "Gómez", "Núñez", "Lázaro"]
-PRODUCTS = {"mortgage": 40, "personal": 25, "business": 20, "village_group": 10, "cooperative": 5}
-FINDINGS = [
-    "Business operating normally; stock and premises as declared.",
-    "Borrower present, collateral in good repair, no new liabilities found.",
-    "Activity lower than planned; officer to follow up next month.",
-    "Premises partly let to a third party; no effect on repayment capacity so far.",
-]
-OUTCOMES = {
-    "call": "Borrower reached by phone; promised to pay within the week.",
-    "notice": "Formal notice of arrears delivered by registered mail.",
-    "visit": "Visited the borrower at home; agreed a partial payment.",
-    "legal_action": "File handed to legal for a claim on the mortgage.",
-}
+# The names and texts of the workload are bench/rebuild.py's (imported above).
 
 
 def pick(rng: random.Random, weights: dict[str, int]) -> str:

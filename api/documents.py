@@ -474,7 +474,7 @@ def download(
     if request.method == "HEAD":
         return Response(media_type=document.media_type, headers=headers)
     start, end = wanted if wanted else (0, None)
-    _, chunks = archive.open_original(context(who, request, None), document_id, start, end)
+    chunks = archive.open_original(context(who, request, None), document, start, end)
     if wanted is not None:
         headers["Content-Range"] = f"bytes {wanted[0]}-{wanted[1]}/{document.size}"
     return StreamingResponse(

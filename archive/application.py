@@ -587,15 +587,15 @@ class ArchiveApp(Application[UUID]):
         return self.change_document(ctx, document_id, lambda d: d.request_reindex(ctx))
 
     def open_original(
-        self, ctx: CommandContext, document_id: UUID, start: int = 0, end: int | None = None
-    ) -> tuple[Document, Iterator[bytes]]:
-        """Record the download (who, when, which bytes), then stream the original."""
-        document = self.stored_document(document_id)
+        self, ctx: CommandContext, document: Document, start: int = 0, end: int | None = None
+    ) -> Iterator[bytes]:
+        """Record the download (who, when, which bytes), then stream the original of a
+        document from ``stored_document`` (whose check of the object stands)."""
         byte_range = (
             None if (start == 0 and end is None) else f"{start}-{'' if end is None else end}"
         )
-        self.change_document(ctx, document_id, lambda d: d.record_download(ctx, byte_range))
-        return document, self.original_bytes(document, start, end)
+        self.change_document(ctx, document.id, lambda d: d.record_download(ctx, byte_range))
+        return self.original_bytes(document, start, end)
 
     def stored_document(self, document_id: UUID) -> Document:
         """The document, once its original is known to be in storage (else BlobError)."""

@@ -530,7 +530,7 @@ def scripted_history(archive: ArchiveApp, officer: CommandContext) -> dict[str, 
     doc = archive.register_document(
         ARCHIVIST, pdf(), loan_number="CR-1", doc_type="contract", original_filename="contrato.pdf"
     )
-    _, body = archive.open_original(AUDITOR, doc.id)
+    body = archive.open_original(AUDITOR, archive.stored_document(doc.id))
     assert b"".join(body).startswith(b"%PDF-1.4")
     archive.release_collateral(officer, reg.id, None, "2025-01-31")
     archive.add_user(ADMIN, "eva.auditor", "auditor")
@@ -835,7 +835,8 @@ def perform(
         )
         made["document"].append((loan, outcome.id))
     elif kind == "download":
-        _, body = archive.open_original(AUDITOR, pick("document"), 0, None if k % 2 else 99)
+        document = archive.stored_document(pick("document"))
+        body = archive.open_original(AUDITOR, document, 0, None if k % 2 else 99)
         b"".join(body)
     elif kind == "hold":
         archive.set_legal_hold(AUDITOR, pick("document"), bool(k % 2))

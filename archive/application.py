@@ -302,15 +302,22 @@ class ArchiveApp(Application[UUID]):
         except ArchiveError:
             return command(True)
 
-    def _commit(self, *aggregates: ArchiveAggregate, duplicate: str | None = None) -> int:
+    def _commit(
+        self, *aggregates: ArchiveAggregate, duplicate: str | None = None, handover: bool = False
+    ) -> int:
+        """Save, then cache the saved state as each aggregate's head.
+
+        The cache gets a clone, since callers may go on changing theirs; a caller that
+        only reads its aggregate's id and version afterwards hands it over
+        (``handover=True``), which saves a copy on the commands' hot path."""
         try:
             recordings = self.save(*aggregates)
         except IntegrityError:
             raise ConflictError(
                 duplicate or "a concurrent change was saved first: reload and retry"
             ) from None
-        for aggregate in aggregates:  # committed: now the head of each (callers keep theirs)
-            self.cache.put(aggregate.clone())
+        for aggregate in aggregates:
+            self.cache.put(aggregate if handover else aggregate.clone())
         return recordings[-1].notification.id
 
     @staticmethod
@@ -330,7 +337,7 @@ class ArchiveApp(Application[UUID]):
             aggregate = self._load(cls, aggregate_id, what, fresh=fresh)
             self._expect(aggregate, expected_version, what)
             change(aggregate)
-            position = self._commit(aggregate)
+            position = self._commit(aggregate, handover=True)
             return Outcome(aggregate.id, aggregate.version, position)
 
         return self._attempt(attempt)
@@ -339,7 +346,9 @@ class ArchiveApp(Application[UUID]):
 
     def open_loan(self, ctx: CommandContext, **terms: Any) -> Outcome:
         loan = LoanFile.open(ctx, **terms)
-        position = self._commit(loan, duplicate=f"loan number {loan.loan_number} already exists")
+        position = self._commit(
+            loan, duplicate=f"loan number {loan.loan_number} already exists", handover=True
+        )
         return Outcome(loan.id, loan.version, position)
 
     def get_loan(self, loan_number: str, version: int | None = None) -> LoanFile:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any, Self, TypeVar
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
@@ -25,8 +26,12 @@ from archive.integrity import GENESIS, event_digest
 NAMESPACE = uuid5(NAMESPACE_URL, "https://loan-archive.invalid/ids")
 
 
+@lru_cache(maxsize=65536)
 def stable_id(kind: str, key: str) -> UUID:
-    """Deterministic id for a unique business key: a second create of the same key collides."""
+    """Deterministic id for a unique business key: a second create of the same key collides.
+
+    Cached: every command on a loan file derives its id again, and uuid5 costs more than
+    the lookup."""
     return uuid5(NAMESPACE, f"{kind}:{key}")
 
 

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any, Self
 from uuid import UUID
 
+from archive.dates import not_before, not_in_future
 from archive.domain import (
     ArchiveAggregate,
     CommandContext,
@@ -228,7 +229,9 @@ class MortgageRegistration(ArchiveAggregate):
             self.Registered,
             ctx,
             registry_entry=text(registry_entry, "registry entry", max_length=120),
-            registered_on=a_date(registered_on, "registration date"),
+            registered_on=not_in_future(
+                a_date(registered_on, "registration date"), "registration date"
+            ),
         )
 
     def verify_on_site(
@@ -245,15 +248,22 @@ class MortgageRegistration(ArchiveAggregate):
             self.SiteVerified,
             ctx,
             officer=text(officer, "officer", max_length=120),
-            verified_on=a_date(verified_on, "verification date"),
+            verified_on=not_in_future(
+                a_date(verified_on, "verification date"), "verification date"
+            ),
             findings=text(findings, "findings", max_length=4000),
             defects=[text(d, "defect") for d in defects],
         )
 
     def release(self, ctx: CommandContext, released_on: date | str) -> None:
+        """Release the mortgage: on a day that has come, and not before the registry
+        entered it (a pending filing may be withdrawn on any past day)."""
         if self.status == RegistrationStatus.RELEASED:
             raise DomainError("this mortgage is already released")
-        self._trigger(self.Released, ctx, released_on=a_date(released_on, "release date"))
+        day = not_in_future(a_date(released_on, "release date"), "release date")
+        if self.registered_on is not None:
+            not_before(day, self.registered_on, "release date", "registration date")
+        self._trigger(self.Released, ctx, released_on=day)
 
     def state(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any, Self
 from uuid import UUID
 
+from archive.dates import not_before, not_in_future
 from archive.domain import (
     ArchiveAggregate,
     CommandContext,
@@ -340,6 +341,13 @@ class LoanFile(ArchiveAggregate):
         if self.status in CLOSED:
             raise DomainError(f"loan {self.loan_number} is {self.status}; its file is closed")
 
+    def _since_disbursement(self, value: date | str, what: str) -> date:
+        """The date of something done on this loan: not before the money was lent (nothing
+        to repay, collect or inspect yet) and not in the future (it has not happened)."""
+        day = a_date(value, what)
+        not_before(day, self.disbursement_date, what, "disbursement date")
+        return not_in_future(day, what)
+
     # -- commands -----------------------------------------------------------------------
 
     def change_status(self, ctx: CommandContext, status: str) -> None:
@@ -397,7 +405,7 @@ class LoanFile(ArchiveAggregate):
             ctx,
             checklist=answers,
             notes=(notes or "").strip() or None,
-            investigated_on=a_date(investigated_on, "investigation date"),
+            investigated_on=self._since_disbursement(investigated_on, "investigation date"),
         )
 
     def categorise_recovery(
@@ -441,9 +449,15 @@ class LoanFile(ArchiveAggregate):
             self.RecoveryPlanSet,
             ctx,
             summary=text(summary, "plan summary", max_length=4000),
-            target_date=a_date(target_date, "target date"),
+            target_date=self._target_date(target_date),
             target_amount=money(target_amount, "target amount"),
         )
+
+    def _target_date(self, value: date | str) -> date:
+        """A recovery target lies ahead, so it may be in the future, but never before the
+        loan existed."""
+        day = a_date(value, "target date")
+        return not_before(day, self.disbursement_date, "target date", "disbursement date")
 
     def record_collection_action(
         self,
@@ -464,7 +478,7 @@ class LoanFile(ArchiveAggregate):
             self.CollectionActionRecorded,
             ctx,
             kind=choice(CollectionKind, kind, "collection action").value,
-            action_date=a_date(action_date, "action date"),
+            action_date=self._since_disbursement(action_date, "action date"),
             outcome=text(outcome, "outcome", max_length=4000),
             amount_recovered=amount,
             officer=text(officer, "officer", max_length=120),
@@ -477,9 +491,8 @@ class LoanFile(ArchiveAggregate):
         paid = money(amount, "repayment amount")
         if paid > self.outstanding:
             raise DomainError(f"repayment {paid} exceeds the outstanding {self.outstanding}")
-        self._trigger(
-            self.RepaymentRecorded, ctx, amount=paid, paid_on=a_date(paid_on, "payment date")
-        )
+        day = self._since_disbursement(paid_on, "payment date")
+        self._trigger(self.RepaymentRecorded, ctx, amount=paid, paid_on=day)
 
     def record_inspection(
         self,
@@ -494,7 +507,7 @@ class LoanFile(ArchiveAggregate):
             self.InspectionRecorded,
             ctx,
             kind=choice(InspectionKind, kind, "inspection kind").value,
-            inspected_on=a_date(inspected_on, "inspection date"),
+            inspected_on=self._since_disbursement(inspected_on, "inspection date"),
             inspector=text(inspector, "inspector", max_length=120),
             findings=text(findings, "findings", max_length=4000),
         )

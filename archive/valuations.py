@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import Any, Self
 from uuid import UUID
 
+from archive.dates import not_in_future
 from archive.domain import (
     ArchiveAggregate,
     CommandContext,
@@ -119,14 +120,11 @@ class Valuation(ArchiveAggregate):
         appraisal_date: date | str,
         revaluation_due: date | str | None = None,
     ) -> Self:
-        appraised_on = a_date(appraisal_date, "appraisal date")
+        # An appraisal reports a visit that took place: its date cannot lie ahead.
+        appraised_on = not_in_future(a_date(appraisal_date, "appraisal date"), "appraisal date")
         if revaluation_due:
             due = a_date(revaluation_due, "revaluation due date")
-        elif appraised_on.year >= 9999:
-            raise DomainError(
-                "give a revaluation due date: a year after this appraisal has no date"
-            )
-        else:
+        else:  # a year on: never past the calendar's end, the appraisal is not in the future
             due = add_months(appraised_on, 12)
         if due <= appraised_on:
             raise DomainError("the revaluation due date must be after the appraisal date")

@@ -169,7 +169,9 @@ def long_loan(archive: ArchiveApp, number: str, seed: int, events: int = LONG_EV
     month = 0
     episode: list[Callable[[], None]] = []
     while loan.version < events:
-        day = disbursed + timedelta(days=30 * month)
+        # Instalments every nine days: a thousand events fit the 25-year term, so no date is
+        # after maturity or in the future (the domain refuses those).
+        day = disbursed + timedelta(days=9 * month)
         if episode:
             episode.pop(0)()
         elif rng.random() < 0.06 and loan.status == "performing":  # arrears, then cured

@@ -489,18 +489,18 @@ def test_collateral_routes_and_the_repeated_mortgage_rule(api: Api) -> None:
     assert (
         assert_ok(api.post(f"/api/v1/collateral/{reg}/site-verifications", visit))["version"] == 3
     )
-    released = api.post(f"/api/v1/collateral/{reg}/release", {"released_on": "2044-02-01"})
+    released = api.post(f"/api/v1/collateral/{reg}/release", {"released_on": "2025-02-01"})
     assert assert_ok(released)["version"] == 4
     assert released.headers["etag"] == '"4"'
     assert_problem(
-        api.post(f"/api/v1/collateral/{reg}/release", {"released_on": "2044-02-02"}), 422
+        api.post(f"/api/v1/collateral/{reg}/release", {"released_on": "2025-02-02"}), 422
     )
 
     state = assert_ok(api.get(f"/api/v1/collateral/{reg}"))
     assert state["status"] == "released"
     assert state["registry_entry"] == "Tomo 1234, Libro 56, Folio 78"
     assert state["registered_on"] == "2024-01-20"
-    assert state["released_on"] == "2044-02-01"
+    assert state["released_on"] == "2025-02-01"
     assert state["site_verifications"][0]["defects"] == ["damp in the basement"]
     past = assert_ok(api.get(f"/api/v1/collateral/{reg}", params={"version": 2}))
     assert past["status"] == "registered"
@@ -1052,7 +1052,7 @@ POST_BODIES: dict[str, dict[str, Any]] = {
         "findings": "ok",
         "defects": [],
     },
-    "/api/v1/collateral/{reg}/release": {"released_on": "2044-02-01"},
+    "/api/v1/collateral/{reg}/release": {"released_on": "2025-02-01"},
     "/api/v1/valuations": appraisal_body("CR-1"),
     "/api/v1/valuations/{val}/review": {"reviewer": "C", "reviewed_value": "120000.00"},
     "/api/v1/valuations/{val}/revaluation": {"revaluation_due": "2025-06-01"},

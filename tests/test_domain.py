@@ -200,6 +200,111 @@ def test_settled_files_are_closed(officer: CommandContext) -> None:
         loan.record_inspection(officer, "monthly", "2024-05-01", "Pedro", "ok")
 
 
+def days_from_today(days: int) -> str:
+    """A date relative to the archive's clock (UTC), as the commands take it."""
+    return (datetime.now(UTC).date() + timedelta(days=days)).isoformat()
+
+
+LOAN_DATED_COMMANDS = {
+    "repayment": lambda loan, ctx, day: loan.record_repayment(ctx, "10.00", day),
+    "collection action": lambda loan, ctx, day: loan.record_collection_action(
+        ctx, "call", day, "no answer", "0", "Elena"
+    ),
+    "inspection": lambda loan, ctx, day: loan.record_inspection(ctx, "monthly", day, "Pedro", "ok"),
+    "investigation": lambda loan, ctx, day: loan.record_investigation(
+        ctx, {item.value: True for item in ChecklistItem}, day
+    ),
+}
+
+
+@pytest.mark.parametrize("command", sorted(LOAN_DATED_COMMANDS))
+def test_loan_events_are_dated_between_disbursement_and_today(
+    command: str, officer: CommandContext
+) -> None:
+    """Nothing is repaid, collected or inspected before the money was lent, nor after today
+    (one day of grace: the clock is UTC, a branch east of it is already in tomorrow)."""
+    run = LOAN_DATED_COMMANDS[command]
+    loan = LoanFile.open(officer, **loan_terms(disbursement_date="2024-01-15"))
+    with pytest.raises(DomainError, match="2024-01-14 is before the disbursement date 2024-01-15"):
+        run(loan, officer, "2024-01-14")
+    with pytest.raises(DomainError, match="is in the future"):
+        run(loan, officer, days_from_today(2))
+    with pytest.raises(DomainError, match="is in the future"):
+        run(loan, officer, "9999-12-31")
+    assert loan.version == 1
+    for day in ("2024-01-15", days_from_today(0), days_from_today(1)):
+        run(loan, officer, day)
+    assert loan.version == 4
+
+
+def test_a_recovery_target_may_lie_ahead_but_not_before_the_loan(officer: CommandContext) -> None:
+    loan = LoanFile.open(officer, **loan_terms())
+    loan.assign_officer(officer, "loan", "Pedro")
+    loan.assign_officer(officer, "collection", "Elena")
+    loan.change_status(officer, "overdue")
+    loan.change_status(officer, "non_performing")
+    loan.categorise_recovery(officer, "recoverable", ["job loss"])
+    with pytest.raises(DomainError, match="target date 2023-12-31 is before the disbursement"):
+        loan.set_recovery_plan(officer, "sell the van", "2023-12-31", "5000")
+    loan.set_recovery_plan(officer, "sell the van", days_from_today(400), "5000")
+
+
+def test_maturity_must_follow_disbursement(officer: CommandContext) -> None:
+    for maturity in ("2024-01-15", "2024-01-14"):
+        with pytest.raises(DomainError, match="maturity date must be after the disbursement"):
+            LoanFile.open(
+                officer, **loan_terms(disbursement_date="2024-01-15", maturity_date=maturity)
+            )
+
+
+def test_collateral_dates_are_not_in_the_future_and_release_follows_registration(
+    archive: ArchiveApp, officer: CommandContext
+) -> None:
+    open_loan(archive, officer)
+    reg = archive.register_collateral(officer, **mortgage_fields())
+    future = days_from_today(2)
+    with pytest.raises(DomainError, match=r"registration date .* is in the future"):
+        archive.change_collateral(
+            officer, reg.id, None, lambda r: r.mark_registered(officer, "T1", future)
+        )
+    with pytest.raises(DomainError, match=r"verification date .* is in the future"):
+        archive.change_collateral(
+            officer, reg.id, None, lambda r: r.verify_on_site(officer, "Pedro", future, "ok", [])
+        )
+    # An on-site visit before the loan is disbursed is ordinary due diligence.
+    archive.change_collateral(
+        officer, reg.id, None, lambda r: r.verify_on_site(officer, "Pedro", "2024-01-05", "ok", [])
+    )
+    archive.change_collateral(
+        officer, reg.id, None, lambda r: r.mark_registered(officer, "T1", "2024-01-20")
+    )
+    with pytest.raises(DomainError, match="2024-01-19 is before the registration date 2024-01-20"):
+        archive.release_collateral(officer, reg.id, None, "2024-01-19")
+    with pytest.raises(DomainError, match=r"release date .* is in the future"):
+        archive.release_collateral(officer, reg.id, None, future)
+    assert archive.get_collateral(reg.id).version == 3
+    assert archive.release_collateral(officer, reg.id, None, "2024-01-20").version == 4
+    assert archive.get_collateral(reg.id).status == "released"
+
+
+def test_an_appraisal_is_not_dated_in_the_future(
+    archive: ArchiveApp, officer: CommandContext
+) -> None:
+    open_loan(archive, officer)
+    for day in (days_from_today(2), "9999-06-01"):
+        with pytest.raises(DomainError, match=r"appraisal date .* is in the future"):
+            archive.appraise(officer, **appraisal_fields(appraisal_date=day))
+    assert archive.get_loan("CR-1").valuation_ids == []
+    today = archive.appraise(officer, **appraisal_fields(appraisal_date=days_from_today(0)))
+    with pytest.raises(DomainError, match="revaluation due date must be after the appraisal"):
+        archive.change_valuation(
+            officer,
+            today.id,
+            None,
+            lambda v: v.schedule_revaluation(officer, days_from_today(0)),
+        )
+
+
 def test_repeated_mortgage_needs_higher_rank_and_is_flagged(
     archive: ArchiveApp, officer: CommandContext
 ) -> None:

@@ -315,7 +315,7 @@ def seed(settings: Settings, archive: ArchiveApp) -> World:
         ),
         ("POST", REGISTRATION + "/release"): (
             {"registration_id": str(doomed)},
-            {"json": {"released_on": "2044-02-01"}},
+            {"json": {"released_on": "2025-02-01"}},
         ),
         ("POST", VALUATIONS): ({}, {"json": http_body(appraisal_fields("CR-1"))}),
         ("POST", VALUATION + "/review"): (

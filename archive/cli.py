@@ -26,7 +26,8 @@ import typer
 from pydantic import BaseModel, ValidationError
 
 from archive.application import ArchiveApp, Outcome, Principal, operator_context
-from archive.domain import Role
+from archive.collateral import MortgageRegistration
+from archive.domain import CommandContext, Role
 from archive.exceptions import ArchiveError, PermissionDeniedError
 from archive.report_cli import reports_app
 from archive.settings import Settings, SettingsError, load_settings
@@ -259,6 +260,19 @@ def users_token(name: str, reason: Annotated[str | None, typer.Option()] = None)
         typer.echo(application.issue_token(operator_context(reason), name))
 
 
+@users_app.command("role")
+def users_role(
+    name: str,
+    role: Annotated[Role, typer.Option(help="The user's new role.")],
+    reason: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Change a user's role (as POST /api/v1/users/{name}/role); their tokens keep working."""
+    ctx = operator_context(reason)
+    with archive() as application:
+        application.change_user(ctx, name, lambda u: u.change_role(ctx, role.value))
+    typer.echo(f"{name} is now {role.value}", err=True)
+
+
 @users_app.command("deactivate")
 def users_deactivate(name: str, reason: Annotated[str | None, typer.Option()] = None) -> None:
     """Deactivate a user: every token of theirs stops working."""
@@ -480,6 +494,77 @@ def collateral_file(token: Token, data: Data) -> None:
     )
 
 
+def _collateral_command(
+    token: str,
+    registration_id: UUID,
+    body: Any,
+    change: Callable[[MortgageRegistration, CommandContext], None],
+) -> None:
+    """One command on a mortgage registration, under the body's expected version."""
+
+    def run(a: ArchiveApp, p: Principal) -> Outcome:
+        ctx = p.context(body.reason)
+        return a.change_collateral(
+            ctx, registration_id, body.expected_version, lambda reg: change(reg, ctx)
+        )
+
+    _officer_command(token, run)
+
+
+@collateral_app.command("register")
+def collateral_register(registration_id: UUID, token: Token, data: Data) -> None:
+    """Record the registry entry (fields as POST /api/v1/collateral/{id}/registration)."""
+    from api.collateral import MarkRegistered
+
+    body = parse(MarkRegistered, data)
+    _collateral_command(
+        token,
+        registration_id,
+        body,
+        lambda reg, ctx: reg.mark_registered(ctx, body.registry_entry, body.registered_on),
+    )
+
+
+@collateral_app.command("verify-on-site")
+def collateral_verify_on_site(registration_id: UUID, token: Token, data: Data) -> None:
+    """Record an on-site verification (fields as POST .../{id}/site-verifications)."""
+    from api.collateral import VerifyOnSite
+
+    body = parse(VerifyOnSite, data)
+    _collateral_command(
+        token,
+        registration_id,
+        body,
+        lambda reg, ctx: reg.verify_on_site(
+            ctx, body.officer, body.verified_on, body.findings, body.defects
+        ),
+    )
+
+
+@collateral_app.command("release")
+def collateral_release(registration_id: UUID, token: Token, data: Data) -> None:
+    """Release the mortgage and its lien (fields as POST /api/v1/collateral/{id}/release)."""
+    from api.collateral import Release
+
+    body = parse(Release, data)
+    _officer_command(
+        token,
+        lambda a, p: a.release_collateral(
+            p.context(body.reason), registration_id, body.expected_version, body.released_on
+        ),
+    )
+
+
+@collateral_app.command("show")
+def collateral_show(
+    registration_id: UUID, token: Token, version: Annotated[int | None, typer.Option()] = None
+) -> None:
+    """Print a mortgage registration now or at a version (as GET /api/v1/collateral/{id})."""
+    with archive() as application:
+        caller(application, token, *Role)
+        print_json(application.get_collateral(registration_id, version=version).state())
+
+
 @valuations_app.command("appraise")
 def valuations_appraise(token: Token, data: Data) -> None:
     """Record an appraisal (fields as for POST /api/v1/valuations)."""
@@ -515,6 +600,35 @@ def valuations_review(valuation_id: UUID, token: Token, data: Data) -> None:
             body.notes,
         ),
     )
+
+
+@valuations_app.command("schedule-revaluation")
+def valuations_schedule_revaluation(valuation_id: UUID, token: Token, data: Data) -> None:
+    """Set the next revaluation date (fields as POST /api/v1/valuations/{id}/revaluation)."""
+    from api.valuations import ScheduleRevaluation
+
+    body = parse(ScheduleRevaluation, data)
+
+    def run(a: ArchiveApp, p: Principal) -> Outcome:
+        ctx = p.context(body.reason)
+        return a.change_valuation(
+            ctx,
+            valuation_id,
+            body.expected_version,
+            lambda val: val.schedule_revaluation(ctx, body.revaluation_due),
+        )
+
+    _officer_command(token, run)
+
+
+@valuations_app.command("show")
+def valuations_show(
+    valuation_id: UUID, token: Token, version: Annotated[int | None, typer.Option()] = None
+) -> None:
+    """Print a valuation now or at a version (as GET /api/v1/valuations/{id})."""
+    with archive() as application:
+        caller(application, token, *Role)
+        print_json(application.get_valuation(valuation_id, version=version).state())
 
 
 # -- read models ---------------------------------------------------------------------------

@@ -11,11 +11,14 @@ import json
 import os
 import sqlite3
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
-from factories import loan_terms
+from factories import appraisal_fields, loan_terms, mortgage_fields
 from ocr_fixtures import DEED_LINES, png, scanned_page, text_pdf
 from psycopg.sql import SQL, Identifier
 
@@ -24,6 +27,7 @@ from archive.domain import CommandContext, Role
 from archive.exceptions import NotFoundError
 from archive.loans import loan_id
 from archive.settings import Settings
+from archive.users import user_id
 from archive.worker import ExtractionWorker
 from projections.store import open_store
 
@@ -371,3 +375,256 @@ def test_invalid_settings_exit_2_naming_the_variable(
     result = run(env, "verify")
     assert result.returncode == 2, result
     assert variable in one_error_line(result)
+
+
+# -- collateral, valuations and users: the commands HTTP has ---------------------------------
+
+
+def ok_json(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+MORTGAGE = {
+    "loan_number": "CR-1",
+    "cadastral_reference": "9872023VH5797S0001WX",
+    "address": "Calle Mayor 1, Teruel",
+    "owner": "Ana Pérez Núñez",
+    "registry_office": "Registro de Teruel",
+    "secured_amount": "120000.00",
+    "reason": "first mortgage",
+}
+
+
+def test_collateral_register_verify_release_and_show(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    token = archive.add_user(operator_context(), "ana.officer", "credit_officer")
+    archive.open_loan(CommandContext("ana.officer", "credit_officer"), **loan_terms("CR-1"))
+    env = {**cli_env(settings), "ARCHIVE_TOKEN": token}
+
+    reg = ok_json(run(env, "collateral", "file", "-d", json.dumps(MORTGAGE)))["id"]
+    entry = {"registry_entry": "Tomo 812, Folio 33", "registered_on": "2024-01-20"}
+    registered = run(
+        env, "collateral", "register", reg, "-d", json.dumps({**entry, "reason": "nota simple"})
+    )
+    assert ok_json(registered)["version"] == 2
+    visit = {
+        "officer": "Marta Ruiz",
+        "verified_on": "2024-03-01",
+        "findings": "as described",
+        "defects": ["damp in the basement"],
+        "expected_version": 2,
+        "reason": "annual visit",
+    }
+    assert (
+        ok_json(run(env, "collateral", "verify-on-site", reg, "-d", json.dumps(visit)))["version"]
+        == 3
+    )
+    release = {"released_on": "2025-02-01", "reason": "loan repaid"}
+    assert (
+        ok_json(run(env, "collateral", "release", reg, "-d", json.dumps(release)))["version"] == 4
+    )
+
+    state = archive.get_collateral(UUID(reg)).state()
+    assert (state["status"], state["registry_entry"]) == ("released", "Tomo 812, Folio 33")
+    assert state["site_verifications"][0]["defects"] == ["damp in the basement"]
+    # The release freed the property: a first-rank mortgage for another loan is accepted.
+    archive.open_loan(CommandContext("ana.officer", "credit_officer"), **loan_terms("CR-2"))
+    again = archive.register_collateral(
+        CommandContext("ana.officer", "credit_officer"), **mortgage_fields("CR-2")
+    )
+    assert archive.get_collateral(again.id).repeated_mortgage is None
+
+    shown = ok_json(run(env, "collateral", "show", reg, "--version", "2"))
+    assert (shown["status"], shown["registered_on"]) == ("registered", "2024-01-20")
+
+    events = [e for _, e in archive.loan_events("CR-1") if str(e.originator_id) == reg]
+    assert [type(e).__name__ for e in events] == ["Filed", "Registered", "SiteVerified", "Released"]
+    assert {(e.actor_id, e.actor_role) for e in events} == {("ana.officer", "credit_officer")}
+    assert [e.reason for e in events] == [
+        "first mortgage",
+        "nota simple",
+        "annual visit",
+        "loan repaid",
+    ]
+
+
+def test_valuation_review_revaluation_and_show(settings: Settings, archive: ArchiveApp) -> None:
+    token = archive.add_user(operator_context(), "ana.officer", "credit_officer")
+    archive.open_loan(CommandContext("ana.officer", "credit_officer"), **loan_terms("CR-1"))
+    env = {**cli_env(settings), "ARCHIVE_TOKEN": token}
+    appraisal = {
+        "loan_number": "CR-1",
+        "agency": "Tasaciones Aragón SA",
+        "appraiser": "Luis Gómez",
+        "method": "market_comparison",
+        "appraised_value": "150000.00",
+        "appraisal_date": "2024-01-10",
+        "reason": "origination",
+    }
+    first = ok_json(run(env, "valuations", "appraise", "-d", json.dumps(appraisal)))["id"]
+    review = {"reviewer": "Carmen Ruiz", "reviewed_value": "120000.00", "reason": "desk review"}
+    assert (
+        ok_json(run(env, "valuations", "review", first, "-d", json.dumps(review)))["version"] == 3
+    )  # Reviewed, then OvervaluationFlagged: 25 % above the reviewed value
+    due = {"revaluation_due": "2025-06-01", "expected_version": 3, "reason": "NPL watch"}
+    assert (
+        ok_json(run(env, "valuations", "schedule-revaluation", first, "-d", json.dumps(due)))[
+            "version"
+        ]
+        == 4
+    )
+    # A revaluation: a new appraisal that supersedes the first.
+    newer = {**appraisal, "appraisal_date": "2025-05-20", "supersedes": first, "reason": "revalue"}
+    second = ok_json(run(env, "valuations", "appraise", "-d", json.dumps(newer)))["id"]
+
+    old = ok_json(run(env, "valuations", "show", first))
+    assert old["revaluation_due"] == "2025-06-01"
+    assert old["overvaluation"] is not None and old["superseded_by"] == second
+    past = ok_json(run(env, "valuations", "show", first, "--version", "1"))
+    assert (past["review"], past["revaluation_due"]) == (None, "2025-01-10")
+    events = archive.repository.event_store.get(UUID(first))
+    assert [(type(e).__name__, e.actor_id, e.reason) for e in events] == [
+        ("Appraised", "ana.officer", "origination"),
+        ("Reviewed", "ana.officer", "desk review"),
+        ("OvervaluationFlagged", "ana.officer", "desk review"),
+        ("RevaluationScheduled", "ana.officer", "NPL watch"),
+        ("Superseded", "ana.officer", "revalue"),
+    ]
+
+
+def test_users_role_changes_the_role_and_records_the_operator(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    token = archive.add_user(operator_context(), "ana.officer", "credit_officer")
+    env = cli_env(settings)
+    changed = run(env, "users", "role", "ana.officer", "--role", "auditor", "--reason", "moved")
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout == ""  # nothing a script would mistake for a token
+    assert archive.authenticate(token) == Principal("ana.officer", Role.AUDITOR)
+    *_, event = archive.repository.event_store.get(user_id("ana.officer"))
+    assert type(event).__name__ == "RoleChanged"
+    assert event.actor_id.startswith("operator:") and event.reason == "moved"
+
+
+def test_bad_collateral_valuation_and_user_input_is_one_line_and_loses_nothing(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    officer = CommandContext("ana.officer", "credit_officer")
+    token = archive.add_user(operator_context(), "ana.officer", "credit_officer")
+    auditor = archive.add_user(operator_context(), "raul.auditor", "auditor")
+    archive.open_loan(officer, **loan_terms("CR-1"))
+    reg = archive.register_collateral(officer, **mortgage_fields("CR-1")).id
+    archive.change_collateral(
+        officer, reg, None, lambda r: r.mark_registered(officer, "T-1", "2024-01-20")
+    )
+    val = archive.appraise(officer, **appraisal_fields("CR-1")).id
+    env = {**cli_env(settings), "ARCHIVE_TOKEN": token}
+    head = archive.head_position()
+    tomorrow_but_one = (datetime.now(UTC).date() + timedelta(days=2)).isoformat()
+
+    refusals = [
+        (("collateral", "release", str(reg), "-d", "{released_on: 2025}"), "invalid command"),
+        (("collateral", "release", str(reg), "-d", '{"released_on": "2025-02-30"}'), "released_on"),
+        (("collateral", "release", str(reg), "-d", '{"released_on": "2024-01-19"}'), "before the"),
+        (
+            (
+                "collateral",
+                "release",
+                str(reg),
+                "-d",
+                json.dumps({"released_on": tomorrow_but_one}),
+            ),
+            "in the future",
+        ),
+        (("collateral", "release", "not-a-uuid", "-d", '{"released_on": "2025-02-01"}'), "UUID"),
+        (
+            ("collateral", "release", str(uuid4()), "-d", '{"released_on": "2025-02-01"}'),
+            "not found",
+        ),
+        (
+            (
+                "collateral",
+                "register",
+                str(reg),
+                "-d",
+                '{"registry_entry": "x", "registered_on": "2024-02-01"}',
+            ),
+            "only a pending",
+        ),
+        (
+            (
+                "collateral",
+                "verify-on-site",
+                str(reg),
+                "-d",
+                json.dumps(
+                    {"officer": "M", "verified_on": "2024-03-01", "findings": "ok", "colour": "red"}
+                ),
+            ),
+            "colour",
+        ),
+        (
+            (
+                "collateral",
+                "verify-on-site",
+                str(reg),
+                "-d",
+                json.dumps(
+                    {
+                        "officer": "M",
+                        "verified_on": "2024-03-01",
+                        "findings": "ok",
+                        "expected_version": 1,
+                    }
+                ),
+            ),
+            "version 2, not 1",
+        ),
+        (
+            (
+                "collateral",
+                "release",
+                str(reg),
+                "--token",
+                auditor,
+                "-d",
+                '{"released_on": "2025-02-01"}',
+            ),
+            "auditor",
+        ),
+        (
+            (
+                "valuations",
+                "schedule-revaluation",
+                str(val),
+                "-d",
+                '{"revaluation_due": "2023-01-01"}',
+            ),
+            "after the appraisal",
+        ),
+        (
+            (
+                "valuations",
+                "review",
+                str(val),
+                "-d",
+                '{"reviewer": "luis gómez", "reviewed_value": "1"}',
+            ),
+            "appraiser",
+        ),
+        (("valuations", "show", str(uuid4())), "not found"),
+        (("users", "role", "ana.officer", "--role", "superuser"), "superuser"),
+        (("users", "role", "nobody", "--role", "auditor"), "user nobody not found"),
+        (("users", "role", "ana.officer", "--role", "credit_officer"), "already has role"),
+    ]
+    for args, message in refusals:
+        line = one_error_line(run(env, *args))
+        assert message in line, (args, line)
+
+    assert archive.head_position() == head  # not one event was written
+    state = archive.get_collateral(reg).state()
+    assert (state["version"], state["status"], state["released_on"]) == (2, "registered", None)
+    assert archive.get_valuation(val).version == 1
+    assert archive.authenticate(token) == Principal("ana.officer", Role.CREDIT_OFFICER)

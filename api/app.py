@@ -23,6 +23,7 @@ from api import (
     valuations,
 )
 from archive.application import ArchiveApp
+from archive.principals import Principals
 from archive.settings import Settings
 from projections.runner import Projections
 
@@ -70,6 +71,7 @@ def create_app(settings: Settings, archive: ArchiveApp | None = None) -> FastAPI
         lifespan=lifespan,
     )
     app.state.archive = archive
+    app.state.principals = Principals(archive)  # see api.deps.authenticate
     app.state.projections = views
     app.state.settings = settings
     problems.install(app)

@@ -24,6 +24,7 @@ from archive.exceptions import (
     PermissionDeniedError,
     PreconditionFailedError,
 )
+from archive.principals import Principals
 from projections.audit_trail import AuditTrailView
 from projections.loan_files import LoanFilesView
 from projections.runner import Projections
@@ -40,6 +41,34 @@ async def get_archive(request: Request) -> ArchiveApp:
 
 Archive = Annotated[ArchiveApp, Depends(get_archive)]
 
+
+def principals(request: Request) -> Principals:
+    """The app's principal cache (``create_app`` makes it; an app assembled by hand,
+    as in the benchmarks, gets one on first use)."""
+    state = request.app.state
+    found: Principals | None = getattr(state, "principals", None)
+    if found is None or found.archive is not state.archive:
+        found = state.principals = Principals(state.archive)
+    return found
+
+
+def log_head(request: Request) -> int:
+    """The log head as of this request: read with the caller's authentication (one
+    statement for both), else now. Either way it is read after the request arrived, so
+    the read barrier it feeds covers every write acknowledged before."""
+    head: int | None = getattr(request.state, "log_head", None)
+    if head is None:
+        head = request.app.state.archive.head_position()
+    return head
+
+
+def authenticate(request: Request, token: str) -> Principal:
+    """The token's principal, checked against the log in one read (see archive.principals);
+    that read's log head is kept for the request's read barrier."""
+    principal, request.state.log_head = principals(request).authenticate(token)
+    return principal
+
+
 READ_WAIT_SECONDS = 2.0
 
 
@@ -49,7 +78,7 @@ def fresh_views(request: Request, names: Sequence[str]) -> Projections:
     lag behind). Only the views a route reads are waited for: one stuck view delays its
     own routes, not every read."""
     views: Projections = request.app.state.projections
-    head = request.app.state.archive.head_position()
+    head = log_head(request)
     if not views.fresh(head, READ_WAIT_SECONDS, names):
         raise ViewsLaggingError(
             f"the {', '.join(names)} view has not yet reached position {head}; retry shortly"
@@ -76,7 +105,6 @@ class ViewsLaggingError(ArchiveError):
 
 async def authenticated(
     request: Request,
-    archive: Archive,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Principal:
     """The caller. Async so that the usual case, a principal AuthFirstRoute already
@@ -87,7 +115,7 @@ async def authenticated(
         return known
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise AuthenticationError("send Authorization: Bearer <token>")
-    return await run_in_threadpool(archive.authenticate, credentials.credentials)
+    return await run_in_threadpool(authenticate, request, credentials.credentials)
 
 
 def admit(principal: Principal, allowed: frozenset[Role]) -> Principal:
@@ -123,8 +151,7 @@ def _authorize(request: Request, roles: frozenset[Role]) -> Principal:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise AuthenticationError("send Authorization: Bearer <token>")
-    archive: ArchiveApp = request.app.state.archive
-    return admit(archive.authenticate(token.strip()), roles)
+    return admit(authenticate(request, token.strip()), roles)
 
 
 class AuthFirstRoute(APIRoute):

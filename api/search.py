@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AuthFirstRoute, fresh_views, require
+from api.deps import AuthFirstRoute, fresh_views, log_head, require
 from api.encoding import jsonable
 from archive.application import Principal
 from archive.documents import DocumentType
@@ -105,7 +105,7 @@ async def search_pages(
             "limit": limit,
             "offset": offset,
         }
-        head = request.app.state.archive.head_position()
+        head = log_head(request)  # read with the caller's authentication
         try:
             # The index has usually applied the head already; the search's own read of
             # its position checks that, one read transaction fewer than the barrier.

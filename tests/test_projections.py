@@ -916,3 +916,32 @@ def test_since_and_until_accept_datetimes(
     assert audit_trail.query(store, since=when).total == 1
     assert audit_trail.query(store, since=when + timedelta(microseconds=1)).total == 0
     assert audit_trail.query(store, until=when + timedelta(seconds=1)).total == 1
+
+
+def test_reads_are_snapshots_and_leave_writes_as_they_were(postgres_url: str) -> None:
+    """read() declares REPEATABLE READ, READ ONLY in its BEGIN; the pooled connection it
+    used then writes as before (READ COMMITTED, read-write), also after a failed read."""
+    store = open_store(Settings(database_url=postgres_url, db_pool_size=1))
+    try:
+        with store.transaction() as tx:
+            tx.execute("CREATE TABLE IF NOT EXISTS t_rw (n INTEGER)")
+        for _ in range(2):
+            with store.read() as tx:
+                shown = tx.one(
+                    "SELECT current_setting('transaction_isolation') AS iso,"
+                    " current_setting('transaction_read_only') AS ro"
+                )
+                assert shown == {"iso": "repeatable read", "ro": "on"}
+                with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                    tx.execute("INSERT INTO t_rw VALUES (1)")
+        with store.transaction() as tx:  # the same (only) pooled connection
+            shown = tx.one(
+                "SELECT current_setting('transaction_isolation') AS iso,"
+                " current_setting('transaction_read_only') AS ro"
+            )
+            assert shown == {"iso": "read committed", "ro": "off"}
+            tx.execute("INSERT INTO t_rw VALUES (1)")
+        with store.read() as tx:
+            assert tx.one("SELECT COUNT(*) AS n FROM t_rw") == {"n": 1}
+    finally:
+        store.close()

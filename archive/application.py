@@ -270,7 +270,8 @@ class ArchiveApp(Application[UUID]):
             head = cached
         if not isinstance(head, cls):
             raise NotFoundError(f"{what} not found")
-        self.cache.put(head)
+        if head is not cached:
+            self.cache.put(head)
         return head.clone()
 
     def _load_version(self, cls: type[T], aggregate_id: UUID, what: str, version: int) -> T:

@@ -13,6 +13,7 @@ from pydantic import Field
 from api.bodies import Body
 from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command, state_response
 from api.loans import Command
+from api.shapes import CollateralOut, collateral_shape
 from archive.application import Principal
 from archive.collateral import MAX_LIEN_RANK
 from archive.domain import Role
@@ -72,12 +73,16 @@ def file_mortgage(
     return answer
 
 
-@router.get("/{registration_id}", summary="A mortgage registration")
+@router.get(
+    "/{registration_id}",
+    summary="A mortgage registration",
+    responses={200: {"model": CollateralOut}},
+)
 def get_collateral(
     registration_id: UUID, archive: Archive, who: Reader, version: int | None = None
 ) -> JSONResponse:
     reg = archive.get_collateral(registration_id, version=version)
-    return state_response(reg.state())
+    return state_response(collateral_shape(reg.state()))
 
 
 @router.post("/{registration_id}/registration", summary="Record the registry entry")

@@ -22,6 +22,7 @@ from api.deps import (
     state_response,
 )
 from api.encoding import jsonable
+from api.shapes import LoanFileOut, LoanFilePage, loan_shape
 from archive.application import Principal
 from archive.domain import Role
 from archive.loans import (
@@ -140,7 +141,11 @@ def open_loan(body: OpenLoan, archive: Archive, who: Writer, request: Request) -
     )
 
 
-@router.get("/{loan_number}", summary="A loan file now, at a version, or as of a moment")
+@router.get(
+    "/{loan_number}",
+    summary="A loan file now, at a version, or as of a moment",
+    responses={200: {"model": LoanFileOut, "description": "The file, named as list items are"}},
+)
 def get_loan(
     loan_number: str,
     archive: Archive,
@@ -148,8 +153,9 @@ def get_loan(
     as_of: Annotated[datetime | None, Query(description="ISO 8601 with time zone")] = None,
     version: Annotated[int | None, Query(ge=1)] = None,
 ) -> JSONResponse:
+    """Rebuilt from the events (never from a view), then named as the list's items."""
     state = archive.loan_file(loan_number, version=version, as_of=as_of)
-    return state_response(state)
+    return state_response(loan_shape(state))
 
 
 HEADER_FIELDS = {
@@ -200,7 +206,11 @@ def history(
     return JSONResponse(jsonable(rows))
 
 
-@router.get("", summary="Current loan files (from the loan_files view), filtered and paginated")
+@router.get(
+    "",
+    summary="Current loan files (from the loan_files view), filtered and paginated",
+    responses={200: {"model": LoanFilePage}},
+)
 def list_loans(
     views: LoanFilesViews,
     who: Reader,

@@ -13,6 +13,7 @@ from pydantic import Field
 from api.bodies import Body
 from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command, state_response
 from api.loans import Command
+from api.shapes import ValuationOut, valuation_shape
 from archive.application import Principal
 from archive.domain import Role
 
@@ -62,12 +63,12 @@ def appraise(body: Appraise, archive: Archive, who: Writer, request: Request) ->
     return answer
 
 
-@router.get("/{valuation_id}", summary="A valuation")
+@router.get("/{valuation_id}", summary="A valuation", responses={200: {"model": ValuationOut}})
 def get_valuation(
     valuation_id: UUID, archive: Archive, who: Reader, version: int | None = None
 ) -> JSONResponse:
     val = archive.get_valuation(valuation_id, version=version)
-    return state_response(val.state())
+    return state_response(valuation_shape(val.state()))
 
 
 @router.post("/{valuation_id}/review", summary="Record the independent internal review")

@@ -435,9 +435,11 @@ def loans_show(
     version: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Print a loan file now, at a version or as of a moment (rebuilt from events)."""
+    from api.shapes import loan_shape
+
     with archive() as application:
         caller(application, token, *Role)
-        print_json(application.loan_file(loan_number, version=version, as_of=as_of))
+        print_json(loan_shape(application.loan_file(loan_number, version=version, as_of=as_of)))
 
 
 @app.command("history")
@@ -560,9 +562,11 @@ def collateral_show(
     registration_id: UUID, token: Token, version: Annotated[int | None, typer.Option()] = None
 ) -> None:
     """Print a mortgage registration now or at a version (as GET /api/v1/collateral/{id})."""
+    from api.shapes import collateral_shape
+
     with archive() as application:
         caller(application, token, *Role)
-        print_json(application.get_collateral(registration_id, version=version).state())
+        print_json(collateral_shape(application.get_collateral(registration_id, version).state()))
 
 
 @valuations_app.command("appraise")
@@ -626,9 +630,11 @@ def valuations_show(
     valuation_id: UUID, token: Token, version: Annotated[int | None, typer.Option()] = None
 ) -> None:
     """Print a valuation now or at a version (as GET /api/v1/valuations/{id})."""
+    from api.shapes import valuation_shape
+
     with archive() as application:
         caller(application, token, *Role)
-        print_json(application.get_valuation(valuation_id, version=version).state())
+        print_json(valuation_shape(application.get_valuation(valuation_id, version).state()))
 
 
 # -- read models ---------------------------------------------------------------------------

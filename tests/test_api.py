@@ -215,10 +215,11 @@ def test_open_loan_answers_201_with_location_and_the_loan_reads_back(api: Api) -
     resp = api.get(resp.headers["location"])
     loan = assert_ok(resp)
     assert resp.headers["etag"] == '"1"'
-    assert loan["id"] == created["id"]
+    assert loan["loan_id"] == created["id"]
     assert loan["version"] == 1
     assert loan["loan_number"] == "CR-1"
-    assert loan["borrower"] == {"name": "Ana Pérez Núñez", "national_id": "12345678Z"}
+    assert (loan["borrower_name"], loan["borrower_national_id"]) == ("Ana Pérez Núñez", "12345678Z")
+    assert loan["opened_at"] == loan["updated_at"] and loan["as_of"] is None
     assert loan["status"] == "performing"
     assert loan["classification"] == "pass"
     assert loan["disbursement_date"] == "2024-01-15"
@@ -231,18 +232,62 @@ def test_open_loan_answers_201_with_location_and_the_loan_reads_back(api: Api) -
     assert loan["collateral"] == [] and loan["valuations"] == []
 
 
+def test_one_loan_file_and_the_list_items_name_the_same_facts_alike(api: Api) -> None:
+    """GET /loans/{n} is rebuilt from the log, GET /loans reads the view: one shape, one
+    parser for clients, children included; now, by version and as of a moment alike."""
+    api.open()
+    reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
+    val = assert_ok(api.post("/api/v1/valuations", appraisal_body(collateral_id=reg)), 201)["id"]
+    review = {"reviewer": "Carmen Ortiz", "reviewed_value": "120000.00", "notes": "comparables"}
+    assert_ok(api.post(f"/api/v1/valuations/{val}/review", review))
+
+    [item] = assert_ok(api.get("/api/v1/loans"))["items"]
+    one = assert_ok(api.get("/api/v1/loans/CR-1"))
+    moment = assert_ok(api.get("/api/v1/loans/CR-1", params={"as_of": "2999-01-01T00:00:00Z"}))
+    at_version = assert_ok(api.get("/api/v1/loans/CR-1", params={"version": 1}))
+    only_one, only_listed = {"chain_head", "as_of"}, {"position"}
+    assert set(one) - only_one == set(item) - only_listed
+    assert set(moment) == set(at_version) == set(one)
+    for children in ("collateral", "valuations"):
+        assert set(one[children][0]) == set(item[children][0]), children
+        assert one[children][0] == moment[children][0], children
+    same = ("loan_id", "loan_number", "version", "borrower_name", "borrower_national_id")
+    assert {k: one[k] for k in same} == {k: item[k] for k in same}
+    assert "id" not in one and "borrower" not in one and "created_on" not in one
+    assert one["collateral"][0]["registration_id"] == item["collateral"][0]["registration_id"]
+    assert one["collateral"][0]["cadastral_reference"] == "9872023VH5797S0001WX"
+    reviewed = [
+        (v["valuation_id"], v["reviewer"], v["review_notes"], v["overvalued"])
+        for v in (one["valuations"][0], item["valuations"][0])
+    ]
+    assert reviewed == [(val, "Carmen Ortiz", "comparables", True)] * 2
+    # A single record read on its own has the shape it has inside its loan file.
+    assert assert_ok(api.get(f"/api/v1/collateral/{reg}")) == one["collateral"][0]
+    assert assert_ok(api.get(f"/api/v1/valuations/{val}")) == one["valuations"][0]
+    # And OpenAPI documents that one shape for both routes.
+    doc = assert_ok(api.client.get("/openapi.json"))
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["LoanFileOut"]["properties"]) == set(one) | only_listed
+    assert set(schemas["CollateralOut"]["properties"]) == set(one["collateral"][0])
+    assert set(schemas["ValuationOut"]["properties"]) == set(one["valuations"][0])
+    listed = doc["paths"]["/api/v1/loans"]["get"]["responses"]["200"]["content"]
+    single = doc["paths"]["/api/v1/loans/{loan_number}"]["get"]["responses"]["200"]["content"]
+    assert listed["application/json"]["schema"] == {"$ref": "#/components/schemas/LoanFilePage"}
+    assert single["application/json"]["schema"] == {"$ref": "#/components/schemas/LoanFileOut"}
+
+
 def test_created_collateral_and_valuations_answer_with_a_location_that_resolves(
     api: Api,
 ) -> None:
     api.open()
-    for path, body in (
-        ("/api/v1/collateral", mortgage_body()),
-        ("/api/v1/valuations", appraisal_body()),
+    for path, body, key in (
+        ("/api/v1/collateral", mortgage_body(), "registration_id"),
+        ("/api/v1/valuations", appraisal_body(), "valuation_id"),
     ):
         resp = api.post(path, body)
         created = assert_ok(resp, 201)
         assert resp.headers["location"] == f"{path}/{created['id']}"
-        assert assert_ok(api.get(resp.headers["location"]))["id"] == created["id"]
+        assert assert_ok(api.get(resp.headers["location"]))[key] == created["id"]
 
 
 @pytest.mark.parametrize(
@@ -260,7 +305,7 @@ def test_a_created_loans_location_leads_to_it(api: Api, loan_number: str) -> Non
     location = resp.headers["location"]
     found = api.get(location)
     assert found.status_code == 200, f"Location {location!r} answers {found.status_code}"
-    assert found.json()["id"] == created["id"]
+    assert found.json()["loan_id"] == created["id"]
 
 
 def test_money_is_serialised_as_strings_everywhere(api: Api) -> None:
@@ -457,9 +502,10 @@ def test_collateral_routes_and_the_repeated_mortgage_rule(api: Api) -> None:
     assert state["status"] == "pending"
     assert state["lien_rank"] == 1
     assert state["secured_amount"] == "120000.00"
-    assert state["property"]["cadastral_reference"] == "9872023VH5797S0001WX"
+    assert state["cadastral_reference"] == "9872023VH5797S0001WX"
     assert state["repeated_mortgage"] is None
-    assert [c["id"] for c in assert_ok(api.get("/api/v1/loans/CR-1"))["collateral"]] == [reg]
+    collateral = assert_ok(api.get("/api/v1/loans/CR-1"))["collateral"]
+    assert [c["registration_id"] for c in collateral] == [reg]
 
     # The same property for another loan: rank 1 is refused, rank 2 is a flagged repeat.
     assert_problem(api.post("/api/v1/collateral", mortgage_body("CR-2", lien_rank=1)), 422)
@@ -560,7 +606,7 @@ def test_valuation_review_overvaluation_revaluation_and_supersession(api: Api) -
     assert val["appraised_value"] == "150000.00"
     assert val["collateral_id"] == reg
     assert val["revaluation_due"] == "2025-01-10"
-    assert val["review"] is None and val["overvaluation"] is None
+    assert val["reviewer"] is None and val["overvaluation"] is None and not val["overvalued"]
 
     # The appraiser cannot review their own appraisal (case does not disguise them).
     own = {"reviewer": "luis gómez", "reviewed_value": "150000.00"}
@@ -571,8 +617,8 @@ def test_valuation_review_overvaluation_revaluation_and_supersession(api: Api) -
     resp = api.post(f"/api/v1/valuations/{first}/review", review)
     assert assert_ok(resp)["version"] == 3
     val = assert_ok(api.get(f"/api/v1/valuations/{first}"))
-    assert val["review"]["reviewer"] == "Carmen Ortiz"
-    assert val["review"]["reviewed_value"] == "120000.00"
+    assert (val["reviewer"], val["review_notes"]) == ("Carmen Ortiz", "comparables")
+    assert val["reviewed_value"] == "120000.00" and val["overvalued"] is True
     assert val["overvaluation"] == {"excess_ratio": "0.2500", "margin": "0.10", "cut": "30000.00"}
     events = [e for e in api.history("CR-1") if e["aggregate_id"] == first]
     assert [e["type"] for e in events] == ["Appraised", "Reviewed", "OvervaluationFlagged"]
@@ -599,7 +645,7 @@ def test_valuation_review_overvaluation_revaluation_and_supersession(api: Api) -
     assert_problem(api.post(f"/api/v1/valuations/{second}/revaluation", early), 422)
 
     loan = assert_ok(api.get("/api/v1/loans/CR-1"))
-    assert [v["id"] for v in loan["valuations"]] == [first, second]
+    assert [v["valuation_id"] for v in loan["valuations"]] == [first, second]
 
 
 def test_valuation_errors(api: Api) -> None:

@@ -119,6 +119,8 @@ def test_loan_commands_show_and_history(settings: Settings, archive: ArchiveApp)
     past = json.loads(shown.stdout)
     assert (past["version"], past["status"]) == (1, "performing")
     assert past["principal"] == "100000.00"
+    # Named as over HTTP (and as the loan list names them).
+    assert (past["loan_id"], past["borrower_name"]) == (str(loan_id("CR-1")), "Ana Pérez Núñez")
 
     history = run(env, "history", "CR-1", "--token", token)
     assert history.returncode == 0, history.stderr
@@ -483,7 +485,7 @@ def test_valuation_review_revaluation_and_show(settings: Settings, archive: Arch
     assert old["revaluation_due"] == "2025-06-01"
     assert old["overvaluation"] is not None and old["superseded_by"] == second
     past = ok_json(run(env, "valuations", "show", first, "--version", "1"))
-    assert (past["review"], past["revaluation_due"]) == (None, "2025-01-10")
+    assert (past["reviewer"], past["revaluation_due"]) == (None, "2025-01-10")
     events = archive.repository.event_store.get(UUID(first))
     assert [(type(e).__name__, e.actor_id, e.reason) for e in events] == [
         ("Appraised", "ana.officer", "origination"),

@@ -239,7 +239,11 @@ def test_links_and_supersession(client: Client) -> None:
         got = client.http.get(f"/api/v1/documents/{doc}/original", headers=client.as_("auditor"))
         assert got.content == content
     loan = client.http.get("/api/v1/loans/CR-1", headers=client.as_("auditor")).json()
-    assert [d["id"] for d in loan["documents"]] == [old, new]
+    assert [d["document_id"] for d in loan["documents"]] == [old, new]
+    listed = client.http.get("/api/v1/loans", headers=client.as_("auditor")).json()["items"]
+    assert [d["document_id"] for d in listed[0]["documents"]] == [old, new]
+    only_listed = {"last_downloaded_at", "updated_at"}  # the log's state does not keep these
+    assert set(listed[0]["documents"][0]) - only_listed == set(loan["documents"][0])
     again = client.upload(PDF + b"x", supersedes=old)
     assert_problem(again, 422, "already superseded")
     elsewhere = client.upload(PDF + b"y", loan_number="CR-2", collateral_id=reg.id)

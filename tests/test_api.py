@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -556,6 +556,30 @@ def test_collateral_routes_and_the_repeated_mortgage_rule(api: Api) -> None:
     assert [e["type"] for e in events] == ["Filed", "Registered", "SiteVerified", "Released"]
     assert {e["actor"] for e in events} == {OFFICER}
     assert events[0]["reason"] == "first mortgage"
+
+
+def test_impossible_dates_are_422_naming_the_date_and_change_nothing(api: Api) -> None:
+    api.open()  # disbursed 2024-01-15
+    ahead = (datetime.now(UTC).date() + timedelta(days=2)).isoformat()
+    for path, body, detail in (
+        ("/api/v1/loans/CR-1/repayments", {"amount": "10", "paid_on": "2024-01-14"}, "before"),
+        ("/api/v1/loans/CR-1/repayments", {"amount": "10", "paid_on": ahead}, "in the future"),
+        (
+            "/api/v1/loans/CR-1/inspections",
+            {"kind": "monthly", "inspected_on": ahead, "inspector": "P", "findings": "ok"},
+            "in the future",
+        ),
+        ("/api/v1/valuations", appraisal_body(appraisal_date=ahead), "in the future"),
+    ):
+        problem = assert_problem(api.post(path, body), 422)
+        assert detail in problem["detail"], problem
+    reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
+    entry = {"registry_entry": "T-1", "registered_on": "2024-01-20"}
+    assert_ok(api.post(f"/api/v1/collateral/{reg}/registration", entry))
+    early = api.post(f"/api/v1/collateral/{reg}/release", {"released_on": "2024-01-19"})
+    assert "before the registration date 2024-01-20" in assert_problem(early, 422)["detail"]
+    assert assert_ok(api.get("/api/v1/loans/CR-1"))["version"] == 2  # the collateral link
+    assert assert_ok(api.get(f"/api/v1/collateral/{reg}"))["status"] == "registered"
 
 
 def test_collateral_errors(api: Api) -> None:

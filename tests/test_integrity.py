@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import replace
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any
+from uuid import UUID
 
 import pytest
 from eventsourcing.domain import Snapshot
@@ -19,7 +21,7 @@ from archive.application import ArchiveApp, replay
 from archive.collateral import PropertyLiens, property_id
 from archive.domain import CommandContext
 from archive.exceptions import DomainError
-from archive.integrity import digest_of
+from archive.integrity import canonical_bytes, digest_of
 from archive.loans import (
     ChecklistItem,
     Classification,
@@ -332,3 +334,48 @@ def test_a_planted_snapshot_of_any_aggregate_is_caught(
     assert report.breach is not None
     assert (report.breach.originator_id, report.breach.originator_version) == (prop_id, 2)
     assert "snapshot" in report.breach.problem
+
+
+# -- the canonical form: the bytes every stored hash was computed over ---------------------
+
+
+def test_canonical_bytes_are_sorted_spaceless_json_with_tagged_types() -> None:
+    fields = {
+        "b_id": UUID("12345678-1234-5678-1234-567812345678"),
+        "a_amount": Decimal("1200.50"),
+        "moment": datetime(2024, 3, 1, 13, 30, tzinfo=timezone(timedelta(hours=1))),
+        "day": date(2024, 2, 29),
+        "flag": True,
+        "none": None,
+        "name": "Peña",
+        "rows": [{"z": 1, "y": (Decimal("2"), "x")}],
+        "view": MappingProxyType({"k": date(2020, 1, 2)}),
+    }
+    assert (
+        canonical_bytes("t:E", fields)
+        == (
+            '{"fields":{"a_amount":{"$decimal":"1200.50"},"b_id":{"$uuid":'
+            '"12345678-1234-5678-1234-567812345678"},"day":{"$date":"2024-02-29"},"flag":true,'
+            '"moment":{"$datetime":"2024-03-01T12:30:00+00:00"},"name":"Peña","none":null,'
+            '"rows":[{"y":[{"$decimal":"2"},"x"],"z":1}],"view":{"k":{"$date":"2020-01-02"}}},'
+            '"topic":"t:E"}'
+        ).encode()
+    )
+
+
+@pytest.mark.parametrize(
+    "value", [1.5, [1, 2.0], {"a": {"b": [0.1]}}, ("x", float("nan"))], ids=repr
+)
+def test_canonical_bytes_refuse_floats_anywhere(value: Any) -> None:
+    with pytest.raises(ValueError, match="floats"):
+        canonical_bytes("t:E", {"field": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(datetime(2024, 1, 1), ValueError), ({1, 2}, TypeError), (b"bytes", TypeError)],
+    ids=["naive datetime", "set", "bytes"],
+)
+def test_canonical_bytes_refuse_what_has_no_canonical_form(value: Any, error: type) -> None:
+    with pytest.raises(error):
+        canonical_bytes("t:E", {"field": value})

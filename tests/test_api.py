@@ -452,7 +452,7 @@ def test_every_loan_command_works_and_lands_in_the_history(api: Api) -> None:
     assert len(history) == len(COMMAND_STEPS) + 1
     assert [e["position"] for e in history] == sorted({e["position"] for e in history})
     assert [e["version"] for e in history] == list(range(1, len(COMMAND_STEPS) + 2))
-    assert {e["aggregate_id"] for e in history} == {loan["id"]}
+    assert {e["aggregate_id"] for e in history} == {loan["loan_id"]}
     assert {e["aggregate_type"] for e in history} == {"LoanFile"}
     opened, *changes = history
     assert opened["type"] == "Opened"

@@ -7,9 +7,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AuthFirstRoute, fresh_views, log_head, require
-from api.encoding import jsonable
-from archive.application import Principal
+from api.deps import AuthFirstRoute, authorize, fresh_views, log_head, require_in_handler
 from archive.documents import DocumentType
 from archive.domain import Role
 from archive.exceptions import ArchiveError
@@ -27,9 +25,7 @@ from projections.view import Page
 
 router = APIRouter(prefix="/api/v1/search", tags=["search"], route_class=AuthFirstRoute)
 
-Searcher = Annotated[
-    Principal, Depends(require(Role.COMPLIANCE, Role.AUDITOR, Role.CREDIT_OFFICER))
-]
+SEARCHERS = require_in_handler(Role.COMPLIANCE, Role.AUDITOR, Role.CREDIT_OFFICER)
 
 SYNTAX = (
     'Words, "exact phrases", a OR b, -excluded, prefix*; case and accents are ignored '
@@ -58,11 +54,14 @@ async def parsed_query(
     return query_syntax.parse(q)
 
 
-@router.get("", summary="Pages matching a full-text query, best first, with snippets")
+@router.get(
+    "",
+    summary="Pages matching a full-text query, best first, with snippets",
+    dependencies=[Depends(SEARCHERS)],
+)
 async def search_pages(
     request: Request,
     query: Annotated[query_syntax.Query, Depends(parsed_query)],
-    who: Searcher,
     loan_number: Annotated[str | None, Query(max_length=MAX_FILTER_CHARS)] = None,
     doc_type: DocumentType | None = None,
     borrower: Annotated[
@@ -87,11 +86,13 @@ async def search_pages(
     ``position`` is the log position the index is consistent with; ``query`` is the
     query as understood."""
 
-    # Async, with the blocking part (the freshness barrier, then the queries) in one
-    # thread-pool hop: each sync dependency or handler would cost a hop of its own (the
-    # docstring above is the OpenAPI description). The barrier runs only once every
-    # parameter is valid.
+    # Async, with the blocking part (the caller's authentication, then the queries, and
+    # the freshness barrier if needed) in one thread-pool hop: each sync dependency or
+    # handler would cost a hop of its own (the docstring above is the OpenAPI
+    # description). The caller is checked first; AuthFirstRoute holds back any earlier
+    # error (a 422) until they are.
     def run() -> Page:
+        authorize(request)
         views: Projections = request.app.state.projections
         if SearchView.name not in views.views:
             raise SearchUnavailableError("the search index is not configured on this server")
@@ -117,4 +118,4 @@ async def search_pages(
     page = await run_in_threadpool(run)
     body = page.as_dict()
     body["query"] = str(query)
-    return JSONResponse(jsonable(body))
+    return JSONResponse(body)  # hits hold only str, int, float, bool and None

@@ -7,10 +7,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import anyio.to_thread
 import pytest
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.testclient import TestClient
+from starlette.concurrency import run_in_threadpool
 
+from api import problems
 from api.app import create_app
+from api.deps import AuthFirstRoute, authorize, require_in_handler
 from archive.application import ArchiveApp, operator_context
 from archive.domain import Role
 from archive.exceptions import AuthenticationError
@@ -144,3 +149,64 @@ def test_a_change_landing_while_a_principal_is_derived_is_never_cached_as_curren
         with pytest.raises(AuthenticationError, match="deactivated"):
             principals.authenticate(token)
     assert len(calls) >= 2
+
+
+# -- routes that authenticate in their handler's thread-pool hop (require_in_handler) -------
+
+
+def test_search_authenticates_in_the_one_hop_that_runs_the_query(
+    client: TestClient, archive: ArchiveApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = archive.add_user(operator_context(), "ana.compliance", "compliance")
+    hops = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        hops.append(args[0])
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    assert get(client, SEARCH, token).status_code == 200
+    assert len(hops) == 1
+
+
+def test_the_caller_is_checked_before_a_bad_search_is_refused(
+    client: TestClient, archive: ArchiveApp, other_process: ArchiveApp
+) -> None:
+    """Parameters are validated before the handler authenticates, yet a caller who may not
+    search learns 401/403, never a 422: AuthFirstRoute holds the 422 back until then."""
+    searcher = archive.add_user(operator_context(), "ana.compliance", "compliance")
+    archivist = archive.add_user(operator_context(), "rosa.archivist", "archivist")
+    for bad in ("/api/v1/search", "/api/v1/search?q=", "/api/v1/search?q=-only&limit=0"):
+        assert get(client, bad, searcher).status_code == 422, bad
+        assert get(client, bad, archivist).status_code == 403, bad
+        assert get(client, bad, "la_forged").status_code == 401, bad
+        assert client.get(bad).status_code == 401, bad
+    other_process.revoke_token(operator_context(), searcher)
+    assert get(client, "/api/v1/search?q=", searcher).status_code == 401
+
+
+def test_a_handler_that_forgets_to_authorize_answers_500(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    router = APIRouter(route_class=AuthFirstRoute)
+
+    @router.get("/checked", dependencies=[Depends(require_in_handler(Role.AUDITOR))])
+    async def checked(request: Request) -> dict[str, str]:
+        return {"name": (await run_in_threadpool(authorize, request)).name}
+
+    @router.get("/forgetful", dependencies=[Depends(require_in_handler(Role.AUDITOR))])
+    async def forgetful() -> dict[str, str]:
+        return {"secret": "answered to anyone"}
+
+    app = FastAPI()
+    app.state.archive = archive
+    problems.install(app)
+    app.include_router(router)
+    token = archive.add_user(operator_context(), "eva.auditor", "auditor")
+    other = archive.add_user(operator_context(), "ana.compliance", "compliance")
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert get(c, "/checked", token).json() == {"name": "eva.auditor"}
+        assert get(c, "/checked", other).status_code == 403
+        assert get(c, "/forgetful", token).status_code == 500
+        assert "secret" not in get(c, "/forgetful", token).text

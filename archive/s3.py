@@ -5,17 +5,23 @@ How ``put`` makes an original durable
 
 The source is read exactly once, through ``HashingReader`` (SHA-256, size, limit), never
 rewound, and stored one of three ways. In every one, each request that carries bytes
-carries their MD5 as ``Content-MD5``, so the server refuses bytes damaged on the way
-(``BadDigest``; SeaweedFS checks Content-MD5 but NOT the signed ``x-amz-content-sha256``);
-the object comes into existence in one request, already under retention
-(``x-amz-object-lock-*`` headers, ``Retention(mode, now + retention_days)`` when
-``retention_days > 0`` and the bucket has Object Lock), with ``If-None-Match: *`` so
-that two uploads of the same bytes cannot stack versions (the second gets
-``PreconditionFailed`` and adopts the first, ``created=False``); and before ``put``
-returns, the server's ETag must be the one these bytes give (``md5`` for a PutObject,
-``md5(md5(part1)..md5(partN))-N`` for a multipart upload, which SeaweedFS 4.48 follows;
-any other ETag, e.g. with SSE-KMS, is checked by reading the object back) and a HEAD
-must show the size and the retention -- ``checkpoint("final")``.
+carries a checksum the server checks, so it refuses bytes damaged on the way
+(``BadDigest``): the file's SHA-256 as ``x-amz-checksum-sha256`` for a one-request file
+(plus ``Content-MD5`` until the server has answered one with the checksum it checked),
+each part's MD5 as ``Content-MD5`` for a multipart upload. (SeaweedFS checks both but NOT
+the signed ``x-amz-content-sha256``, so ``ArchiveMinio`` signs the known SHA-256 or
+``UNSIGNED-PAYLOAD`` instead of hashing every body once more.) The object comes into
+existence in one request, already under retention (``x-amz-object-lock-*`` headers,
+``Retention(mode, now + retention_days)`` when ``retention_days > 0`` and the bucket has
+Object Lock), with ``If-None-Match: *`` so that two uploads of the same bytes cannot
+stack versions (the second gets ``PreconditionFailed`` and adopts the first,
+``created=False``); and before ``put`` returns the object is verified --
+``checkpoint("final")``: a multipart upload's ETag must be
+``md5(md5(part1)..md5(partN))-N`` (which SeaweedFS 4.48 follows; any other ETag, e.g.
+with SSE-KMS, is checked by reading the object back) and a HEAD must show the size and
+the retention; a PutObject is verified from its answer (``_put_verified``: the echoed
+SHA-256, else the ETag as MD5; the HEAD only until the server has shown that it applies
+retention headers).
 
 1. **Small** (at most one part, 8 MiB): the bytes are in memory once read; a declared
    SHA-256 is checked (``checkpoint("verified")``; nothing has reached S3 yet), then ONE
@@ -32,11 +38,15 @@ must show the size and the retention -- ``checkpoint("final")``.
    CompleteMultipartUpload. When the key already exists, the second way is taken.
 3. **Larger, nothing declared**: the content address is known only at the end, so the
    bytes are spooled to an anonymous temporary file (``TMPDIR``, unlinked at once) while
-   hashed; nothing has reached S3 yet, so a failing source or a file over the limit
-   leaves nothing. An existing object with these bytes is adopted (ETag against the MD5s
-   of the spooled parts). Else the spool is uploaded as in 2. and hashed again as it is
-   read -- ``checkpoint("written")``; the SHA-256 must be the first pass's --
-   ``checkpoint("verified")``; then CompleteMultipartUpload.
+   hashed, each part's MD5 taken as it is spooled (by a helper thread, while the next
+   part arrives); nothing has reached S3 yet, so a failing source or a file over the
+   limit leaves nothing. An existing object with these bytes is adopted (ETag against
+   those MD5s). Else the spool is uploaded as in 2., each part with the MD5 of the bytes
+   as received, so a spool that changed meanwhile is refused by the server --
+   ``checkpoint("written")``, ``checkpoint("verified")``; then CompleteMultipartUpload.
+   (The upload once hashed the spool again, SHA-256 and MD5, in the sending threads:
+   on 2 cores those competed with SeaweedFS for the CPU; now the server process spends
+   ~20 % less CPU per MB.)
 
 Until CompleteMultipartUpload an upload is unfinished and invisible: any failure aborts
 it, and a killed process leaves it behind, listed by ``temporary_keys`` as
@@ -55,6 +65,17 @@ has two traps: CopyObject silently DROPS ``x-amz-object-lock-*`` headers (the co
 retention and no legal hold; only UploadPartCopy, i.e. ``compose_object`` with a byte
 range, keeps them), and the ETag of a copied part is derived from SeaweedFS's internal
 4 MiB chunks (``md5-of-chunk-md5s-4``), comparable to nothing the client computed.
+
+Measured again on 2026-11-28 for the undeclared way (3.) as "stage while receiving, then
+copy": 200 MB, UploadPartCopy of 8 or 32 MiB ranges into a multipart upload under
+retention, 1, 3 or 6 in parallel, against a put_object of the same bytes in the same
+run (loaded machine): the copy ran at 0.9-2.9x the upload's speed, median 1.5x. Staging
+overlaps receiving with uploading but then pays the copy, ``max(R, U) + C`` with
+C = 0.35-1.1 U (typically 0.67 U), against ``R + U`` for the spool with R (receiving, 200-270 MB/s) =
+0.4-0.65 U: no better, and twice the writes on the server. The retention trap holds too
+(the copy target keeps its retention only through UploadPartCopy; a staging object,
+written without retention, is deletable by version). So the spool stays; a client that
+declares the SHA-256 gets the pipelined way (2.).
 
 Throughput, 200 MB file, loopback SeaweedFS 4.48, 2 vCPU shared with other work (hence
 the spread), three runs of 8-10 interleaved rounds, as a ratio to raw
@@ -151,6 +172,10 @@ MIN_PART_SIZE = 5 * 1024 * 1024
 MAX_PARTS = 10_000  # S3's limit on the parts of one multipart upload
 PARALLEL_UPLOADS = 3
 
+PAYLOAD_HASH = "x-amz-content-sha256"
+UNSIGNED = "UNSIGNED-PAYLOAD"
+CHECKSUM_SHA256 = "x-amz-checksum-sha256"
+
 _MISSING = {"NoSuchKey", "NoSuchVersion", "NoSuchObject"}
 _NO_RETENTION = {"ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration"}
 _NO_HOLD = {"NoSuchObjectLegalHold", "ObjectLockConfigurationNotFoundError"}
@@ -212,6 +237,30 @@ def _read_exactly(stream: IO[bytes] | Readable, size: int) -> bytes:
     return data
 
 
+class ArchiveMinio(Minio):
+    """minio's client, except that a request may bring its own payload hash.
+
+    Over plain HTTP, minio signs the SHA-256 of every body it sends (``x-amz-content-sha256``),
+    which costs as much CPU as the archive's own SHA-256 of the file, and which SeaweedFS
+    does not even check. ``put`` already knows the SHA-256 of a one-request file, and
+    sends each part with a Content-MD5 (covered by the signature, checked by the server),
+    so it passes the hash (or ``UNSIGNED-PAYLOAD``, what minio itself sends over TLS) in
+    the request's headers and this client signs that instead of hashing the body again.
+    Anything else (TLS, anonymous access, no preset) is minio's own behaviour.
+    """
+
+    def _build_headers(
+        self, host: str, headers: Any, body: bytes | None, creds: Any
+    ) -> tuple[Any, datetime]:
+        preset = (headers or {}).get(PAYLOAD_HASH)
+        if preset is None or not body or not creds or self._base_url.is_https:
+            return super()._build_headers(host, headers, body, creds)
+        built, date = super()._build_headers(host, headers, b"", creds)  # hashes nothing
+        built["Content-Length"] = str(len(body))
+        built[PAYLOAD_HASH] = preset
+        return built, date
+
+
 class S3BlobStore(BlobStore):
     """Originals as objects ``sha256/ab/cd/<hex>`` in one bucket, retained by Object Lock."""
 
@@ -240,6 +289,10 @@ class S3BlobStore(BlobStore):
         self.spool_dir = spool_dir
         self.endpoint = endpoint
         self._object_lock: bool | None = None
+        #: The server has answered a PutObject with the SHA-256 it checked (see ``_put_verified``).
+        self._checks_sha256 = False
+        #: A HEAD has shown that this server applies a PutObject's retention headers.
+        self._put_applies_retention = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3BlobStore:
@@ -255,7 +308,7 @@ class S3BlobStore(BlobStore):
         if (access is None) != (secret is None):
             raise BlobError("set both ARCHIVE_S3_ACCESS_KEY and ARCHIVE_S3_SECRET_KEY, or neither")
         try:
-            client = Minio(
+            client = ArchiveMinio(
                 endpoint,
                 access_key=access.get_secret_value() if access else None,
                 secret_key=secret.get_secret_value() if secret else None,
@@ -286,6 +339,7 @@ class S3BlobStore(BlobStore):
         except S3Error as exc:
             raise BlobError(f"cannot create bucket {self.bucket}: {exc.code}") from None
         self._object_lock = None
+        self._put_applies_retention = False
         return True
 
     # -- Object Lock ---------------------------------------------------------------
@@ -363,15 +417,26 @@ class S3BlobStore(BlobStore):
                 return
 
     def _put_whole(self, key: str, data: bytes, sha256: str) -> StoredBlob:
-        """One PutObject with Content-MD5 and ``If-None-Match: *`` (no second version over a
-        good one); refused because the key exists: adopt it if it holds these bytes, else
-        (a forged current version) cover it with a good one."""
-        digest = _md5(data)
+        """One PutObject with the SHA-256 as ``x-amz-checksum-sha256`` (and as the signed
+        payload hash) and ``If-None-Match: *`` (no second version over a good one);
+        refused because the key exists: adopt it if it holds these bytes, else (a forged
+        current version) cover it with a good one. Content-MD5 (an MD5 costs three
+        SHA-256s here) is sent only until the server has shown that it checks the SHA-256."""
+        md5: list[bytes] = []
+
+        def digests() -> list[bytes]:
+            if not md5:
+                md5.append(_md5(data))
+            return md5
+
         headers = {
             "Content-Type": "application/octet-stream",
-            "Content-MD5": _content_md5(digest),
+            CHECKSUM_SHA256: base64.b64encode(bytes.fromhex(sha256)).decode("ascii"),
+            PAYLOAD_HASH: sha256,  # the body is the whole file: minio need not hash it again
             **self._lock_headers(),
         }
+        if not self._checks_sha256:
+            headers["Content-MD5"] = _content_md5(digests()[0])
         try:
             written = self._call(
                 "storing",
@@ -382,13 +447,55 @@ class S3BlobStore(BlobStore):
                 guarded=True,
             )
         except _Raced:
-            existing, _current = self._existing(key, sha256, len(data), lambda: [digest])
+            existing, _current = self._existing(key, sha256, len(data), digests)
             if existing is not None:
                 return existing
             written = self._call(
                 "storing", key, lambda: self.client._put_object(self.bucket, key, data, headers)
             )
-        return self._verified(key, sha256, len(data), [digest], written.etag, headers)
+        return self._put_verified(key, sha256, len(data), digests, written, headers)
+
+    def _put_verified(
+        self,
+        key: str,
+        sha256: str,
+        size: int,
+        digests: Callable[[], list[bytes]],
+        written: Any,
+        headers: dict[str, str],
+    ) -> StoredBlob:
+        """Check a PutObject from its response where that proves enough, else by a HEAD.
+
+        The bytes: the server echoes ``x-amz-checksum-sha256`` only after it computed the
+        SHA-256 of what it received and found the one sent (it answers BadDigest
+        otherwise; SeaweedFS 4.48, MinIO and AWS do); without the echo, the ETag must be
+        the MD5 (else the object is read back). The retention: S3 applies the
+        ``x-amz-object-lock-*`` headers of a PutObject or refuses the request
+        (``InvalidRequest`` on a bucket without Object Lock, for an unknown mode or a past
+        date; tested against SeaweedFS in tests/test_blobstores.py), so a PutObject that
+        succeeded holds them. That is S3's contract; SeaweedFS has been seen to break it
+        elsewhere (CopyObject drops those headers silently), so the first PutObject of
+        every store is HEADed all the same, and only once the server has shown that it
+        applies them does a response that carries a version id stand for the HEAD
+        (1-3 ms of a 1 MB upload). ``reconcile`` and fixity read the retention again later.
+        """
+        lock = bool(headers.get("x-amz-object-lock-mode"))
+        echoed = (written.http_headers or {}).get(CHECKSUM_SHA256)
+        checked = echoed is not None and echoed == headers[CHECKSUM_SHA256]
+        if checked:
+            self._checks_sha256 = True
+        version = written.version_id if written.version_id not in (None, "", "null") else None
+        if checked and (not lock or (self._put_applies_retention and version is not None)):
+            until = headers.get("x-amz-object-lock-retain-until-date")
+            retain_until = from_iso8601utc(until) if until else None
+            self.checkpoint("final")
+            return StoredBlob(key, sha256, size, version, retain_until, created=True)
+        blob = self._verified(
+            key, sha256, size, [] if checked else digests(), written.etag, headers, checked=checked
+        )
+        if lock:
+            self._put_applies_retention = True
+        return blob
 
     def _stream_to(
         self, key: str, parts: Iterator[bytes], reader: HashingReader, expected_sha256: str
@@ -420,28 +527,43 @@ class S3BlobStore(BlobStore):
         self, parts: Iterator[bytes], reader: HashingReader, expected_sha256: str | None
     ) -> StoredBlob:
         """The key is known only at the end: spool to an unlinked temporary file while
-        hashing, then upload the spooled parts (``_upload``). The part MD5s are taken while
-        uploading, by the threads that send the parts, not in this first pass: receiving
-        is the sequential part of the whole, sending is parallel."""
+        hashing (SHA-256 and each part's MD5), then upload the spooled parts (``_upload``).
+
+        The part MD5s are taken here, in the first pass, although receiving is the
+        sequential part of the whole: the upload then sends them as Content-MD5 and the
+        server checks the spooled bytes against them, so the upload needs no second
+        SHA-256 pass over the spool (it had one before) and no hashing at all (measured:
+        the upload phase was CPU-bound on a 2-core machine, hashing in three threads
+        against SeaweedFS, while receiving waits for the network half of the time)."""
         with tempfile.TemporaryFile(dir=self.spool_dir) as spool:
-            for data in parts:
+            digests: list[bytes] = []
+
+            def keep(data: bytes) -> None:
+                digests.append(_md5(data))
                 spool.write(data)
+
+            # One helper thread takes the MD5 and writes part N while this one receives
+            # and hashes part N + 1 (hashlib and write release the GIL): two parts in hand.
+            with ThreadPoolExecutor(1, thread_name_prefix="s3-spool") as helper:
+                kept: Future[None] | None = None
+                for data in parts:
+                    if kept is not None:
+                        kept.result()
+                    kept = helper.submit(keep, data)
+                    del data
+                if kept is not None:
+                    kept.result()
             sha256, size = reader.sha256(), reader.size
             self.check_expected(sha256, expected_sha256)
             key = content_key(sha256)
-
-            def spooled_digests() -> list[bytes]:
-                spool.seek(0)
-                return [_md5(_read_exactly(spool, n)) for n in self._part_lengths(size)]
-
-            existing, current = self._existing(key, sha256, size, spooled_digests)
+            existing, current = self._existing(key, sha256, size, lambda: digests)
             if existing is not None:
                 return existing
             spool.seek(0)
             try:
-                return self._upload(key, spool, sha256, size, over_current=current)
+                return self._upload(key, spool, sha256, size, digests, over_current=current)
             except _Raced:  # someone else stored the same bytes a moment ago
-                existing, _current = self._existing(key, sha256, size, spooled_digests)
+                existing, _current = self._existing(key, sha256, size, lambda: digests)
                 if existing is None:
                     raise BlobError(f"S3 refused to store {self.bucket}/{key}") from None
                 return existing
@@ -484,10 +606,17 @@ class S3BlobStore(BlobStore):
         digests: list[bytes],
         etag: str | None,
         headers: dict[str, str],
+        *,
+        checked: bool = False,
     ) -> StoredBlob:
-        """Check what S3 made of the upload: its ETag (else the bytes, read back), size and
-        retention; ``checkpoint("final")`` once the object is known good."""
-        if _etag(etag) not in _etags(digests) and hash_stream(self.open(key)) != (sha256, size):
+        """Check what S3 made of the upload: its ETag (else the bytes, read back; not when
+        the bytes are ``checked`` already), size and retention; ``checkpoint("final")``
+        once the object is known good."""
+        if (
+            not checked
+            and _etag(etag) not in _etags(digests)
+            and hash_stream(self.open(key)) != (sha256, size)
+        ):
             raise BlobError(
                 f"S3 stored something other than the bytes sent to {self.bucket}/{key} "
                 f"(ETag {etag}, expected {multipart_etag(digests)})"
@@ -504,29 +633,28 @@ class S3BlobStore(BlobStore):
         return StoredBlob(key, sha256, size, info.version_id, info.retain_until, created=True)
 
     def _upload(
-        self, key: str, body: IO[bytes], sha256: str, size: int, *, over_current: bool
+        self,
+        key: str,
+        body: IO[bytes],
+        sha256: str,
+        size: int,
+        digests: list[bytes],
+        *,
+        over_current: bool,
     ) -> StoredBlob:
-        """Send the spooled bytes to ``key`` as a multipart upload, hashed again as they are
-        read: the object exists only once every part was accepted (Content-MD5) and the
-        second read was found to have the SHA-256 of the first."""
+        """Send the spooled bytes to ``key`` as a multipart upload, each part with the MD5
+        taken when it was received (``digests``): the server refuses a part whose spooled
+        bytes changed since (BadDigest), so the object exists only if every part is the
+        bytes that were hashed, without reading them through a hash a second time."""
         # Never a second version over a good one: only a damaged current one is covered.
         guard = {} if over_current else {"If-None-Match": "*"}
         upload_id, headers = self._start_upload(key)
         completed = None
         try:
-            again = hashlib.sha256()
-
-            def parts() -> Iterator[bytes]:
-                for length in self._part_lengths(size):
-                    data = _read_exactly(body, length)
-                    again.update(data)
-                    yield data
-
-            etags, digests = self._send_parts(key, upload_id, parts())
+            parts = (_read_exactly(body, length) for length in self._part_lengths(size))
+            etags, _sent = self._send_parts(key, upload_id, parts, digests)
             self.checkpoint("written")  # an unfinished upload: listed by temporary_keys
-            if again.hexdigest() != sha256:
-                raise BlobError(f"the spooled bytes of {key} changed before they were sent")
-            self.checkpoint("verified")
+            self.checkpoint("verified")  # every part was accepted with the first pass's MD5
             completed = self._complete(key, upload_id, etags, guard)
         finally:
             if completed is None:
@@ -555,20 +683,27 @@ class S3BlobStore(BlobStore):
         return [self.part_size] * full + ([rest] if rest else [])
 
     def _send_parts(
-        self, key: str, upload_id: str, parts: Iterator[bytes]
+        self,
+        key: str,
+        upload_id: str,
+        parts: Iterator[bytes],
+        digests: list[bytes] | None = None,
     ) -> tuple[list[str], list[bytes]]:
         """Upload the parts, at most ``parallel_uploads`` in flight (memory stays flat).
 
-        The worker that sends a part takes its MD5 and sends it as Content-MD5, so the
-        server refuses bytes damaged on the way; this thread reads the next part
-        meanwhile. Returns the part ETags and the part MD5s.
+        Each part goes with its MD5 as Content-MD5, so the server refuses bytes other
+        than the ones that MD5 was taken of: the worker that sends a part takes it, unless
+        ``digests`` were taken already (when the bytes were first received). The payload
+        is not hashed again for the signature (``ArchiveMinio``): the signed Content-MD5
+        protects it. This thread reads the next part meanwhile. Returns the part ETags
+        and the part MD5s.
         """
         etags: dict[int, str] = {}
         sent: dict[int, bytes] = {}
 
         def send(number: int, data: bytes) -> str:
-            sent[number] = digest = _md5(data)
-            extra = {"Content-MD5": _content_md5(digest)}
+            sent[number] = digest = _md5(data) if digests is None else digests[number - 1]
+            extra = {"Content-MD5": _content_md5(digest), PAYLOAD_HASH: UNSIGNED}
             return self._call(
                 f"uploading part {number} of",
                 key,

@@ -649,6 +649,142 @@ def test_s3_bytes_damaged_on_the_way_are_refused(
     assert leftovers(s3) == ([], [])
 
 
+def test_s3_once_the_server_checks_the_sha256_a_damaged_small_upload_is_still_refused(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first PutObject the store sends no Content-MD5, only
+    ``x-amz-checksum-sha256``: the server must refuse damaged bytes by that alone."""
+    assert s3.put(io.BytesIO(os.urandom(1000))).created
+    real_put_object = s3.client._put_object
+    sent: list[dict[str, str]] = []
+
+    def damaged(bucket: str, name: str, data: bytes, headers: Any, query_params: Any = None) -> Any:
+        sent.append(dict(headers))
+        return real_put_object(bucket, name, data[:-1] + b"!", headers, query_params)
+
+    monkeypatch.setattr(s3.client, "_put_object", damaged)
+    data = os.urandom(1000) + b"?"
+    with pytest.raises(BlobError, match="BadDigest"):
+        s3.put(io.BytesIO(data))
+    assert "Content-MD5" not in sent[0] and sent[0][archive.s3.CHECKSUM_SHA256]
+    assert content_key(sha(data)) not in list(s3.keys())
+
+
+def test_s3_a_small_upload_is_headed_until_the_server_has_shown_it_applies_retention(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first PutObject is checked by a HEAD (size, retention); later ones by their
+    response (checksum echoed, version id), with the retention they carried."""
+    real_stat = s3.client.stat_object
+    heads: list[str] = []
+
+    def counting_stat(bucket: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        heads.append(name)
+        return real_stat(bucket, name, *args, **kwargs)
+
+    monkeypatch.setattr(s3.client, "stat_object", counting_stat)
+    first = s3.put(io.BytesIO(os.urandom(1000)))
+    assert heads == [first.key]
+    second = s3.put(io.BytesIO(os.urandom(1000)))
+    assert heads == [first.key]  # no HEAD
+    monkeypatch.undo()
+    info = s3.stat(second.key)
+    assert info is not None and second.created
+    assert (info.version_id, info.retain_until) == (second.version_id, second.retain_until)
+    assert info.retain_until is not None and info.size == 1000
+
+
+def test_s3_a_server_that_ignores_retention_headers_is_caught(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fake for fault injection: the retention headers never reach the server (as if it
+    dropped them). The HEAD after the PutObject shows it, and the store keeps HEADing."""
+    real_put_object = s3.client._put_object
+
+    def dropping(
+        bucket: str, name: str, data: bytes, headers: Any, query_params: Any = None
+    ) -> Any:
+        kept = {k: v for k, v in headers.items() if not k.startswith("x-amz-object-lock")}
+        return real_put_object(bucket, name, data, kept, query_params)
+
+    monkeypatch.setattr(s3.client, "_put_object", dropping)
+    for _ in range(2):
+        with pytest.raises(BlobError, match="did not apply retention"):
+            s3.put(io.BytesIO(os.urandom(1000)))
+
+
+def test_s3_a_server_that_does_not_echo_the_checksum_is_checked_by_etag_and_head(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``x-amz-checksum-sha256`` in the answer (an older S3 server), every small
+    upload keeps its Content-MD5, its ETag is compared and a HEAD follows."""
+    real_put_object = s3.client._put_object
+    real_stat = s3.client.stat_object
+    sent: list[dict[str, str]] = []
+    heads: list[str] = []
+
+    def no_echo(bucket: str, name: str, data: bytes, headers: Any, query_params: Any = None) -> Any:
+        sent.append(dict(headers))
+        written = real_put_object(bucket, name, data, headers, query_params)
+        written.http_headers.discard(archive.s3.CHECKSUM_SHA256)
+        return written
+
+    def counting_stat(bucket: str, name: str, *args: Any, **kwargs: Any) -> Any:
+        heads.append(name)
+        return real_stat(bucket, name, *args, **kwargs)
+
+    monkeypatch.setattr(s3.client, "_put_object", no_echo)
+    monkeypatch.setattr(s3.client, "stat_object", counting_stat)
+    keys = [s3.put(io.BytesIO(os.urandom(1000))).key for _ in range(3)]
+    assert heads == keys
+    assert all("Content-MD5" in headers for headers in sent)
+
+
+def test_s3_no_body_is_hashed_again_to_sign_it(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signature covers the file's SHA-256 (one PutObject) or UNSIGNED-PAYLOAD with
+    a Content-MD5 (parts): minio hashes no body of an upload, and the server accepts."""
+    import minio.api
+
+    real_hash = minio.api.sha256_hash
+    hashed: list[int] = []
+
+    def counting(data: Any) -> Any:
+        if data and len(data) > 4096:
+            hashed.append(len(data))
+        return real_hash(data)
+
+    monkeypatch.setattr(minio.api, "sha256_hash", counting)
+    for size, declared in ((1000, False), (TEST_PART + 9, False), (2 * TEST_PART + 1, True)):
+        data = os.urandom(size)
+        blob = s3.put(io.BytesIO(data), expected_sha256=sha(data) if declared else None)
+        assert blob.created and read_all(s3, blob.key) == data
+    assert hashed == []
+
+
+def test_s3_spooled_bytes_that_change_before_they_are_sent_are_refused(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parts of a spooled upload go with the MD5s taken when the bytes were received:
+    a spool that changed meanwhile (disk, another process) is refused by the server
+    (BadDigest), the upload aborted, nothing left."""
+    real_upload = s3._upload
+
+    def corrupting(key: str, body: Any, *args: Any, **kwargs: Any) -> Any:
+        body.seek(TEST_PART + 3)
+        byte = body.read(1)
+        body.seek(TEST_PART + 3)
+        body.write(bytes([byte[0] ^ 0xFF]))
+        body.seek(0)
+        return real_upload(key, body, *args, **kwargs)
+
+    monkeypatch.setattr(s3, "_upload", corrupting)
+    with pytest.raises(BlobError, match="BadDigest"):
+        s3.put(ChunkedSource(2 * TEST_PART + 7))
+    assert leftovers(s3) == ([], [])
+
+
 class ChangingFile(io.BytesIO):
     """A seekable source whose bytes change when it is rewound (someone edits the file)."""
 

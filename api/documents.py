@@ -165,6 +165,9 @@ class FormStream:
         self._changed = anyio.Condition()
         self._error: Exception | None = None
         self._late_part: str | None = None
+        length = request.headers.get("content-length", "")
+        self._small = length.isdigit() and int(length) <= READ_AHEAD
+        self.parsed = False  # the whole body is parsed: the worker reads without a hop
 
     # -- parser callbacks (synchronous, on the event loop) ---------------------------
 
@@ -259,6 +262,13 @@ class FormStream:
         body keeps arriving while the store hashes, writes or sends what it read."""
         outcome: T | None = None
         failure: Exception | None = None
+        if self._small:
+            # The whole body fits in the read-ahead: parse it all first, then the worker
+            # reads it without a hop to this loop per read (a 1 MB upload made three).
+            while self._state != "end":
+                await self._feed()
+            self.parsed = True
+            return await run_in_threadpool(work)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._read_ahead)
             try:
@@ -295,23 +305,29 @@ class FormStream:
                 await self._changed.wait()
             if self._error is not None:
                 raise self._error
-            if not self._pending and self._late_part is not None:
-                raise DomainError(
-                    f"the {FILE_FIELD} must be the last part of the form;"
-                    f" {self._late_part!r} came after it"
-                )
-            pieces = []
-            wanted = size
-            while self._pending and wanted:
-                piece = self._pending.popleft()
-                if len(piece) > wanted:
-                    self._pending.appendleft(piece[wanted:])
-                    piece = piece[:wanted]
-                pieces.append(piece)
-                wanted -= len(piece)
-            self._pending_size -= size - wanted
+            data = self.take(size)
             self._changed.notify_all()
-            return b"".join(pieces)
+            return data
+
+    def take(self, size: int) -> bytes:
+        """Up to ``size`` bytes of what was parsed of the file (called from the worker
+        directly once the whole body is ``parsed``: nothing else touches it then)."""
+        if not self._pending and self._late_part is not None:
+            raise DomainError(
+                f"the {FILE_FIELD} must be the last part of the form;"
+                f" {self._late_part!r} came after it"
+            )
+        pieces = []
+        wanted = size
+        while self._pending and wanted:
+            piece = self._pending.popleft()
+            if len(piece) > wanted:
+                self._pending.appendleft(piece[wanted:])
+                piece = piece[:wanted]
+            pieces.append(piece)
+            wanted -= len(piece)
+        self._pending_size -= size - wanted
+        return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
 
 
 class FileReader:
@@ -321,6 +337,8 @@ class FileReader:
         self.form = form
 
     def read(self, size: int = -1, /) -> bytes:
+        if self.form.parsed:
+            return self.form.take(size if size > 0 else CHUNK)
         return anyio.from_thread.run(self.form.read_file, size if size > 0 else CHUNK)
 
 

@@ -14,8 +14,10 @@ For files of 1 MB, 50 MB and 500 MB (fresh random bytes each round, so nothing d
 Both clients keep their connections open across requests. Rounds rotate the order of the three. Printed: the best round of each side and their
 ratio, and the median over rounds of the ratio within a round (sturdier on a shared
 machine, where the load changes from one minute to the next). A round of a small
-size times several files (20 MB in all), each a fresh file. Also printed: the
-server process's peak RSS (VmHWM), which must stay flat whatever the file size.
+size times several files (20 MB in all), each a fresh file. Also printed: the CPU
+time per MB of the server process and of SeaweedFS for each side (steady under load,
+where MB/s is not), and the server process's peak RSS (VmHWM), which must stay flat
+whatever the file size.
 Target: (a)/(b) >= 0.8.
 
     .venv/bin/python bench/upload.py [--sizes 1,50,500] [--rounds 3]
@@ -60,6 +62,12 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_file(path: Path, size: int) -> None:
@@ -146,16 +154,23 @@ def main() -> None:
         print(f"{'size':>7} {'round':>5} {'side':<10} {'MB/s':>8}")
         results: dict[int, dict[str, float]] = {}
         paired: dict[int, dict[str, list[float]]] = {}
+        # CPU per MB of the server process and of SeaweedFS: steadier than MB/s when other
+        # work shares the machine, and it shows what each side costs the 2 cores.
+        weed = getattr(server, "_process", None)
+        cpu: dict[int, dict[str, list[float]]] = {}
         for size in sizes:
             best = dict.fromkeys(sides, 0.0)
             ratios: dict[str, list[float]] = {"api": [], "api+digest": []}
             files = max(1, 20 // size)  # one 1 MB upload is too short to time alone
+            cpu[size] = {side: [0.0, 0.0] for side in sides}
             for round_ in range(args.rounds):
                 order = sides[round_ % 3 :] + sides[: round_ % 3]
                 rates: dict[str, float] = {}
                 for side in order:
                     paths = [work / f"f{size}-{round_}-{side}-{n}.pdf" for n in range(files)]
                     seconds = 0.0
+                    server_cpu = cpu_seconds(process.pid)
+                    weed_cpu = cpu_seconds(weed.pid) if weed is not None else 0.0
                     for path in paths:
                         make_file(path, size * MB)
                         if side == "raw":
@@ -163,6 +178,9 @@ def main() -> None:
                         else:
                             seconds += via_api(path, declare=side == "api+digest")
                         path.unlink()
+                    cpu[size][side][0] += cpu_seconds(process.pid) - server_cpu
+                    if weed is not None:
+                        cpu[size][side][1] += cpu_seconds(weed.pid) - weed_cpu
                     rate = files * size / seconds
                     best[side] = max(best[side], rate)
                     rates[side] = rate
@@ -188,6 +206,16 @@ def main() -> None:
                 f" {plain:>6.2f} {declared:>8.2f} {middle['api']:>7.2f}"
                 f" {middle['api+digest']:>8.2f}   (target >= 0.8)"
             )
+        print()
+        print("CPU ms per MB uploaded, archive server / SeaweedFS (raw: the server is idle)")
+        print(f"{'size':>7} " + " ".join(f"{side:>15}" for side in sides))
+        for size, used in cpu.items():
+            megabytes = args.rounds * max(1, 20 // size) * size
+            cells = [
+                f"{u[0] * 1000 / megabytes:6.1f} / {u[1] * 1000 / megabytes:5.1f}"
+                for u in used.values()
+            ]
+            print(f"{size:>5}MB " + " ".join(f"{c:>15}" for c in cells))
         print(f"server peak RSS over the whole run: {rss:.0f} MiB (largest file {max(sizes)} MB)")
     finally:
         if process is not None:

@@ -5,7 +5,8 @@ the request bodies do (``loan_id``, ``borrower_name``, ``opened_at``); ``GET
 /api/v1/loans/{n}`` (now, ``?version`` or ``?as_of``) rebuilds the file from the events,
 whose aggregates name them as the library does (``id``, ``borrower{}``, ``created_on``).
 A client should not need two parsers for one loan file, so the rebuilt state is renamed
-here into the view's names. The aggregates keep theirs: the views and the auditors'
+here into the view's names, and its values written as the view writes them (``plain``:
+times as fixed-width UTC ``…Z``, money and ids as text), so equal facts are equal text. The aggregates keep theirs: the views and the auditors'
 tools compare against them.
 
 The models below only document the shape in OpenAPI; the routes build plain dicts.
@@ -18,6 +19,8 @@ from typing import Any
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from projections.encoding import plain
 
 Renames = dict[str, str]
 Flattens = dict[str, dict[str, str]]
@@ -72,7 +75,7 @@ DOCUMENT_FLATTENS = {
 
 def collateral_shape(state: dict[str, Any]) -> dict[str, Any]:
     """A mortgage registration's state (``MortgageRegistration.state()``) in the view's names."""
-    return _renamed(state, COLLATERAL_RENAMES, COLLATERAL_FLATTENS)
+    return plain(_renamed(state, COLLATERAL_RENAMES, COLLATERAL_FLATTENS))
 
 
 def valuation_shape(state: dict[str, Any]) -> dict[str, Any]:
@@ -82,13 +85,13 @@ def valuation_shape(state: dict[str, Any]) -> dict[str, Any]:
         if key == "overvaluation":
             shaped["overvalued"] = value is not None
         shaped[key] = value
-    return shaped
+    return plain(shaped)
 
 
 def document_shape(state: dict[str, Any]) -> dict[str, Any]:
     """A document as the loan file lists it: the view's summary of extraction and fixity
     (``GET /api/v1/documents/{id}`` has the details)."""
-    return _renamed(state, DOCUMENT_RENAMES, DOCUMENT_FLATTENS)
+    return plain(_renamed(state, DOCUMENT_RENAMES, DOCUMENT_FLATTENS))
 
 
 def loan_shape(file: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +101,7 @@ def loan_shape(file: dict[str, Any]) -> dict[str, Any]:
     out["collateral"] = [collateral_shape(c) for c in file["collateral"]]
     out["valuations"] = [valuation_shape(v) for v in file["valuations"]]
     out["documents"] = [document_shape(d) for d in file["documents"]]
-    return out
+    return plain(out)
 
 
 # -- OpenAPI documentation of the shapes ------------------------------------------------------

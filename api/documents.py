@@ -162,7 +162,9 @@ class FormStream:
         self._has_file = False
         self._pending: deque[memoryview] = deque()
         self._pending_size = 0
-        self._changed = anyio.Condition()
+        self._data: anyio.Event | None = None  # set when the waiting reader may go on
+        self._wanted = 0  # bytes the waiting reader asked for
+        self._space: anyio.Event | None = None  # set when the read-ahead may go on
         self._error: Exception | None = None
         self._late_part: str | None = None
         length = request.headers.get("content-length", "")
@@ -281,33 +283,47 @@ class FormStream:
         return cast(T, outcome)
 
     async def _read_ahead(self) -> None:
+        """Parse the body as it arrives, up to ``READ_AHEAD`` bytes of the file ahead of
+        the reader. Everything here and in ``read_file`` runs on the event loop, so the
+        two hand over with plain events, set only when the other side waits for them (an
+        ``anyio.Condition`` took its lock twice per body chunk, each time a trip through
+        the event loop: receiving ran at ~300 MB/s where the bare body stream gave 500+)."""
         try:
             while self._state != "end":
-                async with self._changed:
-                    while self._pending_size >= READ_AHEAD:
-                        await self._changed.wait()
+                while self._pending_size >= READ_AHEAD:
+                    self._space = anyio.Event()
+                    await self._space.wait()
                 await self._feed()
-                async with self._changed:
-                    self._changed.notify_all()
+                self._wake_reader()
         except Exception as exc:  # raised in the reader's thread, by read_file
-            async with self._changed:
-                self._error = exc
-                self._changed.notify_all()
+            self._error = exc
+            self._wake_reader()
+
+    def _must_wait(self, size: int) -> bool:
+        return self._error is None and (
+            (self._pending_size < size and self._state == "file")
+            or (not self._pending and self._state != "end")
+        )
+
+    def _wake_reader(self) -> None:
+        if self._data is not None and not self._must_wait(self._wanted):
+            self._data.set()
+            self._data = None
 
     async def read_file(self, size: int) -> bytes:
         """Up to ``size`` bytes of the file, fewer only at its end (then b"", once the rest
         of the body was parsed: a part after the file is refused here)."""
-        async with self._changed:
-            while self._error is None and (
-                (self._pending_size < size and self._state == "file")
-                or (not self._pending and self._state != "end")
-            ):
-                await self._changed.wait()
-            if self._error is not None:
-                raise self._error
-            data = self.take(size)
-            self._changed.notify_all()
-            return data
+        while self._must_wait(size):
+            self._wanted = size
+            self._data = anyio.Event()
+            await self._data.wait()
+        if self._error is not None:
+            raise self._error
+        data = self.take(size)
+        if self._space is not None:
+            self._space.set()
+            self._space = None
+        return data
 
     def take(self, size: int) -> bytes:
         """Up to ``size`` bytes of what was parsed of the file (called from the worker

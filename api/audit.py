@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from api.deps import AuditTrailViews, AuthFirstRoute, require
@@ -28,6 +29,21 @@ def filters(
     since: Annotated[datetime | None, Query(description="Inclusive; ISO 8601 with zone.")] = None,
     until: Annotated[datetime | None, Query(description="Exclusive; ISO 8601 with zone.")] = None,
 ) -> dict[str, object]:
+    if event_type is not None:
+        known = audit_trail.known_event_types()
+        if event_type not in known:
+            # A typo would otherwise read as "no such events": an empty 200.
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("query", "event_type"),
+                        "msg": f"unknown event type {event_type!r}; the known types are "
+                        + ", ".join(known),
+                        "type": "value_error",
+                        "input": event_type,
+                    }
+                ]
+            )
     for name, moment in (("since", since), ("until", until)):
         if moment is None:
             continue

@@ -2,12 +2,22 @@
 
 Each row says who did what, when, why, under which request, to which aggregate and
 loan, in one human line ("status overdue → non_performing"), with a field-level
-diff. The diff is generic: per aggregate the view keeps the last value of every field
-name seen in its events (table ``audit_fields``, one JSON object per aggregate); an
-event's diff is the fields whose value it changes. Two conventions refine it: an ``old_x``/``new_x`` pair is the field
-``x``, and a few events name the state they change (``OfficerAssigned`` changes
-``<duty>_officer``; a legal hold changes ``legal_hold``). Downloads are rows too: who
-read which original is part of the audit trail.
+diff. The diff is generic: an event's diff is the fields whose value it changes against
+the last value of that field in its aggregate's earlier events. Two conventions refine
+it: an ``old_x``/``new_x`` pair is the field ``x``, and a few events name the state they
+change (``OfficerAssigned`` changes ``<duty>_officer``; a legal hold changes
+``legal_hold``). Downloads are rows too: who read which original is part of the audit
+trail.
+
+What is stored per event is its metadata (columns, the filters among them: loan, actor,
+event type, time) and its own fields: the part of the event store's encoded state after
+the metadata, copied as text without decoding or encoding it again (``own_fields``). The summary line and the diff are
+derived when rows are read, for the rows asked for, by folding their aggregates' earlier
+events (``Narrator``): a rebuild then costs little more per event than copying the log,
+and summaries can change without a rebuild. The loan an event concerns is a filter, so
+it is resolved when written; ``audit_loans`` keeps, per aggregate, the loan number its
+events named last (events that name none, a lien release by its registration, inherit
+it).
 """
 
 from __future__ import annotations
@@ -16,12 +26,23 @@ import csv
 import functools
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
+from eventsourcing.persistence import (
+    DatetimeAsISO,
+    DecimalAsStr,
+    JSONTranscoder,
+    Mapper,
+    StoredEvent,
+    UUIDAsHex,
+)
+
+from archive.application import DateAsISO
+from archive.domain import ArchiveAggregate
 from projections import registry
-from projections.encoding import dumps, id_text, iso_utc, json_text, loads, plain
+from projections.encoding import dumps, id_text, iso_utc, plain
 from projections.store import Row, Store, Tx
 from projections.view import (
     MAX_LIMIT,
@@ -36,7 +57,7 @@ from projections.view import (
 )
 
 EVENTS = "audit_events"
-FIELDS = "audit_fields"
+LOANS = "audit_loans"
 
 #: event attributes that are metadata (columns of the row), never part of the diff
 META = frozenset(
@@ -54,6 +75,7 @@ META = frozenset(
     }
 )
 
+#: the columns of a row as read (``query``, the exports)
 COLUMNS = (
     "position",
     "occurred_at",
@@ -74,9 +96,11 @@ COLUMNS = (
 
 class AuditTrailView(View):
     name: ClassVar[str] = "audit_trail"
-    #: 2: audit_fields holds one row per aggregate; 3: summaries of text extraction events
-    schema_version: ClassVar[int] = 3
-    table_names: ClassVar[tuple[str, ...]] = (EVENTS, FIELDS)
+    #: 2: audit_fields holds one row per aggregate; 3: summaries of text extraction
+    #: events; 4: the event's own fields as stored instead of summary and diff (derived
+    #: when read), audit_loans instead of audit_fields, no correlation id index
+    schema_version: ClassVar[int] = 4
+    table_names: ClassVar[tuple[str, ...]] = (EVENTS, LOANS)
     handlers: ClassVar[Handlers] = Handlers()
     ddl: ClassVar[tuple[str, ...]] = (
         "CREATE TABLE {audit_events} ("
@@ -84,24 +108,22 @@ class AuditTrailView(View):
         " occurred_at TEXT NOT NULL,"
         " actor_id TEXT NOT NULL,"
         " actor_role TEXT NOT NULL,"
-        " aggregate_type TEXT NOT NULL,"
         " aggregate_id TEXT NOT NULL,"
         " aggregate_version INTEGER NOT NULL,"
         " loan_number TEXT,"
         " event_type TEXT NOT NULL,"
         " reason TEXT,"
         " correlation_id TEXT NOT NULL,"
-        " summary TEXT NOT NULL,"
-        " diff TEXT NOT NULL,"
-        " event_hash TEXT NOT NULL)",
-        "CREATE TABLE {audit_fields} (aggregate_id TEXT PRIMARY KEY, fields TEXT NOT NULL)",
+        " event_hash TEXT NOT NULL,"
+        " topic TEXT NOT NULL,"
+        " fields TEXT NOT NULL)",
+        "CREATE TABLE {audit_loans} (aggregate_id TEXT PRIMARY KEY, loan_number TEXT)",
     )
     indexes: ClassVar[tuple[str, ...]] = (
         "CREATE INDEX {audit_events}_loan ON {audit_events} (loan_number, position)",
         "CREATE INDEX {audit_events}_actor ON {audit_events} (actor_id, position)",
         "CREATE INDEX {audit_events}_type ON {audit_events} (event_type, position)",
         "CREATE INDEX {audit_events}_aggregate ON {audit_events} (aggregate_id, position)",
-        "CREATE INDEX {audit_events}_correlation ON {audit_events} (correlation_id)",
         "CREATE INDEX {audit_events}_time ON {audit_events} (occurred_at)",
     )
 
@@ -111,26 +133,70 @@ class AuditTrailView(View):
     def apply_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
         """Every event gets a row, known type or not: the trail must be complete.
 
-        The field values of the batch's aggregates are read in one query, kept in memory
-        while the batch is applied (across batches in a rebuild), and the rows and the
-        changed values are written with one statement each."""
-        known: dict[str, dict[str, Any]] = cache.setdefault("fields", {})
-        ids = {id_text(e.originator_id) for _, e in events}
-        for _, event in events:
-            registration = _lien_registration(event, type(event).__qualname__.split(".")[0])
-            if registration is not None:
-                ids.add(registration)
-        _load_fields(tx, tables, known, ids)
-        changed: set[str] = set()
-        tx.insert_rows(
-            tables[EVENTS], [record(position, event, known, changed) for position, event in events]
-        )
+        The loan numbers of the batch's aggregates are read in one query (kept across
+        batches in a rebuild); the rows and the changed loan numbers are written with
+        one statement each."""
+        if not events:
+            return
+        loans: dict[str, Any] = cache.setdefault("loans", {})
+        stored = getattr(events, "stored", None)
+        if stored is None:  # not from the log (a test, a single event): encode again
+            stored = [_mapper().to_stored_event(event) for _, event in events]
+        kinds = [_KINDS.get(type(event)) or _kind(event) for _, event in events]
+        wanted = {id_text(e.originator_id) for _, e in events}
+        for (_, event), kind in zip(events, kinds, strict=True):
+            if kind.liens and not getattr(event, "loan_number", None):
+                registration = getattr(event, "registration_id", None)
+                if registration is not None:
+                    wanted.add(id_text(registration))
+        _load_loans(tx, tables, loans, wanted)
+        before: dict[str, Any] = {}
+        rows = []
+        for (position, event), note, kind in zip(events, stored, kinds, strict=True):
+            aggregate_id = id_text(event.originator_id)
+            own = getattr(event, "loan_number", None)
+            if own:
+                loan_number: Any = own
+            elif kind.liens:
+                registration = getattr(event, "registration_id", None)
+                loan_number = None if registration is None else loans[id_text(registration)]
+            else:
+                loan_number = loans[aggregate_id]
+            if kind.loan_field is not None:
+                value = getattr(event, kind.loan_field, _ABSENT)
+                if value is not _ABSENT:
+                    before.setdefault(aggregate_id, loans[aggregate_id])
+                    loans[aggregate_id] = plain(value)
+            rows.append(
+                {
+                    "position": position,
+                    "occurred_at": iso_utc(event.timestamp),
+                    "actor_id": getattr(event, "actor_id", None) or "unknown",
+                    "actor_role": getattr(event, "actor_role", None) or "unknown",
+                    "aggregate_id": aggregate_id,
+                    "aggregate_version": event.originator_version,
+                    "loan_number": None
+                    if loan_number is None or loan_number is _ABSENT
+                    else str(loan_number),
+                    "event_type": kind.qualname,
+                    "reason": getattr(event, "reason", None),
+                    "correlation_id": getattr(event, "correlation_id", None) or "",
+                    "event_hash": getattr(event, "event_hash", None) or "",
+                    "topic": note.topic,
+                    "fields": own_fields(note.state, event),
+                }
+            )
+        tx.insert_rows(tables[EVENTS], rows)
         tx.upsert_rows(
-            tables[FIELDS],
+            tables[LOANS],
             "aggregate_id",
-            [{"aggregate_id": a, "fields": json_text(known[a])} for a in changed],
+            [
+                {"aggregate_id": a, "loan_number": loans[a]}
+                for a, was in before.items()
+                if was is _ABSENT or loans[a] != was
+            ],
         )
-        trim(known, CACHE_AGGREGATES)
+        trim(loans, CACHE_AGGREGATES)
 
 
 # -- what an event changes ---------------------------------------------------------------
@@ -466,10 +532,117 @@ def summarise(event: Any, seen: dict[str, Any]) -> str:
 
 # -- apply -------------------------------------------------------------------------------------
 
-#: aggregates whose field values a rebuild keeps in memory (see ``view.trim``)
+#: aggregates whose loan number a rebuild keeps in memory (see ``view.trim``)
 CACHE_AGGREGATES = 200_000
-#: ids per ``IN (...)`` when reading field values
+#: ids per ``IN (...)`` when reading loan numbers or histories
 READ_CHUNK = 500
+#: an aggregate none of whose events named a loan number (yet)
+_ABSENT: Any = object()
+
+
+class Kind(NamedTuple):
+    """What the view needs to know of an event class, worked out once per class."""
+
+    qualname: str
+    aggregate_type: str
+    #: a property's lien events name the registration whose loan they concern
+    liens: bool
+    #: the attribute whose value is the field ``loan_number`` (see ``state_changes``)
+    loan_field: str | None
+
+
+_KINDS: dict[type, Kind] = {}
+
+
+def _kind(event: Any) -> Kind:
+    qualname = type(event).__qualname__
+    aggregate_type = qualname.split(".")[0]
+    loan_field = None
+    if qualname not in _STATE_CHANGES:
+        for name, attribute, _ in _plan(tuple(vars(event))):
+            if name == "loan_number":
+                loan_field = attribute
+    kind = Kind(qualname, aggregate_type, aggregate_type == "PropertyLiens", loan_field)
+    _KINDS[type(event)] = kind
+    return kind
+
+
+#: what ends an archive event's metadata in its stored state: every event class lists its
+#: own fields after those of ``ArchiveAggregate.Event``, whose last is the hash
+_HASH = b',"event_hash":"'
+_HASH_END = len(_HASH) + 64  # the hash's closing quote
+
+
+def own_fields(state: bytes, event: Any) -> str:
+    """The event's own fields as JSON text: its stored state (UTF-8 JSON, metadata
+    first) from just after the 64-hex-digit hash, sliced, not decoded. An event stored
+    otherwise has its own fields encoded again."""
+    start = state.find(_HASH)
+    end = start + _HASH_END
+    if start > 0 and state[end : end + 1] == b'"' and b'"' not in state[start + len(_HASH) : end]:
+        rest = state[end + 1 :]
+        if rest == b"}":
+            return "{}"
+        if rest[:1] == b",":
+            return "{" + rest[1:].decode()
+    own = {k: v for k, v in vars(event).items() if k not in META}
+    return _mapper().transcoder.encode(own).decode()
+
+
+def _load_loans(tx: Tx, t: Tables, loans: dict[str, Any], ids: set[str]) -> None:
+    """Read the loan numbers of the aggregates not in ``loans`` (one query per
+    ``READ_CHUNK``); an aggregate without a row gets ``_ABSENT``."""
+    missing = [i for i in ids if i not in loans]
+    for aggregate_id in missing:
+        loans[aggregate_id] = _ABSENT
+    for n in range(0, len(missing), READ_CHUNK):
+        chunk = missing[n : n + READ_CHUNK]
+        marks = ", ".join("?" for _ in chunk)
+        for row in tx.execute(
+            f"SELECT aggregate_id, loan_number FROM {t[LOANS]} WHERE aggregate_id IN ({marks})",
+            chunk,
+        ):
+            loans[row["aggregate_id"]] = row["loan_number"]
+
+
+@functools.cache
+def _mapper() -> Mapper[Any]:
+    """Decodes stored states as the archive encodes them: the transcodings of
+    ``ArchiveApp.register_transcodings`` (the library's three and dates), no compression
+    or encryption (the archive configures none)."""
+    transcoder = JSONTranscoder()
+    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO(), DateAsISO()):
+        transcoder.register(transcoding)
+    return Mapper(transcoder=transcoder)
+
+
+def known_event_types() -> list[str]:
+    """Every event type the archive's aggregates record, e.g. "LoanFile.StatusChanged"."""
+    import archive.application  # noqa: F401  (imports every aggregate)
+
+    leaves: dict[str, type] = {}
+    pending: list[type] = [ArchiveAggregate.Event]
+    while pending:
+        cls = pending.pop()
+        below = cls.__subclasses__()
+        pending.extend(below)
+        if not below:  # the bases (``LoanFile.Event``) are never recorded themselves
+            leaves[cls.__qualname__] = cls
+    # The library makes an ``X.Created`` for every aggregate; one that declares its own
+    # creation event (``LoanFile.Opened``) never records it.
+    declares = {
+        name.split(".")[0]
+        for name, cls in leaves.items()
+        if issubclass(cls, ArchiveAggregate.Created) and not name.endswith(".Created")
+    }
+    return sorted(
+        name
+        for name in leaves
+        if not (name.endswith(".Created") and name.split(".")[0] in declares)
+    )
+
+
+# -- summaries and diffs, when read ----------------------------------------------------------
 
 
 def same(a: Any, b: Any) -> bool:
@@ -483,53 +656,10 @@ def same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _load_fields(tx: Tx, t: Tables, known: dict[str, dict[str, Any]], ids: set[str]) -> None:
-    """Read the last field values of the aggregates not in ``known`` (one query per
-    ``READ_CHUNK`` aggregates); an aggregate without a row gets an empty dict."""
-    missing = [i for i in ids if i not in known]
-    for aggregate_id in missing:
-        known[aggregate_id] = {}
-    for n in range(0, len(missing), READ_CHUNK):
-        chunk = missing[n : n + READ_CHUNK]
-        marks = ", ".join("?" for _ in chunk)
-        for row in tx.execute(
-            f"SELECT aggregate_id, fields FROM {t[FIELDS]} WHERE aggregate_id IN ({marks})",
-            chunk,
-        ):
-            known[row["aggregate_id"]] = loads(row["fields"])
-
-
-def _lien_registration(event: Any, aggregate_type: str) -> str | None:
-    """A property's lien event names the registration whose loan it concerns."""
-    if aggregate_type != "PropertyLiens" or getattr(event, "loan_number", None):
-        return None
-    registration = getattr(event, "registration_id", None)
-    return None if registration is None else str(registration)
-
-
-def _loan_number(
-    event: Any, aggregate_type: str, seen: dict[str, Any], known: dict[str, dict[str, Any]]
-) -> str | None:
-    """The loan an event concerns: its own loan number, else its aggregate's. A property's
-    lien release names the registration, whose loan is known; users, tokens and
-    reconciliations concern no loan."""
-    own = getattr(event, "loan_number", None)
-    if own:
-        return str(own)
-    if aggregate_type == "PropertyLiens":
-        registration = _lien_registration(event, aggregate_type)
-        return None if registration is None else known[registration].get("loan_number")
-    found = seen.get("loan_number")
-    return None if found is None else str(found)
-
-
-def record(position: int, event: Any, known: dict[str, dict[str, Any]], changed: set[str]) -> Row:
-    """The audit row of one event. The aggregate's last field values in ``known`` are
-    updated; if any changed, its id is added to ``changed``."""
-    qualname = type(event).__qualname__
-    aggregate_type = qualname.split(".")[0]
-    aggregate_id = id_text(event.originator_id)
-    seen = known[aggregate_id]
+def narrate(event: Any, seen: dict[str, Any]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The summary and the diff of an event whose aggregate's fields were ``seen`` before
+    it; ``seen`` is then brought past the event."""
+    summary = summarise(event, seen)  # says what the aggregate was before this event
     diff: dict[str, dict[str, Any]] = {}
     latest: dict[str, Any] = {}
     for name, (before, after) in state_changes(event).items():
@@ -542,26 +672,126 @@ def record(position: int, event: Any, known: dict[str, dict[str, Any]], changed:
             diff[name] = {"before": before, "after": after}
         if not stays:
             latest[name] = after
-    row = {
-        "position": position,
-        "occurred_at": iso_utc(event.timestamp),
-        "actor_id": getattr(event, "actor_id", None) or "unknown",
-        "actor_role": getattr(event, "actor_role", None) or "unknown",
-        "aggregate_type": aggregate_type,
-        "aggregate_id": aggregate_id,
-        "aggregate_version": event.originator_version,
-        "loan_number": _loan_number(event, aggregate_type, seen, known),
-        "event_type": qualname,
-        "reason": getattr(event, "reason", None),
-        "correlation_id": getattr(event, "correlation_id", None) or "",
-        "summary": summarise(event, seen),  # says what the aggregate was before this event
-        "diff": json_text(diff),
-        "event_hash": getattr(event, "event_hash", None) or "",
+    seen.update(latest)
+    return summary, diff
+
+
+class Narrator:
+    """Summaries and diffs of stored rows, from their aggregates' events in order.
+
+    For each aggregate it keeps the fields seen up to a position, so a reader going
+    forward (an export, chunk by chunk) reads each earlier event once. ``complete``
+    says that the rows handed in are every event of the trail, in order and from the
+    start, as an unfiltered export reads them: no history needs reading then, except
+    for aggregates forgotten to bound memory."""
+
+    def __init__(self, table: str, *, complete: bool = False) -> None:
+        self.table = table
+        self.complete = complete
+        #: aggregate id -> (the position folded through, its fields seen up to there)
+        self.known: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.forgot = False
+
+    def rows(self, tx: Tx, stored: Sequence[Row]) -> list[dict[str, Any]]:
+        """The rows as read (``COLUMNS``), in the order given; ``tx`` reads histories."""
+        wanted: dict[str, dict[int, Row]] = {}
+        for row in stored:
+            wanted.setdefault(row["aggregate_id"], {})[int(row["position"])] = row
+        start: dict[str, tuple[int, dict[str, Any]]] = {}
+        for aggregate_id, rows in wanted.items():
+            through, seen = self.known.get(aggregate_id, (0, {}))
+            # Asked for an earlier row than folded through: fold again from the start.
+            start[aggregate_id] = (through, seen) if through < min(rows) else (0, {})
+        histories = self._histories(tx, wanted, start)
+        out: dict[int, dict[str, Any]] = {}
+        for aggregate_id, rows in wanted.items():
+            through, seen = start[aggregate_id]
+            need = max(rows)
+            for position, row in histories.get(aggregate_id, ()):
+                if position <= through:
+                    continue
+                if position > need:
+                    break
+                event = _decode(row)
+                summary, diff = narrate(event, seen)
+                if position in rows:
+                    out[position] = _out(rows[position], event, summary, diff)
+            self.known.pop(aggregate_id, None)  # re-inserted last: trimmed last
+            self.known[aggregate_id] = (need, seen)
+        size = len(self.known)
+        trim(self.known, CACHE_AGGREGATES)
+        self.forgot = self.forgot or len(self.known) < size
+        return [out[int(row["position"])] for row in stored]
+
+    def _histories(
+        self,
+        tx: Tx,
+        wanted: dict[str, dict[int, Row]],
+        start: dict[str, tuple[int, dict[str, Any]]],
+    ) -> dict[str, list[tuple[int, Row]]]:
+        """Each aggregate's rows after the position it is folded through, up to the last
+        one wanted, in order (from the rows handed in, when they are complete)."""
+        histories: dict[str, list[tuple[int, Row]]] = {}
+        lookup: list[str] = []
+        for aggregate_id, rows in wanted.items():
+            if self.complete and (aggregate_id in self.known or not self.forgot):
+                histories[aggregate_id] = sorted(rows.items())
+            else:
+                lookup.append(aggregate_id)
+        for n in range(0, len(lookup), READ_CHUNK):
+            chunk = lookup[n : n + READ_CHUNK]
+            low = min(start[a][0] for a in chunk)
+            high = max(max(wanted[a]) for a in chunk)
+            marks = ", ".join("?" for _ in chunk)
+            found = tx.execute(
+                f"SELECT * FROM {self.table} WHERE aggregate_id IN ({marks})"
+                " AND position > ? AND position <= ? ORDER BY position",
+                [*chunk, low, high],
+            )
+            for row in found:
+                histories.setdefault(row["aggregate_id"], []).append((int(row["position"]), row))
+        return histories
+
+
+def _decode(row: Row) -> Any:
+    """The event of a stored row: its own fields decoded as the archive's mapper decodes
+    the log (upcasting included), with the metadata summaries may name (not the time or
+    the previous hash, which no summary or diff uses)."""
+    event = _mapper().to_domain_event(
+        StoredEvent(
+            originator_id=row["aggregate_id"],
+            originator_version=int(row["aggregate_version"]),
+            topic=row["topic"],
+            state=row["fields"].encode(),
+        )
+    )
+    vars(event).update(
+        actor_id=row["actor_id"],
+        actor_role=row["actor_role"],
+        reason=row["reason"],
+        correlation_id=row["correlation_id"],
+        event_hash=row["event_hash"],
+    )
+    return event
+
+
+def _out(row: Row, event: Any, summary: str, diff: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "position": int(row["position"]),
+        "occurred_at": row["occurred_at"],
+        "actor_id": row["actor_id"],
+        "actor_role": row["actor_role"],
+        "aggregate_type": row["event_type"].split(".")[0],
+        "aggregate_id": row["aggregate_id"],
+        "aggregate_version": row["aggregate_version"],
+        "loan_number": row["loan_number"],
+        "event_type": row["event_type"],
+        "reason": row["reason"],
+        "correlation_id": row["correlation_id"],
+        "summary": summary,
+        "diff": diff,
+        "event_hash": row["event_hash"],
     }
-    if latest:
-        seen.update(latest)
-        changed.add(aggregate_id)
-    return row
 
 
 # -- reading ---------------------------------------------------------------------------------
@@ -612,13 +842,6 @@ def _where(
     return where, params
 
 
-def _out(row: Row) -> dict[str, Any]:
-    item = {column: row[column] for column in COLUMNS}
-    item["position"] = int(item["position"])
-    item["diff"] = json.loads(item["diff"])
-    return item
-
-
 def query(
     store: Store,
     *,
@@ -652,14 +875,13 @@ def query(
             f"SELECT * FROM {table}{clause} ORDER BY position {order} LIMIT ? OFFSET ?",
             [*params, limit, offset],
         )
-    return Page(
-        [_out(r) for r in rows], int(total["n"]) if total else 0, limit, offset, current.position
-    )
+        items = Narrator(table).rows(tx, rows)
+    return Page(items, int(total["n"]) if total else 0, limit, offset, current.position)
 
 
 def rows(store: Store, *, chunk: int = 500, **filters: Any) -> Iterator[dict[str, Any]]:
     """Every matching row by position, read in chunks (keyset on position), so an
-    export of millions of rows runs in constant memory. The generation is fixed at the
+    export of millions of rows runs in bounded memory. The generation is fixed at the
     start; a switch meanwhile keeps the old one readable until the next rebuild."""
     where, params = _where(
         filters.pop("loan_number", None),
@@ -677,6 +899,9 @@ def rows(store: Store, *, chunk: int = 500, **filters: Any) -> Iterator[dict[str
     if current is None:
         return
     table = AuditTrailView().tables(current.generation)[EVENTS]
+    # Unfiltered, the chunks are the whole trail in order: each aggregate's earlier
+    # events have gone by already, and the narrator reads no history.
+    narrator = Narrator(table, complete=not where)
     after = 0
     while True:
         clause = " WHERE " + " AND ".join([*where, "position > ?"])
@@ -685,8 +910,8 @@ def rows(store: Store, *, chunk: int = 500, **filters: Any) -> Iterator[dict[str
                 f"SELECT * FROM {table}{clause} ORDER BY position LIMIT ?",
                 [*params, after, chunk],
             )
-        for row in batch:
-            yield _out(row)
+            items = narrator.rows(tx, batch)
+        yield from items
         if len(batch) < chunk:
             return
         after = int(batch[-1]["position"])
@@ -733,11 +958,5 @@ def inert(value: Any) -> Any:
 
 
 def rows_for_loan(store: Store, loan_number: str) -> Iterator[dict[str, Any]]:
-    """Every audit row of one loan, by position (all pages)."""
-    offset = 0
-    while True:
-        page = query(store, loan_number=loan_number, limit=MAX_LIMIT, offset=offset)
-        yield from page.items
-        offset += len(page.items)
-        if not page.items or offset >= page.total:
-            return
+    """Every audit row of one loan, by position."""
+    yield from rows(store, loan_number=loan_number, chunk=MAX_LIMIT)

@@ -27,7 +27,7 @@ from eventsourcing.persistence import ApplicationRecorder, Mapper
 
 from projections import registry
 from projections.store import Store, Tx
-from projections.view import Cache, Events, View
+from projections.view import Cache, Decoded, Events, View
 
 log = logging.getLogger("projections")
 
@@ -130,7 +130,8 @@ def wait_for(store: Store, view_name: str, target: int, timeout: float) -> bool:
 def decode(source: EventSource, start: int, limit: int, stop: int | None = None) -> Events:
     """The next batch of the log after ``start``, decoded: (position, event) pairs."""
     notes = source.recorder.select_notifications(start, limit, stop=stop, inclusive_of_start=False)
-    return [(note.id, source.mapper.to_domain_event(note)) for note in notes]
+    decode = source.mapper.to_domain_event
+    return Decoded([(note.id, decode(note)) for note in notes], notes)
 
 
 def apply_batch(tx: Tx, view: View, generation: int, events: Events, cache: Cache) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, SupportsIndex, TypeVar, overload
 
 from projections.store import Row, Store, Tx, identifier
 
@@ -23,6 +23,25 @@ Events = Sequence[tuple[int, Any]]
 #: what a view keeps in memory between batches; see ``View.apply_batch``
 Cache = dict[str, Any]
 H = TypeVar("H", bound=Callable[..., None])
+
+
+class Decoded(list[tuple[int, Any]]):
+    """A decoded batch that keeps each event's stored form: ``stored[i]`` is the log's
+    notification of ``self[i]`` (``topic``, ``state``: the encoded JSON). A view can copy
+    the encoded state instead of encoding the event again. Slices keep theirs."""
+
+    def __init__(self, events: Iterable[tuple[int, Any]], stored: Sequence[Any]) -> None:
+        super().__init__(events)
+        self.stored = stored
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> tuple[int, Any]: ...
+    @overload
+    def __getitem__(self, index: slice) -> Decoded: ...
+    def __getitem__(self, index: SupportsIndex | slice) -> tuple[int, Any] | Decoded:
+        if isinstance(index, slice):
+            return Decoded(list.__getitem__(self, index), self.stored[index])
+        return list.__getitem__(self, index)
 
 
 class Handlers(dict[str, H]):

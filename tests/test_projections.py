@@ -701,6 +701,72 @@ def test_unknown_event_types_are_skipped_by_views_and_kept_by_the_trail(
     }
 
 
+def test_audit_rows_keep_each_events_own_fields_as_stored(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    """The row holds the stored state's own fields, sliced from the log's text; they
+    decode to the event's fields, and an event not from the log is encoded alike."""
+    scripted_history(archive, officer)
+    notes = archive.recorder.select_notifications(0, 1000, inclusive_of_start=False)
+    assert notes
+    for note in notes:
+        event = archive.mapper.to_domain_event(note)
+        own = {k: v for k, v in vars(event).items() if k not in audit_trail.META}
+        sliced = audit_trail.own_fields(note.state, event)
+        assert json.loads(sliced) == json.loads(archive.mapper.transcoder.encode(own))
+        assert audit_trail.own_fields(b'{"odd":1}', event) == sliced
+
+
+def test_audit_summaries_and_diffs_do_not_depend_on_how_rows_are_read(
+    archive: ArchiveApp, officer: CommandContext, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages, descending pages, filtered and unfiltered exports give each row the same
+    summary and diff, also when the export keeps forgetting aggregates (tiny cache)."""
+    scripted_history(archive, officer)
+    change(archive, officer, "CR-1", "record_repayment", "100.00", "2024-06-01")
+    change(archive, officer, "CR-1", "change_status", "restructured")
+    Follower(AuditTrailView(), archive, store, batch_size=5).catch_up()
+    expected = audit_trail.query(store, limit=1000).items
+    by_position = {r["position"]: r for r in expected}
+    assert [r for r in expected if r["event_type"] == "LoanFile.StatusChanged"][-1]["diff"] == {
+        "status": {"before": "non_performing", "after": "restructured"}
+    }
+    for descending in (False, True):
+        for offset in range(0, len(expected), 4):
+            page = audit_trail.query(store, limit=4, offset=offset, descending=descending)
+            assert all(by_position[r["position"]] == r for r in page.items)
+    monkeypatch.setattr(audit_trail, "CACHE_AGGREGATES", 1)
+    assert list(audit_trail.rows(store, chunk=3)) == expected
+    assert list(audit_trail.rows(store, chunk=2, loan_number="CR-1")) == [
+        r for r in expected if r["loan_number"] == "CR-1"
+    ]
+
+
+def test_an_unknown_event_type_filter_is_a_problem_naming_the_known_types(
+    settings: Settings, archive: ArchiveApp, officer: CommandContext
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from archive.application import operator_context
+
+    open_loan(archive, officer)
+    token = archive.add_user(operator_context(), "ines.auditor", "auditor")
+    client = TestClient(create_app(settings, archive), raise_server_exceptions=False)
+    auth = {"Authorization": f"Bearer {token}"}
+    for path in ("/api/v1/audit-trail", "/api/v1/audit-trail/export"):
+        answer = client.get(path, headers=auth, params={"event_type": "LoanFile.Opend"})
+        assert answer.status_code == 422, answer.text
+        assert answer.headers["content-type"].startswith("application/problem+json")
+        detail = answer.json()["detail"]
+        assert "'LoanFile.Opend'" in detail
+        assert "LoanFile.Opened" in detail and "Document.Downloaded" in detail
+    known = client.get(
+        "/api/v1/audit-trail", headers=auth, params={"event_type": "LoanFile.Opened"}
+    )
+    assert known.status_code == 200 and known.json()["total"] == 1
+
+
 def test_human_sizes() -> None:
     assert human_size(999) == "999 B"
     assert human_size(2_100_000) == "2.1 MB"

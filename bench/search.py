@@ -11,12 +11,21 @@ moments spread over 2019-2025), ``start_extraction`` and ``record_text``, saved 
 ``archive.save`` a few hundred aggregates at a time. Then the search view's follower
 catches up from position 0: the same apply path as the live view and a rebuild.
 
-Each typical query runs R times (default 20, after 3 warm-ups) in three ways, rounds
+Each typical query runs R times (default 20, after 3 warm-ups) in four ways, rounds
 interleaved:
 
-(a) HTTP: ``GET /api/v1/search`` through FastAPI's TestClient with a compliance
-    token: authentication, the read-your-writes barrier (followers running, as on a
-    server), parsing, the queries, JSON.
+(a) HTTP to a server: ``GET /api/v1/search`` with a compliance token, sent to uvicorn
+    serving the search router in a process of its own (its own ArchiveApp, views store
+    and search follower, ``gc.freeze()`` as ``loan-archive serve`` does; no access log),
+    over one keep-alive connection of the standard library's ``http.client``, the
+    lightest Python client, so the figure is the server's and the socket's rather than
+    a client library's. This is what a user's request costs: authentication, the
+    read-your-writes barrier, parsing, the queries, JSON, HTTP/1.1 on loopback.
+(t) The same request through FastAPI's TestClient in this process (the method of the
+    earlier runs in bench/RESULTS.md). TestClient builds every request with httpx and
+    hands it to its event-loop thread through an anyio portal: a no-op route costs
+    1.2-1.5 ms that way against 0.45 ms through uvicorn and http.client, so (t)
+    overstates the API's own overhead by most of a millisecond.
 (b) ``projections.search.search()``: what the CLI calls.
 (c) raw SQL: the statements (b) ran for that query (recorded once), replayed with
     their parameters on a plain sqlite3/psycopg connection: the database's own time.
@@ -31,12 +40,16 @@ Targets: p95 of (a) < 50 ms; (a)/(c) <= 2 at p50.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
+import http.client
 import math
 import os
 import random
+import socket
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -49,6 +62,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -56,6 +70,7 @@ sys.path.insert(1, str(ROOT))
 
 import postgres_cluster  # noqa: E402
 import psycopg  # noqa: E402
+import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from postgres_cluster import PostgresCluster  # noqa: E402
@@ -74,6 +89,7 @@ from projections.search import SearchView, search  # noqa: E402
 from projections.store import Store, open_store, views_path  # noqa: E402
 
 TARGET_P95_MS = 50.0
+REGISTRY_LOOKUP = "SELECT g.* FROM projection_registry"  # projections.registry.active
 TARGET_RATIO = 2.0
 SAVE_EVERY = 300  # aggregates per archive.save
 
@@ -480,8 +496,11 @@ def recording() -> Iterator[list[tuple[str, tuple[Any, ...]]]]:
 
 
 def raw_runner(settings: Settings, statements: list[tuple[str, tuple[Any, ...]]]) -> Callable[[], None]:  # fmt: skip
-    """Replay the statements on a connection of our own, as a DBA would time them."""
-    search_statements = [s for s in statements if "projection_registry" not in s[0]]
+    """Replay the statements on a connection of our own, as a DBA would time them.
+
+    A lookup of the registry alone (SQLite) is left out; on PostgreSQL the search's
+    first statement reads the registry along with the tsquery, and is replayed whole."""
+    search_statements = [s for s in statements if not s[0].startswith(REGISTRY_LOOKUP)]
     if settings.backend == "sqlite":
         conn = sqlite3.connect(views_path(settings), check_same_thread=False)
 
@@ -512,21 +531,89 @@ class Row:
     ms: dict[str, list[float]]
 
 
-def measure(
-    settings: Settings, archive: ArchiveApp, store: Store, gen: Generated, repeat: int, seed: int
-) -> list[Row]:
-    views = Projections(archive, store, views=[SearchView()], poll_interval=0.2)
-    views.start(rebuild_stale=False)
-    token = archive.add_user(operator_context(), f"bench.{uuid.uuid4().hex[:8]}", "compliance")
+def search_app(archive: ArchiveApp, views: Projections) -> FastAPI:
+    """The API's search router alone, over the search view alone (the other views are
+    not built here), with the API's problem handlers."""
     app = FastAPI()
     app.state.archive = archive
     app.state.projections = views
     problems.install(app)
     app.include_router(search_api.router)
-    client = TestClient(app)
+    return app
+
+
+def serve(data_dir: str, port: int, database_url: str | None) -> None:
+    """The server of mode (a), in its own process: ``bench/search.py --serve ...``."""
+    settings = Settings(data_dir=Path(data_dir), database_url=database_url, demo_data=False)
+    archive = ArchiveApp(settings)
+    store = open_store(settings)
+    views = Projections(archive, store, views=[SearchView()], poll_interval=0.2)
+    views.start(rebuild_stale=False)
+    gc.freeze()  # as ``loan-archive serve``: start-up objects out of the collector's way
+    try:
+        uvicorn.run(search_app(archive, views), host="127.0.0.1", port=port, log_level="warning")
+    finally:
+        views.close()
+        store.close()
+        archive.close()
+
+
+@contextmanager
+def server(settings: Settings) -> Iterator[int]:
+    """A uvicorn process serving ``search_app`` on this data; yields its port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, __file__, "--serve", str(settings.data_dir), str(port)]
+    if settings.database_url:
+        command.append(settings.database_url)
+    process = subprocess.Popen(command)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the search server did not start") from None
+                time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def measure(
+    settings: Settings, archive: ArchiveApp, store: Store, gen: Generated, repeat: int, seed: int
+) -> list[Row]:
+    with server(settings) as port:
+        return _measure(settings, archive, store, gen, repeat, seed, port)
+
+
+def _measure(
+    settings: Settings,
+    archive: ArchiveApp,
+    store: Store,
+    gen: Generated,
+    repeat: int,
+    seed: int,
+    port: int,
+) -> list[Row]:
+    views = Projections(archive, store, views=[SearchView()], poll_interval=0.2)
+    views.start(rebuild_stale=False)
+    token = archive.add_user(operator_context(), f"bench.{uuid.uuid4().hex[:8]}", "compliance")
+    client = TestClient(search_app(archive, views))
     client.__enter__()  # one event loop for every request, as in a running server
     headers = {"Authorization": f"Bearer {token}"}
     views.wait_for(archive.head_position(), 60)
+    connection = http.client.HTTPConnection("127.0.0.1", port)  # keep-alive
+
+    def over_http(query: str) -> None:
+        connection.request("GET", query, headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+        assert response.status == 200, body
 
     rows: list[Row] = []
     runners: list[dict[str, Callable[[], Any]]] = []
@@ -535,7 +622,10 @@ def measure(
             page = search(store, case.q, limit=20, **case.filters)  # type: ignore[arg-type]
         params = {"q": case.q, "limit": "20", **case.filters}
 
-        def http(params: dict[str, str] = params) -> None:
+        def server_http(query: str = f"/api/v1/search?{urlencode(params)}") -> None:
+            over_http(query)
+
+        def testclient(params: dict[str, str] = params) -> None:
             response = client.get("/api/v1/search", params=params, headers=headers)
             assert response.status_code == 200, response.text
 
@@ -543,7 +633,14 @@ def measure(
             search(store, case.q, limit=20, **case.filters)  # type: ignore[arg-type]
 
         raw = raw_runner(settings, statements)
-        runners.append({"(a) http": http, "(b) search()": function, "(c) raw sql": raw})
+        runners.append(
+            {
+                "(a) http": server_http,
+                "(t) testclient": testclient,
+                "(b) search()": function,
+                "(c) raw sql": raw,
+            }
+        )
         rows.append(Row(case, page.total, len(statements), {k: [] for k in runners[-1]}))
     try:
         for round_ in range(repeat + 3):
@@ -558,6 +655,7 @@ def measure(
                     if round_ >= 3:  # warm-up rounds are not counted
                         row.ms[mode].append(elapsed)
     finally:
+        connection.close()
         views.close()
         client.__exit__(None, None, None)
     return rows
@@ -614,17 +712,22 @@ def report(backend: str, rows: list[Row], repeat: int) -> None:
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n   {backend}: latency in ms over {repeat} runs (limit 20); load average {load}")
     print(
-        f"   {'query':42} {'hits':>6}  {'(a) http p50/p95':>17}  {'(b) search() p50/p95':>21}"
-        f"  {'(c) raw sql p50/p95':>20}  {'a/c p50':>7}  {'p95<50':>6}"
+        f"   {'query':42} {'hits':>6}  {'(a) http p50/p95':>17}  {'(t) testclient':>17}"
+        f"  {'(b) search() p50/p95':>21}  {'(c) raw sql p50/p95':>20}  {'a/c p50':>7}"
+        f"  {'t/c p50':>7}  {'p95<50':>6}"
     )
     for row in rows:
         cells = {k: (statistics.median(v), percentile(v, 0.95)) for k, v in row.ms.items()}
-        a, b, c = cells["(a) http"], cells["(b) search()"], cells["(c) raw sql"]
+        a, t, b, c = (
+            cells[k] for k in ("(a) http", "(t) testclient", "(b) search()", "(c) raw sql")
+        )
         ratio = a[0] / c[0] if c[0] else float("inf")
+        t_ratio = t[0] / c[0] if c[0] else float("inf")
         ok = "ok" if a[1] < TARGET_P95_MS else "SLOW"
         print(
             f"   {row.case.label:42} {row.total:6d}  {a[0]:7.1f} / {a[1]:7.1f}  "
-            f"{b[0]:9.1f} / {b[1]:9.1f}  {c[0]:8.1f} / {c[1]:8.1f}  {ratio:7.2f}  {ok:>6}"
+            f"{t[0]:7.1f} / {t[1]:7.1f}  {b[0]:9.1f} / {b[1]:9.1f}  {c[0]:8.1f} / {c[1]:8.1f}"
+            f"  {ratio:7.2f}  {t_ratio:7.2f}  {ok:>6}"
         )
         print(
             f"   {'':42} q={row.case.q!r} {row.case.filters or ''}"
@@ -633,6 +736,10 @@ def report(backend: str, rows: list[Row], repeat: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"]:  # the server process of mode (a), started by server()
+        serve(argv[1], int(argv[2]), argv[3] if len(argv) > 3 else None)
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=100_000)
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")

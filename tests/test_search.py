@@ -37,7 +37,9 @@ from archive.application import ArchiveApp, operator_context
 from archive.documents import Document
 from archive.domain import CommandContext, Role
 from archive.settings import Settings
+from projections import store as store_module
 from projections.follower import Follower, rebuild
+from projections.loan_files import LoanFilesView
 from projections.query_syntax import (
     AnyOf,
     Query,
@@ -854,6 +856,42 @@ def test_a_search_never_answers_from_before_a_position_it_must_reflect(corpus: C
     assert search(corpus.store, "tasacion", at_least=head).position == head
     with pytest.raises(IndexBehindError):
         search(corpus.store, "tasacion", at_least=head + 1)
+
+
+def test_a_search_reads_the_index_position_first_in_as_few_statements_as_it_can(
+    corpus: Corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: the registry lookup and the tsquery share the first statement, the
+    search is the second (each one a round trip). An index behind the position a search
+    must reflect stops it after that first statement, on both backends."""
+    seen: list[str] = []
+    for cls in (store_module._SQLiteTx, store_module._PostgresTx):
+        real = cls.execute
+
+        def execute(self: Any, sql: str, params: Any = (), _real: Any = real) -> Any:
+            seen.append(sql)
+            return _real(self, sql, params)
+
+        monkeypatch.setattr(cls, "execute", execute)
+    head = corpus.archive.head_position()
+    assert search(corpus.store, "tasacion", at_least=head).total == 2
+    if corpus.store.backend == "postgres":
+        assert len(seen) == 2
+        assert "projection_registry" in seen[0] and "tsquery" in seen[0]
+    seen.clear()
+    with pytest.raises(IndexBehindError):
+        search(corpus.store, "tasacion", at_least=head + 1)
+    assert len(seen) == 1 and "projection_registry" in seen[0]
+
+
+def test_a_view_never_registered_answers_nothing_or_is_behind(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    archive.open_loan(officer, **loan_terms("CR-1"))
+    Follower(LoanFilesView(), archive, store).catch_up()  # a registry without the search view
+    assert search(store, "tasacion") == Page([], 0, 20, 0, 0)
+    with pytest.raises(IndexBehindError):
+        search(store, "tasacion", at_least=1)
 
 
 def test_query_objects_can_be_passed_directly(corpus: Corpus) -> None:

@@ -254,6 +254,8 @@ class ArchiveMinio(Minio):
     ) -> tuple[Any, datetime]:
         preset = (headers or {}).get(PAYLOAD_HASH)
         if preset is None or not body or not creds or self._base_url.is_https:
+            if preset is not None and not creds:
+                del headers[PAYLOAD_HASH]  # an anonymous request signs nothing
             return super()._build_headers(host, headers, body, creds)
         built, date = super()._build_headers(host, headers, b"", creds)  # hashes nothing
         built["Content-Length"] = str(len(body))

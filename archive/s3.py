@@ -38,15 +38,14 @@ retention headers).
    CompleteMultipartUpload. When the key already exists, the second way is taken.
 3. **Larger, nothing declared**: the content address is known only at the end, so the
    bytes are spooled to an anonymous temporary file (``TMPDIR``, unlinked at once) while
-   hashed, each part's MD5 taken as it is spooled (by a helper thread, while the next
+   hashed, each part's CRC-32 taken as it is spooled (by a helper thread, while the next
    part arrives); nothing has reached S3 yet, so a failing source or a file over the
    limit leaves nothing. An existing object with these bytes is adopted (ETag against
-   those MD5s). Else the spool is uploaded as in 2., each part with the MD5 of the bytes
-   as received, so a spool that changed meanwhile is refused by the server --
-   ``checkpoint("written")``, ``checkpoint("verified")``; then CompleteMultipartUpload.
-   (The upload once hashed the spool again, SHA-256 and MD5, in the sending threads:
-   on 2 cores those competed with SeaweedFS for the CPU; now the server process spends
-   ~20 % less CPU per MB.)
+   the MD5s of the spooled parts). Else the spool is uploaded as in 2., each re-read
+   part checked against its CRC-32 before it is sent -- ``checkpoint("written")``,
+   ``checkpoint("verified")``; then CompleteMultipartUpload. (The upload once hashed the
+   whole spool again with SHA-256 as well, and signed every part's SHA-256: see
+   ``_spool_then_upload`` for what the cheaper check guards against and what it gained.)
 
 Until CompleteMultipartUpload an upload is unfinished and invisible: any failure aborts
 it, and a killed process leaves it behind, listed by ``temporary_keys`` as
@@ -133,6 +132,7 @@ import hashlib
 import logging
 import math
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
@@ -529,23 +529,29 @@ class S3BlobStore(BlobStore):
         self, parts: Iterator[bytes], reader: HashingReader, expected_sha256: str | None
     ) -> StoredBlob:
         """The key is known only at the end: spool to an unlinked temporary file while
-        hashing (SHA-256 and each part's MD5), then upload the spooled parts (``_upload``).
+        hashing (SHA-256, and each part's CRC-32), then upload the spooled parts
+        (``_upload``), each re-read part checked against its CRC-32 before it is sent.
 
-        The part MD5s are taken here, in the first pass, although receiving is the
-        sequential part of the whole: the upload then sends them as Content-MD5 and the
-        server checks the spooled bytes against them, so the upload needs no second
-        SHA-256 pass over the spool (it had one before) and no hashing at all (measured:
-        the upload phase was CPU-bound on a 2-core machine, hashing in three threads
-        against SeaweedFS, while receiving waits for the network half of the time)."""
+        Receiving is the sequential part of the whole (the upload cannot start before the
+        last byte names the key), so it does the least work that still ties the spool to
+        the bytes received: a CRC-32 per part (4 GB/s here), not an MD5 (0.7 GB/s, which
+        held receiving to ~160-300 MB/s) nor, as at first, a second SHA-256 pass over the
+        spool. The MD5s that S3 checks (Content-MD5) and that the ETag is compared with are
+        taken by the threads that send the parts, of the bytes they send. A CRC-32 catches
+        every error of up to 32 bits and any other with odds of 1 in 4 billion: the spool
+        is a file only this process holds open, so what it guards against is storage
+        faults, not an adversary (who could reach the process's memory as well). Measured
+        A/B on 2 shared cores, 500 MB, 4 rounds: 0.67 of raw with the MD5s taken while
+        receiving, 0.82 with the CRC-32s."""
         with tempfile.TemporaryFile(dir=self.spool_dir) as spool:
-            digests: list[bytes] = []
+            crcs: list[int] = []
 
             def keep(data: bytes) -> None:
-                digests.append(_md5(data))
+                crcs.append(zlib.crc32(data))
                 spool.write(data)
 
-            # One helper thread takes the MD5 and writes part N while this one receives
-            # and hashes part N + 1 (hashlib and write release the GIL): two parts in hand.
+            # One helper thread takes the CRC and writes part N while this one receives
+            # and hashes part N + 1 (zlib and write release the GIL): two parts in hand.
             with ThreadPoolExecutor(1, thread_name_prefix="s3-spool") as helper:
                 kept: Future[None] | None = None
                 for data in parts:
@@ -558,14 +564,19 @@ class S3BlobStore(BlobStore):
             sha256, size = reader.sha256(), reader.size
             self.check_expected(sha256, expected_sha256)
             key = content_key(sha256)
-            existing, current = self._existing(key, sha256, size, lambda: digests)
+
+            def spooled_digests() -> list[bytes]:  # only to compare with an existing ETag
+                spool.seek(0)
+                return [_md5(_read_exactly(spool, n)) for n in self._part_lengths(size)]
+
+            existing, current = self._existing(key, sha256, size, spooled_digests)
             if existing is not None:
                 return existing
             spool.seek(0)
             try:
-                return self._upload(key, spool, sha256, size, digests, over_current=current)
+                return self._upload(key, spool, sha256, size, crcs, over_current=current)
             except _Raced:  # someone else stored the same bytes a moment ago
-                existing, _current = self._existing(key, sha256, size, lambda: digests)
+                existing, _current = self._existing(key, sha256, size, spooled_digests)
                 if existing is None:
                     raise BlobError(f"S3 refused to store {self.bucket}/{key}") from None
                 return existing
@@ -640,23 +651,22 @@ class S3BlobStore(BlobStore):
         body: IO[bytes],
         sha256: str,
         size: int,
-        digests: list[bytes],
+        crcs: list[int],
         *,
         over_current: bool,
     ) -> StoredBlob:
-        """Send the spooled bytes to ``key`` as a multipart upload, each part with the MD5
-        taken when it was received (``digests``): the server refuses a part whose spooled
-        bytes changed since (BadDigest), so the object exists only if every part is the
-        bytes that were hashed, without reading them through a hash a second time."""
+        """Send the spooled bytes to ``key`` as a multipart upload; a part whose CRC-32 is
+        no longer the one taken when it was received is not sent (the spool changed), so
+        the object exists only if every part is the bytes that were hashed."""
         # Never a second version over a good one: only a damaged current one is covered.
         guard = {} if over_current else {"If-None-Match": "*"}
         upload_id, headers = self._start_upload(key)
         completed = None
         try:
             parts = (_read_exactly(body, length) for length in self._part_lengths(size))
-            etags, _sent = self._send_parts(key, upload_id, parts, digests)
+            etags, digests = self._send_parts(key, upload_id, parts, crcs)
             self.checkpoint("written")  # an unfinished upload: listed by temporary_keys
-            self.checkpoint("verified")  # every part was accepted with the first pass's MD5
+            self.checkpoint("verified")  # every part was the received one, and accepted
             completed = self._complete(key, upload_id, etags, guard)
         finally:
             if completed is None:
@@ -689,22 +699,23 @@ class S3BlobStore(BlobStore):
         key: str,
         upload_id: str,
         parts: Iterator[bytes],
-        digests: list[bytes] | None = None,
+        crcs: list[int] | None = None,
     ) -> tuple[list[str], list[bytes]]:
         """Upload the parts, at most ``parallel_uploads`` in flight (memory stays flat).
 
-        Each part goes with its MD5 as Content-MD5, so the server refuses bytes other
-        than the ones that MD5 was taken of: the worker that sends a part takes it, unless
-        ``digests`` were taken already (when the bytes were first received). The payload
-        is not hashed again for the signature (``ArchiveMinio``): the signed Content-MD5
-        protects it. This thread reads the next part meanwhile. Returns the part ETags
-        and the part MD5s.
+        The worker that sends a part first checks its CRC-32 against ``crcs`` if given
+        (spooled bytes), then takes its MD5 and sends it as Content-MD5, so the server
+        refuses bytes damaged on the way. The payload is not hashed again for the
+        signature (``ArchiveMinio``): the signed Content-MD5 protects it. This thread
+        reads the next part meanwhile. Returns the part ETags and the part MD5s.
         """
         etags: dict[int, str] = {}
         sent: dict[int, bytes] = {}
 
         def send(number: int, data: bytes) -> str:
-            sent[number] = digest = _md5(data) if digests is None else digests[number - 1]
+            if crcs is not None and zlib.crc32(data) != crcs[number - 1]:
+                raise BlobError(f"the spooled bytes of {key} changed before they were sent")
+            sent[number] = digest = _md5(data)
             extra = {"Content-MD5": _content_md5(digest), PAYLOAD_HASH: UNSIGNED}
             return self._call(
                 f"uploading part {number} of",

@@ -766,9 +766,9 @@ def test_s3_no_body_is_hashed_again_to_sign_it(
 def test_s3_spooled_bytes_that_change_before_they_are_sent_are_refused(
     s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The parts of a spooled upload go with the MD5s taken when the bytes were received:
-    a spool that changed meanwhile (disk, another process) is refused by the server
-    (BadDigest), the upload aborted, nothing left."""
+    """Each spooled part is checked against the CRC-32 taken when its bytes were received
+    before it is sent: a spool that changed meanwhile (a storage fault) is not stored,
+    the upload is aborted, nothing is left."""
     real_upload = s3._upload
 
     def corrupting(key: str, body: Any, *args: Any, **kwargs: Any) -> Any:
@@ -780,7 +780,7 @@ def test_s3_spooled_bytes_that_change_before_they_are_sent_are_refused(
         return real_upload(key, body, *args, **kwargs)
 
     monkeypatch.setattr(s3, "_upload", corrupting)
-    with pytest.raises(BlobError, match="BadDigest"):
+    with pytest.raises(BlobError, match="changed before they were sent"):
         s3.put(ChunkedSource(2 * TEST_PART + 7))
     assert leftovers(s3) == ([], [])
 

@@ -15,11 +15,13 @@ transaction (see ``projections.registry``).
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 from uuid import UUID
@@ -269,6 +271,34 @@ class Follower:
 REBUILD_BATCH = 5000
 #: decoded batches the reader of a rebuild may hold ahead of the views
 READ_AHEAD = 2
+#: the cyclic GC's first threshold while a rebuild runs (CPython's default is 700)
+REBUILD_GC_THRESHOLD = 100_000
+
+_gc_lock = threading.Lock()
+_gc_rebuilds = 0
+_gc_threshold: tuple[int, ...] = ()
+
+
+@contextmanager
+def fewer_collections() -> Iterator[None]:
+    """Run the cyclic garbage collector less often while a rebuild runs (process-wide,
+    restored when the last rebuild ends; cycles are still collected). A rebuild keeps
+    thousands of decoded events and the views' caches alive, so collections come often
+    and each walks them: reading and decoding cost 13 µs an event with the GC held off
+    and 16-21 with the default thresholds, above the 12 of reading without keeping."""
+    global _gc_rebuilds, _gc_threshold
+    with _gc_lock:
+        if _gc_rebuilds == 0:
+            _gc_threshold = gc.get_threshold()
+            gc.set_threshold(REBUILD_GC_THRESHOLD, *_gc_threshold[1:])
+        _gc_rebuilds += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_rebuilds -= 1
+            if _gc_rebuilds == 0:
+                gc.set_threshold(*_gc_threshold)
 
 
 def read_ahead(source: EventSource, batch_size: int) -> Iterator[Events]:
@@ -343,7 +373,7 @@ def rebuild_views(
     if len({v.name for v in views}) != len(views):
         raise ValueError("each view can be rebuilt once per pass")
     generations = {v.name: registry.begin_generation(store, v) for v in views}
-    with store.bulk():
+    with store.bulk(), fewer_collections():
         caches: dict[str, Cache] = {v.name: {} for v in views}
         position = 0
         for events in read_ahead(source, batch_size):

@@ -339,6 +339,30 @@ def test_a_rebuild_that_forgets_cached_rows_reads_them_back(
     assert [view.dump(store) for view in views] == incremental
 
 
+def test_a_rebuild_runs_the_gc_less_often_only_while_it_runs(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    import gc
+
+    from projections import follower
+
+    open_loan(archive, officer)
+    before = gc.get_threshold()
+    during: list[tuple[int, ...]] = []
+    rebuild(
+        LoanFilesView(), archive, store, before_switch=lambda _: during.append(gc.get_threshold())
+    )
+    assert during == [(follower.REBUILD_GC_THRESHOLD, *before[1:])]
+    assert gc.get_threshold() == before
+    with pytest.raises(Crash):
+        rebuild(LoanFilesView(), archive, store, before_switch=lambda _: _raise(Crash()))
+    assert gc.get_threshold() == before
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
 def test_the_live_follower_moves_to_the_new_generation(
     archive: ArchiveApp, officer: CommandContext, store: Store
 ) -> None:

@@ -479,7 +479,8 @@ class S3BlobStore(BlobStore):
         elsewhere (CopyObject drops those headers silently), so the first PutObject of
         every store is HEADed all the same, and only once the server has shown that it
         applies them does a response that carries a version id stand for the HEAD
-        (1-3 ms of a 1 MB upload). ``reconcile`` and fixity read the retention again later.
+        (1-3 ms of a 1 MB upload). The retention then recorded is the one sent, to the
+        second; ``stat`` reads the server's.
         """
         lock = bool(headers.get("x-amz-object-lock-mode"))
         echoed = (written.http_headers or {}).get(CHECKSUM_SHA256)

@@ -694,6 +694,26 @@ def test_s3_a_small_upload_is_headed_until_the_server_has_shown_it_applies_reten
     assert info.retain_until is not None and info.size == 1000
 
 
+def test_s3_a_put_whose_retention_cannot_be_applied_is_refused(
+    seaweedfs: SeaweedFS, s3: S3BlobStore
+) -> None:
+    """What lets a PutObject's answer stand for the HEAD: the server refuses retention
+    headers it cannot apply (no Object Lock on the bucket, a date in the past) instead of
+    storing the object without them."""
+    headers = {"Content-Type": "application/octet-stream", **s3._lock_headers()}
+    past = {**headers, "x-amz-object-lock-retain-until-date": "2020-01-01T00:00:00.000Z"}
+    with pytest.raises(S3Error) as refused:
+        s3.client._put_object(s3.bucket, "sha256/00/00/past", b"deed", past)
+    assert refused.value.code == "InvalidRequest"
+    bucket = seaweedfs.create_bucket(object_lock=False)
+    try:
+        with pytest.raises(S3Error) as refused:
+            s3.client._put_object(bucket, "sha256/00/00/unlocked", b"deed", headers)
+        assert refused.value.code == "InvalidRequest"
+    finally:
+        seaweedfs.drop_bucket(bucket)
+
+
 def test_s3_a_server_that_ignores_retention_headers_is_caught(
     s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,6 +29,7 @@ import argparse
 import base64
 import hashlib
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -222,6 +223,7 @@ def main() -> None:
             process.terminate()
             process.wait(timeout=30)
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the archive's database and any spool
 
 
 if __name__ == "__main__":

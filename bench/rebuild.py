@@ -19,7 +19,7 @@ Then, on that store:
 (a) ``Projections.rebuild_views()``: every view that ``Projections`` runs (loan_files,
     audit_trail and search at the time of writing), rebuilt together in one pass over the
     log, as ``loan-archive projections rebuild`` and a start with stale views do. It is
-    the operator's rebuild: new generations, batches of 5,000 events
+    the operator's rebuild: new generations, batches of 10,000 events
     (``follower.REBUILD_BATCH``) read and decoded once for all views by a reader thread
     a batch ahead, one transaction per batch with position tracking, indexes built after
     the load, and the switches. With --per-view each view is also rebuilt alone (``Projections.rebuild``),
@@ -84,7 +84,7 @@ from projections.runner import Projections  # noqa: E402
 TARGET_RATIO = 0.5
 TARGET_SECONDS_PER_MILLION = 120.0  # SQLite: 1M events rebuilt (all views) in under 2 minutes
 DEFAULT_EVENTS = {"sqlite": 200_000, "postgres": 50_000}
-BATCH = 1000  # (b)'s read size, as the issue states it (the rebuild reads 5,000 at a time)
+BATCH = 1000  # (b)'s read size, as the issue states it (the rebuild reads 10,000 at a time)
 WINDOW = 1000  # loan files in progress at once
 SAVE_EVENTS = 5000  # events per archive.save
 CENT = Decimal("0.01")

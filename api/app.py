@@ -91,9 +91,22 @@ def create_app(settings: Settings, archive: ArchiveApp | None = None) -> FastAPI
 
     app.add_middleware(RefuseOversizedUploads, limit=settings.max_upload_bytes)
 
-    @app.get("/healthz", tags=["health"], summary="Liveness and event-store reachability")
+    @app.get("/healthz", tags=["health"], summary="Liveness, event-store reachability, views")
     def healthz(request: Request) -> JSONResponse:
+        """200 while the process serves and its event store answers. ``status`` is
+        "degraded" while a view's follower keeps failing (its routes answer 503; it is
+        retried, never skipped): the signal to alert on. Restarting would not help, so
+        it is not an error status. Only names here, as no token is needed; the error is
+        in ``GET /api/v1/projections``."""
         head = request.app.state.archive.head_position()
-        return JSONResponse({"status": "ok", "backend": settings.backend, "log_head": head})
+        failing = request.app.state.projections.failing()
+        return JSONResponse(
+            {
+                "status": "degraded" if failing else "ok",
+                "backend": settings.backend,
+                "log_head": head,
+                "failing_views": failing,
+            }
+        )
 
     return app

@@ -22,7 +22,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -62,6 +63,10 @@ class ViewStatus:
     #: a generation being built, if any
     rebuilding: Rebuilding | None
     updated_at: str
+    #: why this process's follower of the view keeps failing (it retries; None when well)
+    error: str | None = None
+    #: when that run of failures began (UTC, ISO 8601)
+    failing_since: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +81,8 @@ class ViewStatus:
             if self.rebuilding is None
             else {"generation": self.rebuilding.generation, "position": self.rebuilding.position},
             "updated_at": self.updated_at,
+            "error": self.error,
+            "failing_since": self.failing_since,
         }
 
 
@@ -188,6 +195,7 @@ class Follower:
         self.batch_size = batch_size
         self.generation = generation
         self.last_error: BaseException | None = None
+        self.failing_since: datetime | None = None
         if generation is None:
             registry.ensure(store, view)
 
@@ -226,11 +234,12 @@ class Follower:
                     n = self.run_once()
                 except Exception as exc:
                     self.last_error = exc
+                    self.failing_since = self.failing_since or datetime.now(UTC)
                     log.exception("view %s: applying a batch failed; retrying", self.view.name)
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue
-                self.last_error = None
+                self.last_error = self.failing_since = None
                 backoff = poll_interval
                 if n >= self.batch_size:
                     continue  # more is waiting
@@ -259,7 +268,16 @@ class Follower:
         )
 
     def status(self) -> ViewStatus:
-        return status(self.store, self.recorder, self.view)
+        """The view's status, with this follower's current failure if it keeps failing."""
+        found = status(self.store, self.recorder, self.view)
+        error, since = self.last_error, self.failing_since
+        if error is None:
+            return found
+        return replace(
+            found,
+            error=f"{type(error).__name__}: {error}".splitlines()[0][:500],
+            failing_since=since.isoformat() if since is not None else None,
+        )
 
     def wait_for(self, target: int, timeout: float) -> bool:
         return wait_for(self.store, self.view.name, target, timeout)

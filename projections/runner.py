@@ -130,6 +130,10 @@ class Projections:
     def status(self) -> list[ViewStatus]:
         return [f.status() for f in self.followers.values()]
 
+    def failing(self) -> list[str]:
+        """The views whose follower in this process failed its last batch (it retries)."""
+        return [name for name, f in self.followers.items() if f.last_error is not None]
+
     def wait_for(self, position: int, timeout: float, views: Sequence[str] | None = None) -> bool:
         """Wait until every view (or the named ones) has applied ``position``."""
         deadline = time.monotonic() + timeout

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -160,6 +161,7 @@ def test_healthz_needs_no_token_and_reports_the_log_head(api: Api) -> None:
     api.open()
     body = assert_ok(api.client.get("/healthz"))
     assert body["status"] == "ok"
+    assert body["failing_views"] == []
     assert body["backend"] == api.settings.backend
     assert isinstance(body["log_head"], int)
     assert body["log_head"] == api.archive.head_position() > 0
@@ -763,20 +765,25 @@ def test_text_with_a_nul_character_is_refused_and_the_views_keep_reading(api: Ap
 
 
 class StuckSearchView(SearchView):
-    """Fault injection: a search index that cannot apply anything."""
+    """Fault injection: a search index that cannot apply anything until it is mended."""
+
+    mended = False
 
     def apply_batch(self, *args: Any) -> None:
-        raise RuntimeError("cannot apply this event")
+        if not self.mended:
+            raise RuntimeError("cannot apply this event")
+        super().apply_batch(*args)
 
 
 def test_a_stuck_view_delays_only_the_routes_that_read_it(
     settings: Settings, archive: ArchiveApp
 ) -> None:
     app = create_app(settings, archive)
+    stuck_view = StuckSearchView()
     views = Projections(
         archive,
         open_store(settings),
-        [LoanFilesView(), AuditTrailView(), StuckSearchView()],
+        [LoanFilesView(), AuditTrailView(), stuck_view],
         poll_interval=0.05,
         owns_store=True,
     )
@@ -794,6 +801,25 @@ def test_a_stuck_view_delays_only_the_routes_that_read_it(
         stuck = client.get("/api/v1/search", params={"q": "hipoteca"}, headers=auth)
         assert stuck.status_code == 503, stuck.text
         assert "search view has not yet reached" in stuck.json()["detail"]
+        # Monitoring sees it: /healthz names the view (no token, no detail) ...
+        health = client.get("/healthz")
+        assert health.status_code == 200
+        assert health.json()["status"] == "degraded"
+        assert health.json()["failing_views"] == ["search"]
+        # ... and the operators' status gives the error and since when it fails.
+        status = {s["view"]: s for s in client.get("/api/v1/projections", headers=auth).json()}
+        assert status["search"]["error"] == "RuntimeError: cannot apply this event"
+        assert status["search"]["failing_since"] is not None
+        assert status["search"]["lag"] > 0
+        assert status["loan_files"]["error"] is None
+        assert status["loan_files"]["failing_since"] is None
+        # Mended, the view catches up on its next retry and the alert clears.
+        stuck_view.mended = True
+        deadline = time.monotonic() + 30
+        while client.get("/healthz").json()["status"] != "ok":
+            assert time.monotonic() < deadline, "the mended view never recovered"
+            time.sleep(0.1)
+        assert client.get("/api/v1/search", params={"q": "x"}, headers=auth).status_code == 200
     finally:
         views.close()
 

@@ -143,7 +143,8 @@ class AuditTrailView(View):
         if stored is None:  # not from the log (a test, a single event): encode again
             stored = [_mapper().to_stored_event(event) for _, event in events]
         kinds = [_KINDS.get(type(event)) or _kind(event) for _, event in events]
-        wanted = {id_text(e.originator_id) for _, e in events}
+        ids = [id_text(e.originator_id) for _, e in events]
+        wanted = set(ids)
         for (_, event), kind in zip(events, kinds, strict=True):
             if kind.liens and not getattr(event, "loan_number", None):
                 registration = getattr(event, "registration_id", None)
@@ -152,8 +153,9 @@ class AuditTrailView(View):
         _load_loans(tx, tables, loans, wanted)
         before: dict[str, Any] = {}
         rows = []
-        for (position, event), note, kind in zip(events, stored, kinds, strict=True):
-            aggregate_id = id_text(event.originator_id)
+        for (position, event), note, kind, aggregate_id in zip(
+            events, stored, kinds, ids, strict=True
+        ):
             own = getattr(event, "loan_number", None)
             if own:
                 loan_number: Any = own

@@ -23,6 +23,8 @@ CACHED = 16_384
 @functools.lru_cache(maxsize=CACHED)
 def iso_utc(moment: datetime) -> str:
     """``2026-01-31T12:00:00.000000Z``: fixed width, so text order is time order."""
+    if moment.tzinfo is UTC:  # every event's time: one call instead of three
+        return moment.isoformat(timespec="microseconds")[:-6] + "Z"
     if moment.tzinfo is None:
         raise ValueError("a moment needs a time zone")
     # isoformat is about twice as fast as strftime, and this runs for every event.

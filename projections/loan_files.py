@@ -449,23 +449,22 @@ def _collection_action(rows: Rows, position: int, e: Any) -> None:
 def _repayment(rows: Rows, position: int, e: Any) -> None:
     """Half of all events: the entry's JSON is written directly when its values are a
     Decimal and a date (the text ``dumps`` gives: neither needs escaping)."""
-    row = _loan(rows, e)
+    key = id_text(e.originator_id)
+    row = rows.get(LOANS, key)
     amount, paid_on = e.amount, e.paid_on
     repaid = Decimal(row["repaid"]) + amount
     if type(amount) is Decimal and type(paid_on) is date:
         text = row["repayments"]
         entry = f'{{"amount":"{amount}","paid_on":"{paid_on.isoformat()}"}}'
-        repayments = f"[{entry}]" if text == "[]" else f"{text[:-1]},{entry}]"
+        row["repayments"] = f"[{entry}]" if text == "[]" else f"{text[:-1]},{entry}]"
     else:
-        repayments = _append(row, "repayments", {"amount": amount, "paid_on": paid_on})
-    _update_loan(
-        rows,
-        position,
-        e,
-        repayments=repayments,
-        repaid=str(repaid),
-        outstanding=_outstanding(row, repaid, Decimal(row["recovered"])),
-    )
+        row["repayments"] = _append(row, "repayments", {"amount": amount, "paid_on": paid_on})
+    row["outstanding"] = _outstanding(row, repaid, Decimal(row["recovered"]))
+    row["repaid"] = str(repaid)
+    row["version"] = e.originator_version
+    row["updated_at"] = iso_utc(e.timestamp)
+    row["position"] = position
+    rows.changed(LOANS, key)
 
 
 @handlers.on("LoanFile.InspectionRecorded")

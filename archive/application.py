@@ -18,9 +18,13 @@ from functools import cached_property
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID, uuid4
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import (
+    AggregateNotFoundError,
+    Application,
+    ProcessingEvent,
+)
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import IntegrityError, JSONTranscoder, Transcoding
+from eventsourcing.persistence import IntegrityError, JSONTranscoder, Recording, Transcoding
 from eventsourcing.utils import get_topic
 
 from archive.blobstore import BlobError, BlobStore, Readable, open_blob_store
@@ -232,6 +236,28 @@ class ArchiveApp(Application[UUID]):
         self.cache = AggregateCache(AGGREGATE_CACHE_SIZE)
         super().__init__(env=settings.eventsourcing_env())
         protect_events_table(self.recorder)
+
+    def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
+        """The library's ``save``, minus its runtime Protocol checks for our own aggregates.
+
+        ``ProcessingEvent.collect_events`` asks ``isinstance`` of two typing Protocols for
+        every object; on Python 3.11 that walks the protocols' attributes on each call,
+        about 20 µs of a 300 µs append. An ``ArchiveAggregate`` is known to be an aggregate
+        that collects events, so its events are collected directly; the rest (record,
+        snapshots, notifications) is the library's own, in its order. Anything else takes
+        the library's path unchanged."""
+        if not all(isinstance(obj, ArchiveAggregate) for obj in objs):
+            return super().save(*objs, **kwargs)
+        processing = ProcessingEvent[UUID]()
+        for aggregate in objs:
+            processing.events.extend(aggregate.collect_events())
+            processing.aggregates[aggregate.id] = aggregate
+        processing.saved_kwargs.update(kwargs)
+        recordings = self._record(processing)
+        self._take_snapshots(processing)
+        self._notify(recordings)
+        self.notify(processing.events)  # the library's deprecated hook, called as it does
+        return recordings
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)

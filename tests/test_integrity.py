@@ -11,7 +11,8 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from eventsourcing.domain import Snapshot
+from eventsourcing.domain import Aggregate, Snapshot
+from eventsourcing.domain import event as triggers
 from factories import appraisal_fields, mortgage_fields, open_loan
 from hypothesis import HealthCheck, assume, given
 from hypothesis import settings as hypothesis_settings
@@ -379,3 +380,39 @@ def test_canonical_bytes_refuse_floats_anywhere(value: Any) -> None:
 def test_canonical_bytes_refuse_what_has_no_canonical_form(value: Any, error: type) -> None:
     with pytest.raises(error):
         canonical_bytes("t:E", {"field": value})
+
+
+# -- saving: ArchiveApp.save collects our aggregates' events without the Protocol checks ----
+
+
+class Plain(Aggregate):
+    """Not an ArchiveAggregate: saved through the library's own path."""
+
+    @triggers("Made")
+    def __init__(self, note: str) -> None:
+        self.note = note
+
+
+def test_save_records_several_aggregates_in_order_in_one_transaction(
+    archive: ArchiveApp, officer: CommandContext
+) -> None:
+    open_loan(archive, officer, "SV-1")
+    loan = archive.get_loan("SV-1")
+    loan.record_repayment(officer, "10.00", "2024-02-01")
+    loan.record_repayment(officer, "20.00", "2024-03-01")
+    other = Plain("kept")
+    recordings = archive.save(loan, other)  # one of ours, one plain: the library's path
+    assert [r.domain_event.originator_version for r in recordings] == [2, 3, 1]
+    ours = archive.save(archive.get_loan("SV-1"))  # nothing pending: nothing recorded
+    assert ours == []
+    again = archive.get_loan("SV-1")
+    again.record_repayment(officer, "5.00", "2024-04-01")
+    (recording,) = archive.save(again)
+    positions = [r.notification.id for r in recordings] + [recording.notification.id]
+    assert positions == list(range(positions[0], positions[0] + 4))
+    assert archive.get_loan("SV-1").repaid == Decimal("35.00")
+    assert archive.repository.get(other.id).note == "kept"
+    # The loan's chain holds; the plain aggregate's event, outside any chain, is flagged.
+    breach = archive.verify_chain().breach
+    assert breach is not None and breach.originator_id == other.id
+    assert breach.problem == "event carries no hash"

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from api.bodies import QueryText
 from api.deps import AuditTrailViews, AuthFirstRoute, require
 from api.encoding import jsonable
 from archive.application import Principal
@@ -23,8 +24,8 @@ Auditor = Annotated[Principal, Depends(require(Role.AUDITOR, Role.COMPLIANCE, Ro
 
 
 def filters(
-    loan_number: str | None = None,
-    actor: str | None = None,
+    loan_number: QueryText = None,
+    actor: QueryText = None,
     event_type: Annotated[str | None, Query(examples=["LoanFile.StatusChanged"])] = None,
     since: Annotated[datetime | None, Query(description="Inclusive; ISO 8601 with zone.")] = None,
     until: Annotated[datetime | None, Query(description="Exclusive; ISO 8601 with zone.")] = None,
@@ -53,6 +54,11 @@ def filters(
             moment.astimezone(UTC)
         except OverflowError:
             raise DomainError(f"{name} falls outside the calendar in UTC: {moment}") from None
+    if since is not None and until is not None and since > until:
+        # Reversed bounds match nothing: an empty 200 would read as "no such events".
+        raise DomainError(
+            f"since {since.isoformat()} is after until {until.isoformat()}: the range is reversed"
+        )
     return {
         "loan_number": loan_number,
         "actor_id": actor,

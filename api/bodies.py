@@ -1,8 +1,8 @@
 """The base of every JSON request body: no unknown fields, and no text a store refuses."""
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
 
 def refuse_nul(value: Any) -> None:
@@ -17,6 +17,17 @@ def refuse_nul(value: Any) -> None:
     elif isinstance(value, list | tuple):
         for item in value:
             refuse_nul(item)
+
+
+def _nul_free(value: str | None) -> str | None:
+    refuse_nul(value)
+    return value
+
+
+QueryText = Annotated[str | None, AfterValidator(_nul_free)]
+"""An optional text query parameter compared with stored text: PostgreSQL refuses a NUL
+in a statement's parameter, which would be a 500 (or a streamed export cut short after
+its 200) instead of a 422 naming the parameter."""
 
 
 class Body(BaseModel):

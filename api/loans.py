@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from api.bodies import Body
+from api.bodies import Body, QueryText
 from api.deps import (
     Archive,
     AuditTrailViews,
@@ -217,9 +217,9 @@ def list_loans(
     status: LoanStatus | None = None,
     classification: Classification | None = None,
     recovery_category: RecoveryCategory | None = None,
-    loan_officer: str | None = None,
-    collection_officer: str | None = None,
-    branch: str | None = None,
+    loan_officer: QueryText = None,
+    collection_officer: QueryText = None,
+    branch: QueryText = None,
     product: Product | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,

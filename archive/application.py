@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from functools import cached_property
 from typing import Any, ClassVar, TypeVar
@@ -814,6 +814,11 @@ class ArchiveApp(Application[UUID]):
             raise DomainError("give either a version or a moment, not both")
         if as_of is not None and as_of.tzinfo is None:
             raise DomainError("a moment in the past needs a time zone, e.g. 2026-01-31T12:00:00Z")
+        if as_of is not None:
+            try:  # compared with UTC event times and echoed in UTC: it must have a UTC form
+                as_of.astimezone(UTC)
+            except OverflowError:
+                raise DomainError(f"as_of falls outside the calendar in UTC: {as_of}") from None
         if version is None and as_of is None:
             loan: Any = self.get_loan(loan_number)
             index = self.loan_documents(loan_number)

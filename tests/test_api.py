@@ -879,6 +879,15 @@ def test_bad_moments_and_versions(api: Api) -> None:
     assert_problem(api.get("/api/v1/loans/CR-1", params=both), 422)
 
 
+def test_a_moment_outside_the_utc_calendar_is_a_422_not_a_500(api: Api) -> None:
+    """9999-12-31T23:59:59-01:00 is a valid ISO moment with no UTC form: the rebuild
+    compares it with the events' UTC times and the answer echoes it in UTC."""
+    api.open()
+    for moment in ("9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+14:00"):
+        problem = assert_problem(api.get("/api/v1/loans/CR-1", params={"as_of": moment}), 422)
+        assert "as_of" in problem["detail"] and "UTC" in problem["detail"], problem
+
+
 # -- optimistic locking and errors --------------------------------------------------------------
 
 
@@ -967,6 +976,26 @@ def test_extreme_offsets_and_moments_are_client_errors_not_500s(api: Api) -> Non
     everything = api.get("/api/v1/audit-trail", "auditor", params={"since": "0001-01-01T00:00:00Z"})
     assert assert_ok(everything)["total"] >= 1
     assert assert_ok(api.get("/api/v1/loans", params={"offset": 10**12}))["items"] == []
+
+
+def test_reversed_time_ranges_and_nul_filters_are_422s_on_the_audit_trail(api: Api) -> None:
+    """A reversed range matches nothing (an empty page would read as "no events"), and a
+    NUL in a text filter is refused before PostgreSQL sees it (a 500 there, or an export
+    cut short after its 200)."""
+    api.open()
+    reversed_range = {"since": "2030-01-01T00:00:00Z", "until": "2020-01-01T00:00:00Z"}
+    for path in ("/api/v1/audit-trail", "/api/v1/audit-trail/export"):
+        problem = assert_problem(api.get(path, "auditor", params=reversed_range), 422)
+        assert "reversed" in problem["detail"], problem
+        for name in ("loan_number", "actor"):
+            problem = assert_problem(api.get(path, "auditor", params={name: "CR\x001"}), 422)
+            assert name in problem["detail"] and "NUL" in problem["detail"], problem
+    for name in ("loan_officer", "collection_officer", "branch"):
+        problem = assert_problem(api.get("/api/v1/loans", params={name: "\x00"}), 422)
+        assert name in problem["detail"], problem
+    # An empty range is no mistake: since is inclusive, until exclusive.
+    same = {"since": "2030-01-01T00:00:00Z", "until": "2030-01-01T00:00:00Z"}
+    assert assert_ok(api.get("/api/v1/audit-trail", "auditor", params=same))["items"] == []
 
 
 def test_a_misspelt_list_filter_is_a_422_naming_the_values_not_an_empty_page(api: Api) -> None:

@@ -178,6 +178,11 @@ def test_refused_commands_exit_non_zero_with_one_line(
     with pytest.raises(NotFoundError):
         archive.get_loan("CR-2")
 
+    # A valid ISO moment with no UTC form is one line too, not a traceback.
+    for moment in ("9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+14:00"):
+        shown = run(env, "loans", "show", "CR-1", "--token", token, "--as-of", moment)
+        assert "outside the calendar" in one_error_line(shown)
+
 
 def tamper(settings: Settings, archive: ArchiveApp, aggregate: str, version: int) -> None:
     """Flip one bit of one stored event behind the archive's back (case of a letter in

@@ -66,6 +66,10 @@ class User(ArchiveAggregate):
 
     def change_role(self, ctx: CommandContext, role: str) -> None:
         chosen = choice(Role, role, "role")
+        if not self.active:
+            # Deactivation is final (no command reactivates), so the new role would grant
+            # nothing; recording it would only make the user look restored in the trail.
+            raise DomainError(f"{self.name} is deactivated; their role no longer changes")
         if chosen.value == self.role:
             raise DomainError(f"{self.name} already has role {self.role}")
         self._trigger(self.RoleChanged, ctx, role=chosen.value)

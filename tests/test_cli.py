@@ -527,6 +527,8 @@ def test_bad_collateral_valuation_and_user_input_is_one_line_and_loses_nothing(
         officer, reg, None, lambda r: r.mark_registered(officer, "T-1", "2024-01-20")
     )
     val = archive.appraise(officer, **appraisal_fields("CR-1")).id
+    archive.add_user(operator_context(), "old.clerk", "archivist")
+    archive.change_user(operator_context(), "old.clerk", lambda u: u.deactivate(officer))
     env = {**cli_env(settings), "ARCHIVE_TOKEN": token}
     head = archive.head_position()
     tomorrow_but_one = (datetime.now(UTC).date() + timedelta(days=2)).isoformat()
@@ -625,6 +627,7 @@ def test_bad_collateral_valuation_and_user_input_is_one_line_and_loses_nothing(
         (("users", "role", "ana.officer", "--role", "superuser"), "superuser"),
         (("users", "role", "nobody", "--role", "auditor"), "user nobody not found"),
         (("users", "role", "ana.officer", "--role", "credit_officer"), "already has role"),
+        (("users", "role", "old.clerk", "--role", "auditor"), "old.clerk is deactivated"),
     ]
     for args, message in refusals:
         line = one_error_line(run(env, *args))

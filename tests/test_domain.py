@@ -305,6 +305,16 @@ def test_an_appraisal_is_not_dated_in_the_future(
         )
 
 
+def test_a_deactivated_users_role_does_not_change(officer: CommandContext) -> None:
+    """Like a token, a role is refused to a deactivated user: it would grant nothing, and
+    the trail would show them given a new role as if restored."""
+    user = User.register(officer, "ana", "credit_officer")
+    user.deactivate(officer)
+    with pytest.raises(DomainError, match="ana is deactivated"):
+        user.change_role(officer, "auditor")
+    assert (user.role, user.active, user.version) == ("credit_officer", False, 2)
+
+
 def test_repeated_mortgage_needs_higher_rank_and_is_flagged(
     archive: ArchiveApp, officer: CommandContext
 ) -> None:

@@ -32,10 +32,17 @@ Reader = Annotated[Principal, Depends(require(*READERS))]
 LATEST_AS_OF = date(9899, 12, 31)
 """The last reporting date: a report looks up to ten years past it (revaluations, next
 inspections), and the calendar ends in 9999."""
+EARLIEST_AS_OF = date(2, 1, 1)
+"""The first reporting date: a report looks up to a quarter before it (inspections
+overdue), and the calendar starts in year 1."""
 
 AsOf = Annotated[
     date | None,
-    Query(le=LATEST_AS_OF, description="Reporting date (YYYY-MM-DD); default today."),
+    Query(
+        ge=EARLIEST_AS_OF,
+        le=LATEST_AS_OF,
+        description="Reporting date (YYYY-MM-DD); default today.",
+    ),
 ]
 Currency = Annotated[
     str | None,

@@ -39,11 +39,15 @@ AsTable = Annotated[bool, typer.Option("--table", help="Print tables instead of 
 
 
 def _day(as_of: datetime | None) -> date | None:
-    """The reporting date of ``--as-of`` (refused past the last one a report can handle)."""
-    from api.reports import LATEST_AS_OF
+    """The reporting date of ``--as-of`` (refused outside the dates a report can handle)."""
+    from api.reports import EARLIEST_AS_OF, LATEST_AS_OF
 
     if as_of is not None and as_of.date() > LATEST_AS_OF:
         raise typer.BadParameter(f"reporting dates end at {LATEST_AS_OF}", param_hint="'--as-of'")
+    if as_of is not None and as_of.date() < EARLIEST_AS_OF:
+        raise typer.BadParameter(
+            f"reporting dates start at {EARLIEST_AS_OF}", param_hint="'--as-of'"
+        )
     return None if as_of is None else as_of.date()
 
 

@@ -709,6 +709,11 @@ def test_reports_over_http(portfolio: Portfolio) -> None:
         assert late.status_code == 422, (path, late.text)
         assert late.headers["content-type"].startswith("application/problem+json")
         assert get(path, as_of="9899-12-31").status_code == 200, path
+        # It starts in year 1, and inspections look a quarter back: the same at that end.
+        early = get(path, as_of="0001-01-01")
+        assert early.status_code == 422, (path, early.text)
+        assert early.headers["content-type"].startswith("application/problem+json")
+        assert get(path, as_of="0002-01-01").status_code == 200, path
     assert get("/revaluations-due", as_of="9899-12-31", days=3660).status_code == 200
     overdue = get("/inspections-overdue", as_of="2025-06-30").json()
     assert overdue["overdue_counts"] == {"monthly": 2, "quarterly": 2}
@@ -763,6 +768,8 @@ def test_reports_through_the_cli(portfolio: Portfolio, settings: Settings, tmp_p
     late = run("inspections-overdue", "--as-of", "9999-12-31")
     assert late.exit_code == 2 and "reporting dates end at 9899-12-31" in late.output, late.output
     assert late.exception is None or isinstance(late.exception, SystemExit), late.exception
+    early = run("inspections-overdue", "--as-of", "0001-01-01")
+    assert early.exit_code == 2 and "reporting dates start at 0002-01-01" in early.output
 
     result = run("concentration", "--top", "2", "--table")
     assert result.exit_code == 0, result.output

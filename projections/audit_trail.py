@@ -214,7 +214,26 @@ _STATE_CHANGES: dict[str, Callable[[Any], dict[str, Change]]] = {
     "Document.LegalHoldReleased": lambda e: {"legal_hold": (_UNSEEN, False)},
     "User.Deactivated": lambda e: {"active": (_UNSEEN, False)},
     "AccessToken.Revoked": lambda e: {"revoked": (_UNSEEN, True)},
+    # The release ends one lien of the property; its id is the summary's, not a new value.
+    "PropertyLiens.LienReleased": lambda e: {"live": (True, False)},
 }
+
+RECORDS = frozenset(
+    {
+        "LoanFile.RepaymentRecorded",
+        "LoanFile.CollectionActionRecorded",
+        "LoanFile.InspectionRecorded",
+        "LoanFile.CollateralLinked",
+        "LoanFile.ValuationLinked",
+        "MortgageRegistration.SiteVerified",
+        "PropertyLiens.LienAdded",
+        "LoanDocuments.DocumentFiled",
+    }
+)
+"""Events that add an entry to a list (a repayment, a site visit, a lien) rather than set
+a field: each field is new, so its before is null. Compared with the previous entry, a
+second repayment read as an amendment of the first (amount 10.00 → 5.00), an equal one
+as no change at all, and a second loan's lien as the first lien's loan being changed."""
 
 
 def payload(event: Any) -> dict[str, Any]:
@@ -247,6 +266,10 @@ def state_changes(event: Any) -> dict[str, Change]:
             k: (b if b is _UNSEEN else plain(b), plain(a)) for k, (b, a) in special(event).items()
         }
     fields = vars(event)
+    if type(event).__qualname__ in RECORDS:
+        return {
+            name: (None, plain(fields[attribute])) for name, attribute, _ in _plan(tuple(fields))
+        }
     return {
         name: (_UNSEEN if old is None else plain(fields[old]), plain(fields[attribute]))
         for name, attribute, old in _plan(tuple(fields))

@@ -653,6 +653,37 @@ def test_audit_rows_for_a_loan_history(
         audit_trail.query(store, since="2026-01-01T00:00:00")  # no time zone
 
 
+def test_an_entry_added_to_a_list_is_new_in_the_diff_not_a_change_of_the_last_one(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    """A second repayment is not an amendment of the first, an equal one is still a
+    repayment, and a second loan's lien on the property does not change the first's."""
+    open_loan(archive, officer, "CR-1")
+    open_loan(archive, officer, "CR-2")
+    for amount in ("10.00", "5.00", "5.00"):
+        change(archive, officer, "CR-1", "record_repayment", amount, "2024-06-01")
+    first = archive.register_collateral(officer, **mortgage_fields("CR-1")).id
+    archive.register_collateral(officer, **mortgage_fields("CR-2", lien_rank=2))
+    archive.release_collateral(officer, first, None, "2024-06-01")
+    Follower(AuditTrailView(), archive, store).catch_up()
+
+    def diffs(event_type: str) -> list[dict[str, Any]]:
+        return [r["diff"] for r in audit_trail.query(store, event_type=event_type).items]
+
+    assert diffs("LoanFile.RepaymentRecorded") == [
+        {"amount": {"before": None, "after": a}, "paid_on": {"before": None, "after": "2024-06-01"}}
+        for a in ("10.00", "5.00", "5.00")
+    ]
+    added = diffs("PropertyLiens.LienAdded")
+    assert [(d["loan_number"], d["lien_rank"]) for d in added] == [
+        ({"before": None, "after": "CR-1"}, {"before": None, "after": 1}),
+        ({"before": None, "after": "CR-2"}, {"before": None, "after": 2}),
+    ]
+    assert diffs("PropertyLiens.LienReleased") == [{"live": {"before": True, "after": False}}]
+    linked = diffs("LoanFile.CollateralLinked")
+    assert [d["registration_id"]["before"] for d in linked] == [None, None]
+
+
 def test_audit_trail_exports_csv_and_json_lines(
     archive: ArchiveApp, officer: CommandContext, store: Store
 ) -> None:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
+from collections.abc import Sequence
 from decimal import Decimal
+from pathlib import Path
+from uuid import uuid4
 
+import psycopg
 import pytest
+from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder
 from factories import mortgage_fields, open_loan
 
 from archive.application import ArchiveApp, StaleVersionError
 from archive.domain import CommandContext
+from archive.eventlog import PostgresEventsRecorder
 from archive.exceptions import ConflictError, DomainError
 from archive.loans import LoanFile
 from archive.settings import Settings
@@ -239,5 +247,47 @@ def test_threads_sharing_one_app_lose_nothing(settings: Settings, officer: Comma
         assert sorted(i["inspector"] for i in stored.inspections) == sorted(won)
         assert cached.inspections == stored.inspections
         assert app.verify_chain().ok
+    finally:
+        app.close()
+
+
+def test_a_large_insert_waiting_for_the_table_lock_completes(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL: an insert larger than the socket buffers, sent while the server waits
+    for the events table lock, completes once the lock is released. The library's
+    pipelined insert hung here for ever (server in ClientRead, client in
+    ``Pipeline.sync``): a bulk save in bench/search.py once hung 8 minutes."""
+    app = ArchiveApp(Settings(data_dir=tmp_path, database_url=postgres_url, demo_data=False))
+    library = app.recorder
+    assert isinstance(library, PostgresApplicationRecorder)
+    recorder = PostgresEventsRecorder(
+        library.datastore, events_table_name=library.events_table_name
+    )
+    table = f'"{library.datastore.schema}"."{library.events_table_name}"'
+    events = [StoredEvent(uuid4(), 1, "bulk", bytes(150_000)) for _ in range(300)]  # 45 MB
+    done: list[Sequence[int] | None] = []
+    errors: list[BaseException] = []
+
+    def insert() -> None:
+        try:
+            done.append(recorder.insert_events(events))
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        with psycopg.connect(postgres_url) as holder:
+            holder.execute(f"LOCK TABLE {table} IN EXCLUSIVE MODE")
+            inserter = threading.Thread(target=insert, daemon=True)
+            inserter.start()
+            time.sleep(2)  # the client sends what the socket takes, the server is waiting
+            holder.rollback()
+        inserter.join(timeout=60)
+        assert not inserter.is_alive(), "the insert hung after the lock was released"
+        assert not errors, errors
+        assert done[0] is not None and len(done[0]) == len(events)
+        assert app.head_position() == max(done[0])
+        with pytest.raises(IntegrityError):  # a conflict is still the library's error
+            recorder.insert_events(events[:1])
     finally:
         app.close()

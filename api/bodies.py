@@ -1,8 +1,8 @@
 """The base of every JSON request body: no unknown fields, and no text a store refuses."""
 
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
 
 
 def refuse_nul(value: Any) -> None:
@@ -40,4 +40,16 @@ class Body(BaseModel):
     @classmethod
     def _without_nul(cls, value: Any) -> Any:
         refuse_nul(value)
+        return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_int(cls, value: Any, info: ValidationInfo) -> Any:
+        """JSON true is not a number, but lax validation reads it as 1: a one-month term,
+        a first-rank lien or expected version 1, stored in an event forever."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            kinds = get_args(annotation) or (annotation,)
+            if int in kinds and bool not in kinds:
+                raise ValueError("expected a whole number, not true or false")
         return value

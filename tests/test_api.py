@@ -764,6 +764,24 @@ def test_text_with_a_nul_character_is_refused_and_the_views_keep_reading(api: Ap
     assert_ok(api.get("/api/v1/audit-trail", role="auditor"))
 
 
+def test_true_is_not_a_whole_number(api: Api) -> None:
+    """Lax validation read JSON true as 1: a one-month term, a first-rank lien, or a
+    stale-write check against version 1 that passed."""
+    api.open()
+    refused = {
+        "/api/v1/loans": loan_body("CR-2", term_months=True),
+        "/api/v1/collateral": mortgage_body(lien_rank=True),
+        "/api/v1/loans/CR-1/status": {"status": "overdue", "expected_version": True},
+    }
+    for path, body in refused.items():
+        problem = assert_problem(api.post(path, body), 422)
+        assert "not true or false" in problem["detail"], problem
+    assert assert_ok(api.get("/api/v1/loans"))["total"] == 1
+    assert assert_ok(api.get("/api/v1/loans/CR-1"))["version"] == 1
+    # Numbers stay numbers.
+    assert_ok(api.post("/api/v1/loans/CR-1/status", {"status": "overdue", "expected_version": 1}))
+
+
 class StuckSearchView(SearchView):
     """Fault injection: a search index that cannot apply anything until it is mended."""
 

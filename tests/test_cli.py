@@ -549,6 +549,16 @@ def test_bad_collateral_valuation_and_user_input_is_one_line_and_loses_nothing(
         ),
         (("collateral", "release", "not-a-uuid", "-d", '{"released_on": "2025-02-01"}'), "UUID"),
         (
+            (
+                "collateral",
+                "release",
+                str(reg),
+                "-d",
+                '{"released_on": "2025-02-01", "expected_version": true}',
+            ),
+            "not true or false",
+        ),
+        (
             ("collateral", "release", str(uuid4()), "-d", '{"released_on": "2025-02-01"}'),
             "not found",
         ),

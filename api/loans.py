@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from api.bodies import Body, QueryText
 from api.deps import (
@@ -92,7 +92,8 @@ class AssignOfficer(Command):
 
 
 class RecordInvestigation(Command):
-    checklist: dict[str, bool]
+    # Strict: an answer is true or false, not 1 or "yes" read as one.
+    checklist: dict[str, StrictBool]
     investigated_on: date
     notes: str | None = Field(None, max_length=4000)
 

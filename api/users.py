@@ -60,6 +60,10 @@ def issue_token(
 def change_role(
     name: str, body: ChangeRole, archive: Archive, who: Admin, request: Request
 ) -> dict[str, str]:
+    """An admin cannot change their own role, for the reason they cannot deactivate
+    themselves: the last admin would lock every admin out of the API."""
+    if name == who.name:
+        raise DomainError("you cannot change your own role; ask another admin")
     ctx = context(who, request, body.reason)
     archive.change_user(ctx, name, lambda u: u.change_role(ctx, body.role.value))
     return {"name": name, "role": body.role.value}

@@ -356,7 +356,8 @@ class LoanFile(ArchiveAggregate):
         if new not in ALLOWED_TRANSITIONS[old]:
             allowed = ", ".join(sorted(s.value for s in ALLOWED_TRANSITIONS[old])) or "none"
             raise DomainError(
-                f"a {old.value} loan cannot become {new.value}; allowed from {old.value}: {allowed}"
+                f"a loan that is {old.value} cannot become {new.value};"
+                f" allowed from {old.value}: {allowed}"
             )
         self._trigger(self.StatusChanged, ctx, old_status=old.value, new_status=new.value)
 

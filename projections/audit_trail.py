@@ -399,7 +399,8 @@ def _(e: Any, s: dict[str, Any]) -> str:
 
 @_says("MortgageRegistration.SiteVerified")
 def _(e: Any, s: dict[str, Any]) -> str:
-    return f"site verified by {e.officer} on {e.verified_on} ({len(e.defects)} defects)"
+    found = len(e.defects)
+    return f"site verified by {e.officer} on {e.verified_on} ({found} defect{'s' * (found != 1)})"
 
 
 @_says("MortgageRegistration.Released")

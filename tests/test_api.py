@@ -782,6 +782,19 @@ def test_true_is_not_a_whole_number(api: Api) -> None:
     assert_ok(api.post("/api/v1/loans/CR-1/status", {"status": "overdue", "expected_version": 1}))
 
 
+@pytest.mark.parametrize("answer", [1, 0, "yes", "no", "true"])
+def test_checklist_answers_are_true_or_false(api: Api, answer: object) -> None:
+    """A checklist answer read laxly ("yes", 1) would be stored as a finding forever."""
+    api.open()
+    body = {
+        "checklist": {**CHECKLIST, "willingness_to_pay": answer},
+        "investigated_on": "2024-06-01",
+    }
+    problem = assert_problem(api.post("/api/v1/loans/CR-1/investigation", body), 422)
+    assert "willingness_to_pay" in problem["detail"], problem
+    assert assert_ok(api.get("/api/v1/loans/CR-1"))["version"] == 1
+
+
 class StuckSearchView(SearchView):
     """Fault injection: a search index that cannot apply anything until it is mended."""
 
@@ -1096,7 +1109,10 @@ def test_token_and_deactivation_need_no_body_and_an_admin_keeps_their_own_accoun
     me = USERS["admin"]
     problem = assert_problem(api.post(f"/api/v1/users/{me}/deactivate", {}, role="admin"), 422)
     assert "your own account" in problem["detail"]
-    assert assert_ok(api.get("/api/v1/users/me", role="admin"))["name"] == me
+    demote = {"role": "auditor", "reason": "oops"}
+    problem = assert_problem(api.post(f"/api/v1/users/{me}/role", demote, role="admin"), 422)
+    assert "your own role" in problem["detail"]
+    assert assert_ok(api.get("/api/v1/users/me", role="admin")) == {"name": me, "role": "admin"}
 
 
 def test_users_routes(api: Api) -> None:

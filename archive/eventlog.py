@@ -83,10 +83,31 @@ def protect_events_table(recorder: ApplicationRecorder) -> None:
                     "USING ERRCODE = 'insufficient_privilege'; END $$"
                 ).format(schema=schema, function=function, message=SQL(APPEND_ONLY_MESSAGE))
             )
-            for name, timing in (
+            triggers = (
                 ("no_update_delete", "BEFORE UPDATE OR DELETE ON {schema}.{table} FOR EACH ROW"),
                 ("no_truncate", "BEFORE TRUNCATE ON {schema}.{table} FOR EACH STATEMENT"),
-            ):
+            )
+            # Dropping a trigger locks the table ACCESS EXCLUSIVE: every read and write of
+            # every process would queue behind this start until the lock is granted. So
+            # the triggers are made again only when they are not exactly in place
+            # (missing, disabled, narrowed or calling another function).
+            c.execute(
+                "SELECT count(*) AS n FROM pg_trigger WHERE tgrelid = to_regclass(%(table)s)"
+                " AND tgenabled = 'O' AND tgqual IS NULL AND cardinality(tgattr::int2[]) = 0"
+                " AND tgfoid = to_regprocedure(%(function)s) AND (tgname, tgtype) IN"
+                " ((%(name)s || '_no_update_delete', 27), (%(name)s || '_no_truncate', 34))",
+                {  # tgtype: 27 = ROW | BEFORE | DELETE | UPDATE, 34 = BEFORE | TRUNCATE
+                    "table": SQL("{schema}.{table}").format(schema=schema, table=table).as_string(),
+                    "function": SQL("{schema}.{function}()")
+                    .format(schema=schema, function=function)
+                    .as_string(),
+                    "name": recorder.events_table_name,
+                },
+            )
+            row = c.fetchone()
+            if row is not None and row["n"] == len(triggers):
+                return
+            for name, timing in triggers:
                 trigger = Identifier(f"{recorder.events_table_name}_{name}")
                 c.execute(
                     SQL("DROP TRIGGER IF EXISTS {trigger} ON {schema}.{table}").format(

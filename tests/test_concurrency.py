@@ -291,3 +291,37 @@ def test_a_large_insert_waiting_for_the_table_lock_completes(
             recorder.insert_events(events[:1])
     finally:
         app.close()
+
+
+def test_starting_does_not_lock_out_the_log(postgres_url: str, tmp_path: Path) -> None:
+    """PostgreSQL: a process starting (CLI, worker, server) while another reads the log
+    does not wait for it: the append-only triggers are left alone when they are in
+    place (dropping one locks the table ACCESS EXCLUSIVE, and every read and insert of
+    every process would queue behind that). Disabled, they are made again."""
+    settings = Settings(data_dir=tmp_path, database_url=postgres_url, demo_data=False)
+    first = ArchiveApp(settings)
+    recorder = first.recorder
+    assert isinstance(recorder, PostgresApplicationRecorder)
+    table = f'"{recorder.datastore.schema}"."{recorder.events_table_name}"'
+    started: list[ArchiveApp] = []
+    try:
+        with psycopg.connect(postgres_url) as reader:
+            reader.execute(f"SELECT count(*) FROM {table}")  # ACCESS SHARE until rollback
+            starting = threading.Thread(
+                target=lambda: started.append(ArchiveApp(settings)), daemon=True
+            )
+            starting.start()
+            starting.join(timeout=20)
+            assert not starting.is_alive(), "a start waited for a reader of the log"
+            reader.rollback()
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+        started.append(ArchiveApp(settings))
+        recorder.insert_events([StoredEvent(uuid4(), 1, "event", b"{}")])
+        for statement in (f"DELETE FROM {table}", f"TRUNCATE {table}"):
+            with psycopg.connect(postgres_url) as db, pytest.raises(psycopg.Error, match="append"):
+                db.execute(statement)
+    finally:
+        for app in started:
+            app.close()
+        first.close()

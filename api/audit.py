@@ -1,13 +1,13 @@
 """The audit trail: one row per event, filterable, exportable as CSV or JSON Lines."""
 
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.bodies import QueryText
+from api.bodies import QueryMoment, QueryText
 from api.deps import AuditTrailViews, AuthFirstRoute, require
 from api.encoding import jsonable
 from archive.application import Principal
@@ -27,8 +27,8 @@ def filters(
     loan_number: QueryText = None,
     actor: QueryText = None,
     event_type: Annotated[str | None, Query(examples=["LoanFile.StatusChanged"])] = None,
-    since: Annotated[datetime | None, Query(description="Inclusive; ISO 8601 with zone.")] = None,
-    until: Annotated[datetime | None, Query(description="Exclusive; ISO 8601 with zone.")] = None,
+    since: Annotated[QueryMoment, Query(description="Inclusive; ISO 8601 with zone.")] = None,
+    until: Annotated[QueryMoment, Query(description="Exclusive; ISO 8601 with zone.")] = None,
 ) -> dict[str, object]:
     if event_type is not None:
         known = audit_trail.known_event_types()

@@ -1,8 +1,17 @@
 """The base of every JSON request body: no unknown fields, and no text a store refuses."""
 
+import re
+from datetime import date, datetime
 from typing import Annotated, Any, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationInfo,
+    field_validator,
+)
 
 
 def refuse_nul(value: Any) -> None:
@@ -28,6 +37,24 @@ QueryText = Annotated[str | None, AfterValidator(_nul_free)]
 """An optional text query parameter compared with stored text: PostgreSQL refuses a NUL
 in a statement's parameter, which would be a 500 (or a streamed export cut short after
 its 200) instead of a 422 naming the parameter."""
+
+NUMBER = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*$")
+
+
+def _written_as_iso(value: Any) -> Any:
+    if isinstance(value, int | float) or (isinstance(value, str) and NUMBER.match(value)):
+        raise ValueError(
+            "expected ISO 8601 (e.g. 2024-05-01 or 2024-05-01T09:30:00Z), not a number"
+        )
+    return value
+
+
+QueryMoment = Annotated[datetime | None, BeforeValidator(_written_as_iso)]
+"""An optional moment in a query. Lax parsing reads a bare number as a Unix timestamp, in
+seconds or milliseconds as its size suggests (``as_of=99999999999`` is 1973): a moment is
+written as ISO 8601, or refused."""
+QueryDay = Annotated[date | None, BeforeValidator(_written_as_iso)]
+"""An optional day in a query, ISO 8601, for the same reason."""
 
 
 class Body(BaseModel):

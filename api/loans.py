@@ -1,6 +1,6 @@
 """Loan files: open, change through their commands, read now or as of the past, replay."""
 
-from datetime import date, datetime
+from datetime import date
 from decimal import Decimal
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field, StrictBool
 
-from api.bodies import Body, QueryText
+from api.bodies import Body, QueryMoment, QueryText
 from api.deps import (
     Archive,
     AuditTrailViews,
@@ -151,7 +151,7 @@ def get_loan(
     loan_number: str,
     archive: Archive,
     who: Reader,
-    as_of: Annotated[datetime | None, Query(description="ISO 8601 with time zone")] = None,
+    as_of: Annotated[QueryMoment, Query(description="ISO 8601 with time zone")] = None,
     version: Annotated[int | None, Query(ge=1)] = None,
 ) -> JSONResponse:
     """Rebuilt from the events (never from a view), then named as the list's items."""

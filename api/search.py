@@ -1,12 +1,12 @@
 """Full-text search over the extracted pages of every document, with metadata filters."""
 
-from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from api.bodies import QueryDay
 from api.deps import AuthFirstRoute, authorize, fresh_views, log_head, require_in_handler
 from archive.documents import DocumentType
 from archive.domain import Role
@@ -72,8 +72,8 @@ async def search_pages(
             "national id.",
         ),
     ] = None,
-    uploaded_from: Annotated[date | None, Query(description="Inclusive; UTC date.")] = None,
-    uploaded_to: Annotated[date | None, Query(description="Inclusive; UTC date.")] = None,
+    uploaded_from: Annotated[QueryDay, Query(description="Inclusive; UTC date.")] = None,
+    uploaded_to: Annotated[QueryDay, Query(description="Inclusive; UTC date.")] = None,
     include_superseded: Annotated[
         bool, Query(description="Superseded documents stay searchable; false hides them.")
     ] = True,

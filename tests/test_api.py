@@ -1450,3 +1450,20 @@ def test_the_fuzzers_cover_every_route(api: Api) -> None:
     fuzzed = {("POST", shape(p)) for p in POST_BODIES} | {("GET", shape(p)) for p in GET_PATHS}
     fuzzed |= {("HEAD", shape(p)) for p in GET_PATHS if p.endswith("/original")}
     assert served - {("GET", "/healthz")} == fuzzed
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/loans/CR-1?as_of=99999999999",
+        "/api/v1/loans/CR-1?as_of=1700000000.5",
+        "/api/v1/audit-trail?since=1700000000",
+        "/api/v1/audit-trail?until=%2B1700000000",
+        "/api/v1/search?q=hipoteca&uploaded_from=20240101",
+    ],
+)
+def test_moments_and_days_in_queries_are_iso_8601_not_numbers(api: Api, path: str) -> None:
+    """Lax parsing took a bare number for a Unix timestamp (as_of=99999999999 meant 1973)."""
+    api.open()
+    problem = assert_problem(api.get(path, role="auditor"), 422)
+    assert "ISO 8601" in problem["detail"], problem

@@ -133,6 +133,8 @@ class Settings(BaseSettings):
             "POSTGRES_POOL_SIZE": str(self.db_pool_size),
             "POSTGRES_MAX_OVERFLOW": str(self.db_pool_size * 2),
             "POSTGRES_LOCK_TIMEOUT": "10",
+            # The library's insert without pipeline mode, which can hang (see its docstring).
+            "APPLICATION_RECORDER_TOPIC": "archive.eventlog:PostgresEventsRecorder",
         }
 
 

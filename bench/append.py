@@ -409,7 +409,11 @@ def measure(
     profiler: cProfile.Profile | None,
 ) -> Result:
     archive = ArchiveApp(archive_settings)
-    raw = Application[uuid.UUID](env=raw_settings.eventsourcing_env())
+    # The raw side is the library as shipped: its own recorder, not the archive's
+    # PostgreSQL recorder (archive.eventlog.PostgresEventsRecorder).
+    raw_env = raw_settings.eventsourcing_env()
+    raw_env.pop("APPLICATION_RECORDER_TOPIC", None)
+    raw = Application[uuid.UUID](env=raw_env)
     try:
         per_round = max(1, total // rounds)
         archive_rounds: list[Round] = []

@@ -259,12 +259,9 @@ def test_a_large_insert_waiting_for_the_table_lock_completes(
     pipelined insert hung here for ever (server in ClientRead, client in
     ``Pipeline.sync``): a bulk save in bench/search.py once hung 8 minutes."""
     app = ArchiveApp(Settings(data_dir=tmp_path, database_url=postgres_url, demo_data=False))
-    library = app.recorder
-    assert isinstance(library, PostgresApplicationRecorder)
-    recorder = PostgresEventsRecorder(
-        library.datastore, events_table_name=library.events_table_name
-    )
-    table = f'"{library.datastore.schema}"."{library.events_table_name}"'
+    recorder = app.recorder
+    assert isinstance(recorder, PostgresEventsRecorder)  # what the settings select
+    table = f'"{recorder.datastore.schema}"."{recorder.events_table_name}"'
     events = [StoredEvent(uuid4(), 1, "bulk", bytes(150_000)) for _ in range(300)]  # 45 MB
     done: list[Sequence[int] | None] = []
     errors: list[BaseException] = []

@@ -80,6 +80,9 @@ class ExtractionWorker:
         self.extract = extract
         self.ctx = CommandContext(name, Role.ARCHIVIST.value, "text extraction")
         with store.transaction() as tx:
+            # Workers start together: PostgreSQL's IF NOT EXISTS is no guard against a
+            # concurrent CREATE (a unique violation on pg_type), the lock is.
+            tx.lock(TRACKING_TABLE)
             tx.execute(
                 f"CREATE TABLE IF NOT EXISTS {TRACKING_TABLE} "
                 "(name TEXT PRIMARY KEY, position BIGINT NOT NULL)"

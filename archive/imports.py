@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from archive.application import ArchiveApp
@@ -43,16 +45,7 @@ def plan_import(
     if (directory is None) == (manifest is None):
         raise DomainError("give either a folder (with --loan and --type) or --manifest")
     if manifest is not None:
-        try:
-            with manifest.open(newline="", encoding="utf-8") as handle:
-                rows = list(csv.DictReader(handle))
-        except OSError as exc:
-            raise DomainError(f"cannot read manifest {manifest}: {exc.strerror}") from None
-        needed = {"path", "loan_number", "doc_type"}
-        if rows and not needed <= set(rows[0]):
-            raise DomainError(f"the manifest needs the columns {', '.join(sorted(needed))}")
-        base = manifest.parent
-        return [ImportItem(base / r["path"], r["loan_number"], r["doc_type"]) for r in rows]
+        return read_manifest(manifest)
     assert directory is not None
     if not directory.is_dir():
         raise DomainError(f"{directory} is not a folder")
@@ -60,6 +53,53 @@ def plan_import(
         raise DomainError("importing a folder needs --loan and --type")
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     return [ImportItem(p, loan, doc_type) for p in files]
+
+
+MANIFEST_COLUMNS = ("path", "loan_number", "doc_type")
+DELIMITERS = ",;\t"
+"""Spreadsheets in Spanish (and other decimal-comma) locales save CSV with semicolons."""
+
+
+def read_manifest(manifest: Path) -> list[ImportItem]:
+    """The rows of a manifest CSV, refused whole (one line naming the line) if any row is
+    unusable: a half-read manifest would import some files and leave the rest unsaid.
+
+    Spreadsheet exports are read as they come: a UTF-8 byte-order mark (Excel), ``;`` or
+    tab separators, spaces around fields, extra columns (ignored) and blank lines."""
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise DomainError(f"cannot read manifest {manifest}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise DomainError(f"manifest {manifest} is not UTF-8 text; save it as CSV UTF-8") from None
+    header = text.partition("\n")[0]
+    delimiter = max(DELIMITERS, key=header.count)
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    columns = [c.strip().lower() for c in next(reader, [])]
+    missing = [c for c in MANIFEST_COLUMNS if c not in columns]
+    if missing:
+        raise DomainError(
+            f"the manifest needs the columns {', '.join(MANIFEST_COLUMNS)} in its first line "
+            f"(missing {', '.join(missing)})"
+        )
+    where = [columns.index(c) for c in MANIFEST_COLUMNS]
+    items = []
+    for values in reader:
+        line = reader.line_num
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) != len(columns):
+            raise DomainError(
+                f"manifest line {line} has {len(values)} fields, the header {len(columns)}: "
+                "nothing imported"
+            )
+        path, loan_number, doc_type = (values[i].strip() for i in where)
+        for name, value in zip(MANIFEST_COLUMNS, (path, loan_number, doc_type), strict=True):
+            if not value:
+                raise DomainError(f"manifest line {line} has no {name}: nothing imported")
+        items.append(ImportItem(manifest.parent / path, loan_number, doc_type))
+    return items
 
 
 def file_sha256(path: Path) -> str:
@@ -71,13 +111,17 @@ def file_sha256(path: Path) -> str:
 
 
 def check_plan(archive: ArchiveApp, plan: list[ImportItem]) -> None:
-    """Refuse the whole import, before a byte moves, if a loan or a type is wrong: one
-    line to fix the command or the manifest, not the same failure for every file."""
+    """Refuse the whole import, before a byte moves, if a loan, a type or a file is wrong:
+    one line to fix the command or the manifest, not the same failure for every file."""
     for doc_type in sorted({item.doc_type for item in plan}):
         choice(DocumentType, doc_type, "document type")
     unknown = [n for n in sorted({item.loan_number for item in plan}) if not archive.has_loan(n)]
     if unknown:
         raise NotFoundError(f"no loan file {', '.join(unknown)}: nothing imported")
+    absent = [str(item.path) for item in plan if not item.path.is_file()]
+    if absent:
+        more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+        raise NotFoundError(f"no file {', '.join(absent[:3])}{more}: nothing imported")
 
 
 def run_import(archive: ArchiveApp, ctx: CommandContext, plan: list[ImportItem]) -> ImportSummary:
@@ -89,7 +133,11 @@ def run_import(archive: ArchiveApp, ctx: CommandContext, plan: list[ImportItem])
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, transient=True) as progress:
+    # On stderr, and only on a terminal: stdout keeps the summary alone (for scripts).
+    console = Console(stderr=True)
+    with Progress(
+        *columns, console=console, transient=True, disable=not console.is_terminal
+    ) as progress:
         task = progress.add_task("importing", total=len(plan))
         for item in plan:
             progress.update(task, description=item.path.name[:40])
@@ -109,7 +157,9 @@ def run_import(archive: ArchiveApp, ctx: CommandContext, plan: list[ImportItem])
                             expected_sha256=sha256,
                         )
                     summary.imported += 1
-            except (ArchiveError, OSError) as exc:
+            except ArchiveError as exc:
                 summary.failures.append((item.path, str(exc)))
+            except OSError as exc:  # the path is printed with the message already
+                summary.failures.append((item.path, exc.strerror or str(exc)))
             progress.advance(task)
     return summary

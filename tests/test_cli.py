@@ -345,6 +345,68 @@ def test_import_refuses_an_unknown_loan_or_type_before_any_upload(
     assert archive.loan_documents("CR-1") is None
 
 
+def test_import_reads_a_spreadsheet_manifest(
+    settings: Settings, archive: ArchiveApp, tmp_path: Path
+) -> None:
+    """Excel's "CSV UTF-8" in a Spanish locale: a byte-order mark, semicolons, spaces
+    around fields, an extra column and a blank line; stdout is the summary alone."""
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
+    token = archive.add_user(operator_context(), "ines.archivist", "archivist")
+    (tmp_path / "a.pdf").write_bytes(text_pdf([DEED_LINES[:2]]))
+    (tmp_path / "b.pdf").write_bytes(text_pdf([DEED_LINES[2:4]]))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "\ufeffpath;loan_number;doc_type;notes\r\n"
+        "a.pdf ; CR-1 ; contract;firmado\r\n\r\n"
+        "b.pdf;CR-1;mortgage_deed;\r\n",
+        encoding="utf-8",
+    )
+    result = run(cli_env(settings), "import", "--manifest", str(manifest), "--token", token)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "imported 2, skipped 0 already archived, failed 0\n"
+    index = archive.loan_documents("CR-1")
+    assert index is not None and len(index.documents) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"path,loan_number,doc_type\nb.pdf,CR-1,contract\na.pdf,CR-1\n",
+            "manifest line 3 has 2 fields, the header 3",
+        ),
+        (
+            b"path,loan_number,doc_type\nb.pdf,CR-1,contract\n,CR-1,contract\n",
+            "manifest line 3 has no path",
+        ),
+        (
+            b"path,loan_number,doc_type\nb.pdf,CR-1,contract\nnope.pdf,CR-1,contract\n",
+            "nope.pdf: nothing imported",
+        ),
+        (b"file,loan,type\nb.pdf,CR-1,contract\n", "(missing path, loan_number, doc_type)"),
+        (b"", "the manifest needs the columns path, loan_number, doc_type"),
+        (
+            b"path,loan_number,doc_type\nb.pdf,CR-1,contract\nacu\xf1a.pdf,CR-1,contract\n",
+            "is not UTF-8 text",
+        ),
+    ],
+)
+def test_a_bad_manifest_is_one_line_and_imports_nothing(
+    settings: Settings, archive: ArchiveApp, tmp_path: Path, content: bytes, message: str
+) -> None:
+    """Short rows, empty fields, missing files, wrong headers and Latin-1 text were a
+    cryptic 'unknown document type None', one file's failure or a traceback."""
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
+    token = archive.add_user(operator_context(), "ines.archivist", "archivist")
+    (tmp_path / "a.pdf").write_bytes(text_pdf([DEED_LINES[:2]]))
+    (tmp_path / "b.pdf").write_bytes(text_pdf([DEED_LINES[2:4]]))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_bytes(content)
+    result = run(cli_env(settings), "import", "--manifest", str(manifest), "--token", token)
+    assert message in one_error_line(result)
+    assert archive.loan_documents("CR-1") is None
+
+
 @pytest.mark.parametrize("port", ["99999", "0", "-1"])
 def test_serve_refuses_a_port_out_of_range_in_one_line(tmp_path: Path, port: str) -> None:
     env = cli_env(Settings(data_dir=tmp_path, demo_data=False))

@@ -17,6 +17,7 @@ amount; null when nothing is outstanding.
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
@@ -332,8 +333,29 @@ def latin1(text: str) -> str:
             out.append(_REPLACEMENTS[ch])
         else:
             base = unicodedata.normalize("NFKD", ch).encode("latin-1", "ignore").decode("latin-1")
-            out.append(base or "?")
+            out.append(base or codepoint(ch))
     return "".join(out)
+
+
+def codepoint(ch: str) -> str:
+    """A character no font of the report can draw, as ``[U+674E]``: a filed report must
+    not show a borrower's name with letters silently dropped or turned into '?'."""
+    return f"[U+{ord(ch):04X}]"
+
+
+@functools.cache
+def font_characters(path: str) -> frozenset[int]:
+    """The code points a TrueType font has glyphs for."""
+    from fontTools.ttLib import TTFont
+
+    with TTFont(path, lazy=True) as font:
+        return frozenset(font.getBestCmap())
+
+
+def drawable(text: str, characters: frozenset[int]) -> str:
+    """``text`` with what the embedded font lacks (CJK, most emoji) as code points; fpdf
+    would only log a warning and leave the letters out of the page."""
+    return "".join(ch if ord(ch) in characters or ch < " " else codepoint(ch) for ch in text)
 
 
 def find_font() -> Path | None:
@@ -363,7 +385,8 @@ def _when(iso: str | None) -> str:
 def analysis_pdf(report: dict[str, Any], *, font: Path | str | None = "auto") -> bytes:
     """The analysis report as a PDF to file. ``font`` "auto": DejaVu Sans, embedded, when
     installed; a path: that TrueType font; None (or not found): a core font, which shows
-    Latin-1 (Spanish accents included) and transliterates the rest."""
+    Latin-1 (Spanish accents included) and transliterates the rest. Whatever the font
+    cannot draw is written as its code point (``[U+674E]``)."""
     from fpdf import FPDF
     from fpdf.enums import XPos, YPos
 
@@ -392,8 +415,10 @@ def analysis_pdf(report: dict[str, Any], *, font: Path | str | None = "auto") ->
         bold = Path(str(path)).with_name("DejaVuSans-Bold.ttf")
         pdf.add_font(family, "B", str(bold if bold.is_file() else path))
 
+        characters = font_characters(str(path))
+
         def clean(text: str) -> str:
-            return text
+            return drawable(text, characters)
 
     else:
         family = "Helvetica"

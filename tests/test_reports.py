@@ -623,6 +623,30 @@ def test_the_pdf_falls_back_to_a_core_font(portfolio: Portfolio) -> None:
     assert analysis.latin1("Łódź → ok") == "Lódz -> ok"
 
 
+def test_the_pdf_never_drops_letters_no_font_can_draw(
+    settings: Settings, archive: ArchiveApp, officer: CommandContext
+) -> None:
+    """DejaVu has no CJK glyphs: fpdf logged a warning and the filed PDF named the
+    borrower "Zoë  Ñandú"; the core font wrote "???". Both now write the code points.
+    A bare loan (no collateral, no valuations) covers 0.00 %."""
+    name = "Zoë 李小龍 Ñandú"
+    archive.open_loan(officer, **loan_terms("CR-8", borrower_name=name))
+    with open_store(settings) as store:
+        Projections(archive, store).catch_up()
+        report = analysis.loan_analysis(archive, store, "CR-8", AS_OF)
+    assert report["coverage"] == {
+        "collateral_value": "0.00",
+        "outstanding": "100000.00",
+        "ratio": "0.0000",
+        "percent": "0.00",
+        "valuations_counted": 0,
+    }
+    for font in ("auto", None):
+        text = pdf_text(analysis.analysis_pdf(report, font=font))
+        assert "Zoë [U+674E][U+5C0F][U+9F8D] Ñandú" in text, font
+    assert analysis.latin1("龍") == "[U+9F8D]"
+
+
 def test_analysis_of_an_unknown_loan_is_not_found(portfolio: Portfolio) -> None:
     from archive.exceptions import NotFoundError
 

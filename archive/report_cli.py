@@ -296,7 +296,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, list):
-        return ", ".join(_cell(v) for v in value)
+        return ", ".join(_cell(v) for v in value) or "-"
     return str(value)
 
 
@@ -409,6 +409,25 @@ def tables(report: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _scalar(value: Any) -> bool:
+    return not isinstance(value, dict | list) or all(not isinstance(v, dict | list) for v in value)
+
+
+def figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's figures that no table shows, for the heading line: its scalars, and
+    those of its objects as ``object.key`` (the totals, the loans without an officer,
+    the chain check), which the tables alone left out."""
+    out: dict[str, Any] = {}
+    for key, value in report.items():
+        if key in ("report", "loan"):  # the name starts the line; the loan has its table
+            continue
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items() if _scalar(v)})
+        elif _scalar(value) and not isinstance(value, list):
+            out[key] = value
+    return out
+
+
 PIPED_WIDTH = 1000
 """Columns of the console when stdout is not a terminal: tables take only what they need."""
 
@@ -420,12 +439,9 @@ def print_tables(report: dict[str, Any]) -> None:
     if not console.is_terminal:
         # Piped or redirected: rich would assume 80 columns and cut figures short.
         console = Console(width=PIPED_WIDTH)
-    figures = {
-        k: v for k, v in report.items() if not isinstance(v, list | dict) and k not in ("report",)
-    }
     console.print(
         f"[bold]{report['report']}[/bold]  "
-        + "  ".join(f"{k}={_cell(v)}" for k, v in figures.items() if k != "report")
+        + "  ".join(f"{k}={_cell(v)}" for k, v in figures(report).items())
     )
     for table in tables(report):
         console.print(table)

@@ -807,6 +807,13 @@ def test_reports_through_the_cli(portfolio: Portfolio, settings: Settings, tmp_p
         for loan in officer["loans"]:
             assert loan["loan_number"] in piped and loan["outstanding"] in piped, piped
             assert loan["borrower_name"] in piped, piped
+    # What no table shows is on the heading line: the loans without an officer (CR-2 has
+    # no collection officer), the totals, the chain check; the tables alone left them out.
+    assert "unassigned.loan_officer=-  unassigned.collection_officer=CR-2" in piped, piped
+    portfolio_table = run("npl-portfolio", "--table").stdout
+    assert "totals.count=3  totals.outstanding=176500.00" in portfolio_table
+    analysis_table = run("analysis", "CR-1", "--table").stdout
+    assert "integrity.ok=yes" in analysis_table and "coverage.percent=123.71" in analysis_table
 
     for command in (
         "officer-ledgers",

@@ -31,6 +31,8 @@ from projections import loan_files
 from projections.audit_trail import state_changes, summarise
 from projections.encoding import iso_utc, plain
 from projections.reports import (
+    INSPECTION_MONTHS,
+    RECOVERY_BOOK,
     ZERO,
     inspection_status,
     money,
@@ -158,6 +160,18 @@ def coverage(valuations: list[dict[str, Any]], outstanding: Decimal) -> dict[str
     }
 
 
+def inspection_duty(row: dict[str, Any], day: date) -> dict[str, Any]:
+    """The inspection status of the loan; only the recovery book owes monthly and
+    quarterly inspections, so a performing or settled loan is never overdue (the PDF
+    filed for a settled loan said both were OVERDUE)."""
+    items = row["inspections"] or []
+    status = inspection_status(items, day)
+    required = row["status"] in RECOVERY_BOOK
+    if not required:
+        status.update({f"{kind}_overdue": False for kind in INSPECTION_MONTHS}, overdue=[])
+    return {**status, "required": required, "items": items}
+
+
 def loan_analysis(
     archive: ArchiveApp,
     store: Store,
@@ -248,10 +262,7 @@ def loan_analysis(
             "last_action_date": max((a["action_date"] for a in actions), default=None),
         },
         "repayments": row["repayments"] or [],
-        "inspections": {
-            **inspection_status(row["inspections"] or [], day),
-            "items": row["inspections"] or [],
-        },
+        "inspections": inspection_duty(row, day),
         "collateral": [
             {
                 "registration_id": c["registration_id"],
@@ -589,7 +600,12 @@ def analysis_pdf(report: dict[str, Any], *, font: Path | str | None = "auto") ->
         )
     inspections = report["inspections"]
     para(
-        f"Inspections: last monthly {_text(inspections['last_monthly'])}"
+        (
+            ""
+            if inspections["required"]
+            else "No inspections due (neither non-performing nor written off). "
+        )
+        + f"Inspections: last monthly {_text(inspections['last_monthly'])}"
         f"{' (OVERDUE)' if inspections['monthly_overdue'] else ''}; last quarterly "
         f"{_text(inspections['last_quarterly'])}"
         f"{' (OVERDUE)' if inspections['quarterly_overdue'] else ''}."

@@ -623,6 +623,24 @@ def test_the_pdf_falls_back_to_a_core_font(portfolio: Portfolio) -> None:
     assert analysis.latin1("Łódź → ok") == "Lódz -> ok"
 
 
+def test_only_the_recovery_book_owes_inspections(portfolio: Portfolio) -> None:
+    """A settled (CR-6) or performing (CR-5) loan was filed with both inspections
+    OVERDUE; a settled loan with nothing outstanding covers n/a, never a division by 0."""
+    p = portfolio
+    for number in ("CR-5", "CR-6"):
+        report = analysis.loan_analysis(p.archive, p.store, number, AS_OF)
+        duty = report["inspections"]
+        assert (duty["required"], duty["overdue"]) == (False, []), number
+        assert not duty["monthly_overdue"] and not duty["quarterly_overdue"]
+        text = pdf_text(analysis.analysis_pdf(report, font=None))
+        assert "OVERDUE" not in text and "No inspections due" in text, number
+    settled = analysis.loan_analysis(p.archive, p.store, "CR-6", AS_OF)
+    assert (settled["coverage"]["ratio"], settled["coverage"]["percent"]) == (None, None)
+    assert "Collateral coverage: n/a" in pdf_text(analysis.analysis_pdf(settled, font=None))
+    written_off = analysis.loan_analysis(p.archive, p.store, "CR-4", AS_OF)["inspections"]
+    assert (written_off["required"], written_off["overdue"]) == (True, ["monthly"])
+
+
 def test_the_pdf_never_drops_letters_no_font_can_draw(
     settings: Settings, archive: ArchiveApp, officer: CommandContext
 ) -> None:

@@ -6,7 +6,7 @@ from decimal import Decimal
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
@@ -79,7 +79,10 @@ def file_mortgage(
     responses={200: {"model": CollateralOut}},
 )
 def get_collateral(
-    registration_id: UUID, archive: Archive, who: Reader, version: int | None = None
+    registration_id: UUID,
+    archive: Archive,
+    who: Reader,
+    version: Annotated[int | None, Query(ge=1)] = None,
 ) -> JSONResponse:
     reg = archive.get_collateral(registration_id, version=version)
     return state_response(collateral_shape(reg.state()))

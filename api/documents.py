@@ -13,7 +13,7 @@ from uuid import UUID
 
 import anyio
 import anyio.from_thread
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, ValidationError
@@ -424,8 +424,14 @@ def too_large(request: Request, limit: int) -> bool:
 
 
 @router.get("/{document_id}", summary="A document's metadata, supersession, hold and retention")
-def get_document(document_id: UUID, archive: Archive, who: Reader) -> JSONResponse:
-    document = archive.get_document(document_id)
+def get_document(
+    document_id: UUID,
+    archive: Archive,
+    who: Reader,
+    version: Annotated[int | None, Query(ge=1)] = None,
+) -> JSONResponse:
+    """Now, or at a past ``version`` (rebuilt from its events), as collateral and valuations."""
+    document = archive.get_document(document_id, version=version)
     return state_response(document.state())
 
 

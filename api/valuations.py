@@ -6,7 +6,7 @@ from decimal import Decimal
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
@@ -65,7 +65,10 @@ def appraise(body: Appraise, archive: Archive, who: Writer, request: Request) ->
 
 @router.get("/{valuation_id}", summary="A valuation", responses={200: {"model": ValuationOut}})
 def get_valuation(
-    valuation_id: UUID, archive: Archive, who: Reader, version: int | None = None
+    valuation_id: UUID,
+    archive: Archive,
+    who: Reader,
+    version: Annotated[int | None, Query(ge=1)] = None,
 ) -> JSONResponse:
     val = archive.get_valuation(valuation_id, version=version)
     return state_response(valuation_shape(val.state()))

@@ -615,11 +615,28 @@ def test_an_out_of_range_version_is_a_client_error(api: Api) -> None:
     api.open()
     reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
     val = assert_ok(api.post("/api/v1/valuations", appraisal_body()), 201)["id"]
-    for path in (f"/api/v1/collateral/{reg}", f"/api/v1/valuations/{val}", "/api/v1/loans/CR-1"):
+    form = {"loan_number": "CR-1", "doc_type": "contract"}
+    uploaded = api.client.post(
+        UPLOAD, data=form, files={"file": ("f.pdf", PDF)}, headers=api.headers()
+    )
+    doc = assert_ok(uploaded, 201)["id"]
+    paths = (
+        f"/api/v1/collateral/{reg}",
+        f"/api/v1/valuations/{val}",
+        f"/api/v1/documents/{doc}",
+        "/api/v1/loans/CR-1",
+    )
+    for path in paths:
         for version in ("0", "-1", str(2**63), str(10**30)):
             resp = api.get(path, params={"version": version})
             assert resp.status_code in (404, 422), (path, version, resp.status_code, resp.text)
             assert_problem(resp, resp.status_code)
+        # No version 0 or below: refused alike everywhere, as an invalid query parameter.
+        for version in ("0", "-1"):
+            problem = assert_problem(api.get(path, params={"version": version}), 422)
+            assert problem["type"] == "/problems/invalid-request", (path, version, problem)
+            assert "version" in problem["detail"], problem
+        assert_ok(api.get(path, params={"version": 1}))
 
 
 # -- valuations ------------------------------------------------------------------------------------

@@ -173,13 +173,14 @@ HEADER_FIELDS = {
 
 @router.get(
     "/{loan_number}/history",
-    summary="Every event of the loan file and of its collateral, valuations and documents",
+    summary="Every event of the loan file, its collateral, valuations and documents, and its liens",
 )
 def history(
     loan_number: str, archive: Archive, views: AuditTrailViews, who: Replayer
 ) -> JSONResponse:
     """Replayed from the event log (the authority), with the audit trail's one-line
-    summary and field-level diff for each event."""
+    summary and field-level diff for each event. The liens of its properties are the
+    ones added and released for its own registrations, as the audit trail files them."""
     events = archive.loan_events(loan_number)
     annotations = {
         row["position"]: row for row in audit_trail.rows_for_loan(views.store, loan_number)

@@ -738,20 +738,54 @@ class ArchiveApp(Application[UUID]):
 
     def loan_aggregate_ids(self, loan_number: str) -> list[UUID]:
         """The loan file and every aggregate filed under it (collateral, valuations, documents)."""
-        loan = self.get_loan(loan_number)
+        return self._filed_under(self.get_loan(loan_number))
+
+    def _filed_under(self, loan: LoanFile) -> list[UUID]:
         ids = [loan.id, *loan.collateral_ids, *loan.valuation_ids]
-        index = self.loan_documents(loan_number)
+        index = self.loan_documents(loan.loan_number)
         if index is not None:
             ids += [index.id, *index.document_ids()]
         return ids
 
     def loan_events(self, loan_number: str) -> list[tuple[int, Any]]:
-        """Every event of the loan and of its collateral, valuations and documents, by position."""
-        ids = self.loan_aggregate_ids(loan_number)
-        return [
-            (n.id, self.mapper.to_domain_event(n))
-            for n in select_with_positions(self.recorder, ids)
-        ]
+        """Every event of the loan and of its collateral, valuations and documents, and the
+        lien events of its properties that concern its registrations, by position.
+
+        A property's lien index (``PropertyLiens``) is shared by every loan it secures: of
+        its events, only the lien added for one of this loan's registrations and that
+        lien's release belong to the loan, as the audit trail attributes them (a
+        ``LienAdded`` by the loan number it names, a ``LienReleased`` by its registration's
+        loan). The property's indexing and other loans' liens are not this loan's."""
+        loan = self.get_loan(loan_number)
+        ids = self._filed_under(loan)
+        registrations = set(loan.collateral_ids)
+        # A registration's property never changes: the cached head names it.
+        properties = {
+            property_id(
+                self._load(
+                    MortgageRegistration, i, f"collateral {i}", fresh=False
+                ).cadastral_reference
+            )
+            for i in loan.collateral_ids
+        }
+        events = []
+        for n in select_with_positions(self.recorder, [*ids, *properties]):
+            event = self.mapper.to_domain_event(n)
+            if n.originator_id in properties and not self._lien_of(
+                event, loan.loan_number, registrations
+            ):
+                continue
+            events.append((n.id, event))
+        return events
+
+    @staticmethod
+    def _lien_of(event: Any, loan_number: str, registrations: set[UUID]) -> bool:
+        """Whether a property's event concerns this loan (as the audit trail decides)."""
+        if isinstance(event, PropertyLiens.LienAdded):
+            return event.loan_number == loan_number
+        if isinstance(event, PropertyLiens.LienReleased):
+            return event.registration_id in registrations
+        return False
 
     def snapshots_around(
         self, aggregate_ids: Sequence[UUID], as_of: datetime

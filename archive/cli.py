@@ -444,7 +444,8 @@ def loans_show(
 
 @app.command("history")
 def history(loan_number: str, token: Token) -> None:
-    """Print the loan's timeline: every event of the file, its collateral, valuations and documents."""
+    """Print the loan's timeline: every event of the file, its collateral, valuations,
+    documents and liens."""
     from api.loans import HEADER_FIELDS
 
     with archive() as application:

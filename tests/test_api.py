@@ -563,6 +563,47 @@ def test_collateral_routes_and_the_repeated_mortgage_rule(api: Api) -> None:
     assert events[0]["reason"] == "first mortgage"
 
 
+def test_the_history_names_the_loans_own_liens_as_the_audit_trail_does(api: Api) -> None:
+    """A property's lien index is shared by the loans it secures: a loan's history has the
+    liens added and released for its own registrations (the repeated-mortgage facts), by
+    position, as the audit trail files them under the loan; not the property's indexing,
+    nor another loan's lien on the same property."""
+    api.open("CR-1")
+    api.open("CR-2")
+    first = assert_ok(api.post("/api/v1/collateral", mortgage_body("CR-1")), 201)["id"]
+    second = assert_ok(api.post("/api/v1/collateral", mortgage_body("CR-2", lien_rank=2)), 201)
+    second = second["id"]
+    entry = {"registry_entry": "T-1", "registered_on": "2024-01-20"}
+    assert_ok(api.post(f"/api/v1/collateral/{first}/registration", entry))
+    assert_ok(api.post(f"/api/v1/collateral/{first}/release", {"released_on": "2025-02-01"}))
+    assert_ok(api.post(f"/api/v1/collateral/{second}/release", {"released_on": "2025-02-01"}))
+
+    for loan, mine in (("CR-1", first), ("CR-2", second)):
+        history = api.history(loan)
+        positions = [e["position"] for e in history]
+        assert positions == sorted(set(positions)), loan
+        liens = [e for e in history if e["aggregate_type"] == "PropertyLiens"]
+        assert [(e["type"], e["fields"]["registration_id"]) for e in liens] == [
+            ("LienAdded", mine),
+            ("LienReleased", mine),
+        ], loan
+        assert liens[0]["fields"]["loan_number"] == loan
+        for event in liens:  # annotated from the audit trail: summary and diff
+            assert event["summary"] and event["diff"], event
+        assert liens[1]["diff"]["live"] == {"before": True, "after": False}, liens[1]
+        trail = assert_ok(
+            api.get("/api/v1/audit-trail", "auditor", params={"loan_number": loan, "limit": 1000})
+        )["items"]
+        assert {r["position"] for r in trail} == set(positions), loan
+        assert [r["position"] for r in trail if r["aggregate_type"] == "PropertyLiens"] == [
+            e["position"] for e in liens
+        ]
+        # The loan as of its lien's release: the collateral released there too.
+        released = zulu(liens[1]["time"])
+        past = assert_ok(api.get(f"/api/v1/loans/{loan}", params={"as_of": released}))
+        assert [c["status"] for c in past["collateral"]] == ["released"], loan
+
+
 def test_impossible_dates_are_422_naming_the_date_and_change_nothing(api: Api) -> None:
     api.open()  # disbursed 2024-01-15
     ahead = (datetime.now(UTC).date() + timedelta(days=2)).isoformat()

@@ -342,6 +342,21 @@ def test_repeated_mortgage_needs_higher_rank_and_is_flagged(
     archive.release_collateral(officer, second.id, None, "2025-01-01")
     third = archive.register_collateral(officer, **mortgage_fields("CR-3"))
     assert archive.get_collateral(third.id).repeated_mortgage is None
+    # Each loan's history has the liens of its own registrations on the shared property:
+    # not the property's indexing, nor the other loans' liens.
+    for number, mine, released in (
+        ("CR-1", first.id, True),
+        ("CR-2", second.id, True),
+        ("CR-3", third.id, False),
+    ):
+        events = archive.loan_events(number)
+        assert [p for p, _ in events] == sorted({p for p, _ in events})
+        liens = [
+            (type(e).__name__, e.registration_id)
+            for _, e in events
+            if type(e).__qualname__.startswith("PropertyLiens.")
+        ]
+        assert liens == [("LienAdded", mine), ("LienReleased", mine)][: 2 if released else 1]
 
 
 def test_collateral_lifecycle(archive: ArchiveApp, officer: CommandContext) -> None:

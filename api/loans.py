@@ -151,7 +151,10 @@ def get_loan(
     loan_number: str,
     archive: Archive,
     who: Reader,
-    as_of: Annotated[QueryMoment, Query(description="ISO 8601 with time zone")] = None,
+    as_of: Annotated[
+        QueryMoment,
+        Query(description="ISO 8601 with time zone; not in the future (5 minutes of skew)"),
+    ] = None,
     version: Annotated[int | None, Query(ge=1)] = None,
 ) -> JSONResponse:
     """Rebuilt from the events (never from a view), then named as the list's items."""

@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import cached_property
 from typing import Any, ClassVar, TypeVar
@@ -217,6 +217,10 @@ R = TypeVar("R")
 SNAPSHOT_EVERY = 100
 AGGREGATE_CACHE_SIZE = 2000
 MAX_VERSION = 2**63 - 1  # the largest integer either database stores
+AS_OF_SKEW = timedelta(minutes=5)
+"""How far ahead of this server's clock an ``as_of`` may be (the caller's clock may run
+fast): a later moment has not happened, and answering the head labelled with it would
+claim a state nobody can know yet."""
 
 
 class ArchiveApp(Application[UUID]):
@@ -853,6 +857,12 @@ class ArchiveApp(Application[UUID]):
                 as_of.astimezone(UTC)
             except OverflowError:
                 raise DomainError(f"as_of falls outside the calendar in UTC: {as_of}") from None
+            now = datetime.now(UTC)
+            if as_of > now + AS_OF_SKEW:
+                raise DomainError(
+                    f"as_of {as_of.isoformat()} is in the future (now is "
+                    f"{now.isoformat(timespec='seconds')}); leave it out for the current state"
+                )
         if version is None and as_of is None:
             loan: Any = self.get_loan(loan_number)
             index = self.loan_documents(loan_number)

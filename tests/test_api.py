@@ -245,7 +245,8 @@ def test_one_loan_file_and_the_list_items_name_the_same_facts_alike(api: Api) ->
 
     [item] = assert_ok(api.get("/api/v1/loans"))["items"]
     one = assert_ok(api.get("/api/v1/loans/CR-1"))
-    moment = assert_ok(api.get("/api/v1/loans/CR-1", params={"as_of": "2999-01-01T00:00:00Z"}))
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # after every event
+    moment = assert_ok(api.get("/api/v1/loans/CR-1", params={"as_of": now}))
     at_version = assert_ok(api.get("/api/v1/loans/CR-1", params={"version": 1}))
     only_one, only_listed = {"chain_head", "as_of"}, {"position"}
     assert set(one) - only_one == set(item) - only_listed
@@ -257,7 +258,7 @@ def test_one_loan_file_and_the_list_items_name_the_same_facts_alike(api: Api) ->
     assert {k: v for k, v in one.items() if k not in only_one} == {
         k: v for k, v in item.items() if k not in only_listed
     }
-    assert one["opened_at"].endswith("Z") and moment["as_of"] == "2999-01-01T00:00:00.000000Z"
+    assert one["opened_at"].endswith("Z") and moment["as_of"] == now
     assert "id" not in one and "borrower" not in one and "created_on" not in one
     assert one["collateral"][0]["registration_id"] == item["collateral"][0]["registration_id"]
     assert one["collateral"][0]["cadastral_reference"] == "9872023VH5797S0001WX"
@@ -950,8 +951,13 @@ def test_past_states_by_version_and_by_moment(api: Api) -> None:
     madrid = datetime.fromisoformat(times[2]).astimezone(timezone(timedelta(hours=2)))
     past = assert_ok(api.get("/api/v1/loans/CR-1", params={"as_of": madrid.isoformat()}))
     assert past["version"] == 2
-    future = assert_ok(api.get("/api/v1/loans/CR-1", params={"as_of": "2999-01-01T00:00:00Z"}))
-    assert future["version"] == head["version"]
+    now = assert_ok(api.get("/api/v1/loans/CR-1", params={"as_of": zulu(head["updated_at"])}))
+    assert now["version"] == head["version"]
+    # Within the clock-skew tolerance a moment just ahead is still now.
+    ahead = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    ahead_state = assert_ok(api.get("/api/v1/loans/CR-1", params={"as_of": ahead}))
+    assert ahead_state["version"] == head["version"]
+    assert [c["status"] for c in ahead_state["collateral"]] == ["registered"]
 
 
 def test_bad_moments_and_versions(api: Api) -> None:
@@ -966,6 +972,19 @@ def test_bad_moments_and_versions(api: Api) -> None:
     assert_problem(api.get("/api/v1/loans/CR-1", params={"version": 2}), 404)
     both = {"version": 1, "as_of": "2030-01-01T00:00:00Z"}
     assert_problem(api.get("/api/v1/loans/CR-1", params=both), 422)
+
+
+def test_a_moment_in_the_future_is_a_422_naming_it(api: Api) -> None:
+    """The future has no state yet: answering the head labelled with a later moment would
+    claim to know it. A few minutes ahead are allowed for the caller's clock."""
+    api.open()
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    for moment in (tomorrow, "2999-01-01T00:00:00Z"):
+        problem = assert_problem(api.get("/api/v1/loans/CR-1", params={"as_of": moment}), 422)
+        assert "as_of" in problem["detail"] and "in the future" in problem["detail"], problem
+        assert moment[:19] in problem["detail"], problem
+    skewed = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
+    assert_problem(api.get("/api/v1/loans/CR-1", params={"as_of": skewed}), 422)
 
 
 def test_a_moment_outside_the_utc_calendar_is_a_422_not_a_500(api: Api) -> None:

@@ -182,6 +182,11 @@ def test_refused_commands_exit_non_zero_with_one_line(
     for moment in ("9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+14:00"):
         shown = run(env, "loans", "show", "CR-1", "--token", token, "--as-of", moment)
         assert "outside the calendar" in one_error_line(shown)
+    # A moment still to come is one line naming it.
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    shown = run(env, "loans", "show", "CR-1", "--token", token, "--as-of", tomorrow)
+    line = one_error_line(shown)
+    assert "in the future" in line and tomorrow[:19] in line, line
 
 
 def tamper(settings: Settings, archive: ArchiveApp, aggregate: str, version: int) -> None:

@@ -456,6 +456,11 @@ def test_time_travel_by_version_and_moment(archive: ArchiveApp, officer: Command
         archive.loan_file("CR-1", version=9)
     with pytest.raises(DomainError, match="time zone"):
         archive.loan_file("CR-1", as_of=datetime(2030, 1, 1))
+    # The future is refused, beyond a few minutes of clock skew.
+    with pytest.raises(DomainError, match=r"as_of .* is in the future"):
+        archive.loan_file("CR-1", as_of=datetime.now(UTC) + timedelta(days=1))
+    ahead = archive.loan_file("CR-1", as_of=datetime.now(UTC) + timedelta(minutes=1))
+    assert ahead["version"] == now["version"]
 
 
 def test_events_table_is_append_only(

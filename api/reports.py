@@ -10,10 +10,12 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import AfterValidator
 from starlette.concurrency import run_in_threadpool
 
+from api.bodies import refuse_nul
 from api.deps import Archive, AuthFirstRoute, fresh_views, require
 from api.encoding import jsonable
 from archive.application import Principal
@@ -53,6 +55,15 @@ Currency = Annotated[
         examples=["EUR"],
     ),
 ]
+
+
+def _nul_free(value: str) -> str:
+    refuse_nul(value)
+    return value
+
+
+LoanNumber = Annotated[str, Path(description="The loan number."), AfterValidator(_nul_free)]
+"""A NUL cannot be in a loan number, and PostgreSQL refuses it in a query (a 500)."""
 
 
 class ViewsUnavailableError(ArchiveError):
@@ -142,7 +153,7 @@ def village_group_loans(
 
 @router.get("/loans/{loan_number}/analysis", summary="The analysis report of one loan (JSON)")
 def loan_analysis_json(
-    loan_number: str, archive: Archive, store: Views, who: Reader, as_of: AsOf = None
+    loan_number: LoanNumber, archive: Archive, store: Views, who: Reader, as_of: AsOf = None
 ) -> JSONResponse:
     return answer(loan_analysis(archive, store, loan_number, as_of))
 
@@ -154,7 +165,7 @@ def loan_analysis_json(
     responses={200: {"content": {"application/pdf": {}}, "description": "The PDF report."}},
 )
 async def loan_analysis_pdf(
-    loan_number: str, archive: Archive, store: Views, who: Reader, as_of: AsOf = None
+    loan_number: LoanNumber, archive: Archive, store: Views, who: Reader, as_of: AsOf = None
 ) -> Response:
     report = await run_in_threadpool(loan_analysis, archive, store, loan_number, as_of)
     content = await run_in_threadpool(analysis_pdf, report)

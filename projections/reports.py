@@ -32,6 +32,7 @@ from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from archive.dates import today
 from archive.exceptions import DomainError
 from archive.loans import Classification, LoanStatus, Product, RecoveryCategory
 from archive.valuations import add_months
@@ -77,7 +78,9 @@ def percent(part: Decimal, whole: Decimal) -> str | None:
 
 
 def report_date(as_of: date | None) -> date:
-    return date.today() if as_of is None else as_of
+    """``as_of``, by default the archive's today: the UTC date that stamps every event
+    (the server's local date made a report run near midnight a day off)."""
+    return today() if as_of is None else as_of
 
 
 def _amount(row: Row, column: str) -> Decimal:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID
 
@@ -532,6 +533,19 @@ def test_empty_views_answer_empty_reports(settings: Settings, archive: ArchiveAp
     assert totals == {"count": 0, "outstanding": "0.00"}
 
 
+def test_the_default_reporting_date_is_the_archives_utc_today(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """date.today() is the server's local date: at any hour one of these zones is on
+    another day than UTC, the clock of every event and date rule."""
+    for zone in ("Etc/GMT-14", "Etc/GMT+12"):
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        assert reports.report_date(None) == datetime.now(UTC).date(), zone
+    monkeypatch.undo()
+    time.tzset()
+
+
 # -- the per-loan analysis report --------------------------------------------------------------------
 
 
@@ -771,6 +785,12 @@ def test_reports_over_http(portfolio: Portfolio) -> None:
     assert missing.status_code == 404
     assert missing.headers["content-type"].startswith("application/problem+json")
     assert get("/loans/CR-404/analysis.pdf").status_code == 404
+    # PostgreSQL refuses a NUL in a query: it was a 500; no loan number holds one.
+    for path in ("/loans/CR%001/analysis", "/loans/CR%001/analysis.pdf"):
+        nul = get(path)
+        assert nul.status_code == 422, nul.text
+        assert nul.headers["content-type"].startswith("application/problem+json")
+        assert "path.loan_number" in nul.json()["detail"]
     assert get("/loans/CR-1/analysis.pdf", "archivist").status_code == 403
 
     pdf = get("/loans/CR-1/analysis.pdf")

@@ -227,7 +227,7 @@ def reindex(
             ]
         for target in targets:
             application.request_reindex(ctx, target)
-    typer.echo(f"reindex requested for {len(targets)} documents")
+    typer.echo(f"reindex requested for {len(targets)} document{'' if len(targets) == 1 else 's'}")
 
 
 def extraction_failed(extraction: dict[str, Any]) -> bool:
@@ -664,9 +664,20 @@ def search_command(
     loan: Annotated[str | None, typer.Option(help="Only this loan number.")] = None,
     doc_type: Annotated[str | None, typer.Option("--type", help="Only this document type.")] = None,
     borrower: Annotated[str | None, typer.Option(help="Part of a name, or a national id.")] = None,
+    uploaded_from: Annotated[
+        datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Uploaded on or after (UTC).")
+    ] = None,
+    uploaded_to: Annotated[
+        datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Uploaded on or before (UTC).")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
+    offset: Annotated[
+        int, typer.Option(min=0, help="Skip this many hits (the next page: --offset 20).")
+    ] = 0,
 ) -> None:
-    """Search the text of the originals; prints one line per page hit."""
+    """Search the text of the originals; prints one line per page hit.
+
+    A query starting with '-' (an exclusion) goes after '--': search -- '-borrador x'."""
     from projections.search import search
 
     with archive() as application:
@@ -678,9 +689,19 @@ def search_command(
                 loan_number=loan,
                 doc_type=doc_type,
                 borrower=borrower,
+                uploaded_from=None if uploaded_from is None else uploaded_from.date(),
+                uploaded_to=None if uploaded_to is None else uploaded_to.date(),
                 limit=limit,
+                offset=offset,
             )
-    typer.echo(f"{page.total} pages match")
+    shown = len(page.items)
+    more = page.total - offset - shown
+    # The hits past --limit were unreachable: say which ones are shown and how to go on.
+    typer.echo(
+        f"{page.total} {'page matches' if page.total == 1 else 'pages match'}"
+        + (f"; hits {offset + 1}-{offset + shown} shown" if shown and (more or offset) else "")
+        + (f"; next: --offset {offset + shown}" if shown and more > 0 else "")
+    )
     for hit in page.items:
         marked = hit["snippet"].replace("<mark>", "[").replace("</mark>", "]")
         snippet = html.unescape(marked)

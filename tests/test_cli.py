@@ -295,6 +295,45 @@ def test_reindex_all_failed_takes_failed_documents_and_pages(
         assert archive.get_document(retried).extraction["status"] not in ("done", "failed")
 
 
+def test_search_pages_through_every_hit_with_date_filters(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    """'N pages match' showed the first --limit hits and no way to the rest (no
+    --offset), nor the upload-date filters HTTP has."""
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
+    archivist = CommandContext("ines.archivist", "archivist")
+    for name, lines in (("a.pdf", DEED_LINES[:4]), ("b.pdf", DEED_LINES[1:5])):
+        archive.register_document(
+            archivist,
+            io.BytesIO(text_pdf([lines])),
+            loan_number="CR-1",
+            doc_type="mortgage_deed",
+            original_filename=name,
+        )
+    with open_store(settings) as store:
+        assert ExtractionWorker(archive, store, name="ocr@test").run_once() == 2
+    token = archive.add_user(operator_context(), "c.compliance", "compliance")
+    env = cli_env(settings, ARCHIVE_TOKEN=token)
+    today = datetime.now(UTC).date()
+
+    first = run(env, "search", "teruel", "--limit", "1")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[0] == "2 pages match; hits 1-1 shown; next: --offset 1"
+    second = run(env, "search", "teruel", "--limit", "1", "--offset", "1")
+    assert second.stdout.splitlines()[0] == "2 pages match; hits 2-2 shown"
+    assert first.stdout.splitlines()[1] != second.stdout.splitlines()[1]
+    one = run(env, "search", "comparecen", "--uploaded-from", today.isoformat())
+    assert one.stdout.splitlines()[0] == "1 page matches", one.stderr
+    none = run(env, "search", "teruel", "--uploaded-to", (today - timedelta(days=1)).isoformat())
+    assert none.stdout == "0 pages match\n", none.stderr
+    reversed_ = run(
+        env, "search", "teruel", "--uploaded-from", "2025-02-01", "--uploaded-to", "2025-01-01"
+    )
+    assert "uploaded_from 2025-02-01 is after uploaded_to 2025-01-01" in one_error_line(reversed_)
+    excluded = run(env, "search", "--", "teruel -comparecen")
+    assert excluded.stdout.splitlines()[0] == "1 page matches", excluded.stderr
+
+
 def test_import_a_folder_then_again_skips_what_is_archived(
     settings: Settings, archive: ArchiveApp, tmp_path: Path
 ) -> None:

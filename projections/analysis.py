@@ -53,6 +53,9 @@ CHECKLIST_LABELS = {
     ChecklistItem.LIABILITIES_INVESTIGATED.value: "Liabilities investigated",
 }
 RATIO = Decimal("0.0001")
+CELL_CHARS_PER_MM = 8
+"""At most this many characters per millimetre of a PDF table column: far less than a
+page of height at the table's font sizes, whatever the letters."""
 
 
 # -- JSON -----------------------------------------------------------------------------------------
@@ -466,9 +469,26 @@ def analysis_pdf(report: dict[str, Any], *, font: Path | str | None = "auto") ->
         ) as t:
             for values in ([header] if header is not None else []) + list(rows):
                 row = t.row()
-                for value in values:
-                    row.cell(clean(_text(value)))
+                for value, width in zip(values, widths, strict=True):
+                    row.cell(fit(clean(_text(value)), width))
         pdf.set_font(family, "", 9)
+        while notes:
+            para(notes.pop(0))
+
+    notes: list[str] = []
+    counter = iter(range(1, 1_000_000))
+
+    def fit(text: str, width: float) -> str:
+        """A cell's text, or its start and a note number when it is longer than a row
+        can be: fpdf refuses a row taller than a page (a 2000-character reason or a
+        long collection outcome made the whole PDF fail). The full text follows the
+        table as that note, so nothing of the record is left out."""
+        limit = max(int(width * CELL_CHARS_PER_MM), 40)
+        if len(text) <= limit:
+            return text
+        n = next(counter)
+        notes.append(f"[note {n}] {text}")
+        return f"{text[: limit - 12]}... [note {n}]"
 
     # Title
     pdf.set_font(family, "B", 15)

@@ -679,6 +679,35 @@ def test_the_pdf_never_drops_letters_no_font_can_draw(
     assert analysis.latin1("龍") == "[U+9F8D]"
 
 
+def test_the_pdf_files_the_longest_texts_a_loan_can_hold(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    """A 2000-character reason or a 4000-character collection outcome (both allowed) was
+    a table row taller than a page: fpdf refused it and the PDF route was a 500. The
+    cell now starts the text and points to a note after the table with all of it."""
+    long_reason = ("motivo detallado " * 118)[:2000]
+    outcome = ("el deudor promete pagar " * 167)[:4000]
+    ctx = CommandContext("officer.one", "credit_officer", long_reason)
+    archive.open_loan(ctx, **loan_terms("CR-8"))
+    archive.change_loan(ctx, "CR-8", None, lambda lf: lf.change_status(ctx, "overdue"))
+    archive.change_loan(
+        ctx,
+        "CR-8",
+        None,
+        lambda lf: lf.record_collection_action(ctx, "call", "2025-03-10", outcome, "0.00", "JI"),
+    )
+    with open_store(settings) as store:
+        Projections(archive, store).catch_up()
+        report = analysis.loan_analysis(archive, store, "CR-8", AS_OF)
+    text = pdf_text(analysis.analysis_pdf(report, font=None))
+    footer = ("Generated ", "Loan chain head:", "Page ")  # between pages of a long note
+    body = [line for line in text.splitlines() if not line.startswith(footer)]
+    squeezed = "".join("".join(body).split())
+    assert "[note1]" in squeezed and "[note4]" in squeezed
+    assert "".join(outcome.split()) in squeezed
+    assert "".join(long_reason.split()) in squeezed
+
+
 def test_analysis_of_an_unknown_loan_is_not_found(portfolio: Portfolio) -> None:
     from archive.exceptions import NotFoundError
 

@@ -51,8 +51,22 @@ def plan_import(
         raise DomainError(f"{directory} is not a folder")
     if not loan or not doc_type:
         raise DomainError("importing a folder needs --loan and --type")
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    files = sorted(
+        p for p in directory.rglob("*") if p.is_file() and not hidden(p.relative_to(directory))
+    )
     return [ImportItem(p, loan, doc_type) for p in files]
+
+
+SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
+
+
+def hidden(relative: Path) -> bool:
+    """A dot file or folder (.DS_Store, .git) or a Windows shell file (Thumbs.db) is the
+    scanner's or the desktop's, never an original: it would fail every run as a
+    refused media type."""
+    return any(part.startswith(".") for part in relative.parts) or (
+        relative.name.lower() in SYSTEM_FILES
+    )
 
 
 MANIFEST_COLUMNS = ("path", "loan_number", "doc_type")

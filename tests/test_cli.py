@@ -345,6 +345,11 @@ def test_import_a_folder_then_again_skips_what_is_archived(
     (scans / "2024" / "nota-simple.png").write_bytes(
         png(scanned_page(DEED_LINES[:3], dpi=100).image)
     )
+    # What desktops and scanners leave in a folder is not an original: passed over.
+    (scans / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (scans / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (scans / ".cache").mkdir()
+    (scans / ".cache" / "escritura.pdf").write_bytes(text_pdf([DEED_LINES[6:9]]))
     env = cli_env(settings)
     args = ("import", str(scans), "--loan", "CR-1", "--type", "registry_certificate")
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
+from uuid import UUID
 
 from archive.application import ArchiveApp, Outcome
 from archive.domain import CommandContext
@@ -71,3 +73,14 @@ def settings_json(settings: Settings) -> str:
         if getattr(settings, secret) is not None:
             values[secret] = getattr(settings, secret).get_secret_value()
     return json.dumps(values)
+
+
+def upload(archive: ArchiveApp, content: bytes, name: str = "doc.pdf") -> UUID:
+    """Register ``content`` as a mortgage deed of CR-1, uploaded by an archivist."""
+    return archive.register_document(
+        CommandContext("archivist.user", "archivist"),
+        io.BytesIO(content),
+        loan_number="CR-1",
+        doc_type="mortgage_deed",
+        original_filename=name,
+    ).id

@@ -18,7 +18,7 @@ from uuid import UUID, uuid4
 
 import psycopg
 import pytest
-from factories import appraisal_fields, loan_terms, mortgage_fields
+from factories import appraisal_fields, loan_terms, mortgage_fields, upload
 from ocr_fixtures import DEED_LINES, png, scanned_page, text_pdf
 from psycopg.sql import SQL, Identifier
 
@@ -265,21 +265,11 @@ def test_reindex_all_failed_takes_failed_documents_and_pages(
 ) -> None:
     """A document whose pages all failed is "done" but unsearchable: it is retried too."""
     archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
-    archivist = CommandContext("ines.archivist", "archivist")
-
-    def upload(content: bytes, name: str) -> object:
-        return archive.register_document(
-            archivist,
-            io.BytesIO(content),
-            loan_number="CR-1",
-            doc_type="mortgage_deed",
-            original_filename=name,
-        ).id
 
     scan = png(scanned_page(DEED_LINES[:4], dpi=150).image)
-    clean = upload(text_pdf([DEED_LINES[:6]]), "escritura.pdf")
-    broken = upload(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "roto.pdf")
-    cut = upload(scan[: len(scan) // 2], "cortado.png")
+    clean = upload(archive, text_pdf([DEED_LINES[:6]]), "escritura.pdf")
+    broken = upload(archive, b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "roto.pdf")
+    cut = upload(archive, scan[: len(scan) // 2], "cortado.png")
     with open_store(settings) as store:
         assert ExtractionWorker(archive, store, name="ocr@test").run_once() == 3
     assert archive.get_document(broken).extraction["status"] == "failed"

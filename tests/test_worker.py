@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from factories import loan_terms, settings_json
+from factories import loan_terms, settings_json, upload
 from ocr_fixtures import CADASTRAL_REFERENCE, DEED_LINES, png, scanned_page, text_pdf
 
 from archive.application import ArchiveApp
@@ -22,17 +21,6 @@ from archive.worker import ExtractionWorker
 from projections.store import open_store
 
 ROOT = Path(__file__).parents[1]
-ARCHIVIST = CommandContext("archivist.user", "archivist")
-
-
-def upload(archive: ArchiveApp, content: bytes, name: str = "doc.pdf") -> UUID:
-    return archive.register_document(
-        ARCHIVIST,
-        io.BytesIO(content),
-        loan_number="CR-1",
-        doc_type="mortgage_deed",
-        original_filename=name,
-    ).id
 
 
 def events_of(archive: ArchiveApp, document_id: UUID) -> list[Any]:

@@ -737,7 +737,10 @@ def test_s3_a_server_that_does_not_echo_the_checksum_is_checked_by_etag_and_head
     s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without ``x-amz-checksum-sha256`` in the answer (an older S3 server), every small
-    upload keeps its Content-MD5, its ETag is compared and a HEAD follows."""
+    upload keeps its Content-MD5, its ETag is compared and a HEAD follows.
+
+    Fault injection on the real server: only the echo is removed from SeaweedFS's answer.
+    The same checks run unfaked on every store's first upload (see the HEAD test above)."""
     real_put_object = s3.client._put_object
     real_stat = s3.client.stat_object
     sent: list[dict[str, str]] = []

@@ -39,6 +39,7 @@ and exists from the start.
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import logging
@@ -701,9 +702,15 @@ _STARTS_WORD = r"(?<![^\W_].)"
 _WORD_END = r"(?![^\W_])"
 
 
+def _one_of(chars: str) -> str:
+    """A regex matching any one of ``chars``."""
+    return re.escape(chars) if len(chars) == 1 else f"[{''.join(map(re.escape, chars))}]"
+
+
 def _loose(word: str) -> list[str]:
-    """One regex per character of ``word``, each matching it whatever its case and accents."""
-    return [f"[{_VARIANTS[c]}]" if c in _VARIANTS else re.escape(c) for c in fold_word(word)]
+    """Per character of ``word`` (folded), the characters of a lower-cased text that
+    match it whatever their accents: "avila" -> ["aàáâ...", "v", "iìí...", ...]."""
+    return [_VARIANTS.get(c, c) for c in fold_word(word)]
 
 
 Matcher = tuple[tuple[str, ...], bool]  # (words in sequence, the last one is a prefix)
@@ -712,15 +719,34 @@ Matcher = tuple[tuple[str, ...], bool]  # (words in sequence, the last one is a 
 def highlighter(matchers: Iterable[Matcher]) -> re.Pattern[str] | None:
     """One regex finding every match of any matcher in a lower-cased text, longest
     phrases first. (Matching lower-cased text is several times faster than IGNORECASE.)"""
-    patterns = []
-    for found, prefix in sorted(set(matchers), key=lambda m: -len(m[0])):
+    return _highlighter(tuple(sorted(set(matchers), key=lambda m: (-len(m[0]), m))))
+
+
+@functools.lru_cache(maxsize=256)
+def _highlighter(matchers: tuple[Matcher, ...]) -> re.Pattern[str] | None:
+    """The regex starts with one class of every letter a match can start with, then the
+    alternatives, each checking its own first letter with a lookbehind. re scans for a
+    pattern's possible first characters quickly only when it can tell them: not through
+    an alternation of classes, where it tries every alternative at every position (the
+    3-word name query's 14 snippets took 0.55 ms, one word's 12 µs a page; now 0.24 ms)."""
+    starts: dict[str, None] = {}  # every possible first character, in order
+    alternatives: list[tuple[str, str]] = []  # (first characters, the rest of the regex)
+    for found, prefix in matchers:
         loose = [chars for chars in map(_loose, found) if chars]
         if loose:
             (first, *others), *more = loose
-            body = r"[\W_]+".join(["".join(others), *("".join(chars) for chars in more)])
-            tail = r"[^\W_]*" if prefix else _WORD_END
-            patterns.append(first + _STARTS_WORD + body + tail)
-    return re.compile("|".join(patterns)) if patterns else None
+            body = r"[\W_]+".join(
+                ["".join(map(_one_of, others)), *("".join(map(_one_of, w)) for w in more)]
+            )
+            alternatives.append((first, body + (r"[^\W_]*" if prefix else _WORD_END)))
+            starts.update(dict.fromkeys(first))
+    if not alternatives:
+        return None
+    rest = [
+        (f"(?<={_one_of(first)})" if len(set(first)) < len(starts) else "") + body
+        for first, body in alternatives
+    ]
+    return re.compile(_one_of("".join(starts)) + _STARTS_WORD + f"(?:{'|'.join(rest)})")
 
 
 def query_matchers(query: Query) -> list[Matcher]:

@@ -727,10 +727,19 @@ def projections_status() -> None:
 @projections_app.command("rebuild")
 def projections_rebuild(
     name: Annotated[str | None, typer.Argument(help="One view; default: all.")] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes sharing out the views, each reading the log; default: one per"
+            " core once the log has 100,000 events, else 1.",
+        ),
+    ] = None,
 ) -> None:
     """Replay the log into new generations of the views (readers keep being served).
 
-    Several views are rebuilt in one pass: the log is read and decoded once for all."""
+    The views a process rebuilds are rebuilt in one pass: it reads and decodes the log
+    once for them all."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with read_models() as views:
@@ -745,7 +754,7 @@ def projections_rebuild(
             def advance(position: int, head: int) -> None:
                 progress.update(task, completed=position, total=head)
 
-            generations = views.rebuild_views(names, progress=advance)
+            generations = views.rebuild_views(names, progress=advance, processes=processes)
         for view, generation in generations.items():
             typer.echo(f"{view}: generation {generation} is active")
 

@@ -100,6 +100,7 @@ class AuditTrailView(View):
     #: events; 4: the event's own fields as stored instead of summary and diff (derived
     #: when read), audit_loans instead of audit_fields, no correlation id index
     schema_version: ClassVar[int] = 4
+    rebuild_cost: ClassVar[float] = 20.0
     table_names: ClassVar[tuple[str, ...]] = (EVENTS, LOANS)
     handlers: ClassVar[Handlers] = Handlers()
     ddl: ClassVar[tuple[str, ...]] = (

@@ -8,20 +8,24 @@ together, so every event is applied exactly once and a restarted follower resume
 where the last commit left it. SQLite is polled; PostgreSQL is polled too, woken
 early by the NOTIFY the event store sends on every insert.
 
-``rebuild_views`` replays the whole log, read and decoded once, into a new generation
-of each view while readers keep reading the active ones, then switches each in one
-transaction (see ``projections.registry``).
+``rebuild_views`` replays the whole log into a new generation of each view while
+readers keep reading the active ones, then switches each in one transaction (see
+``projections.registry``). A large log is loaded by one process per core, each reading
+the log once for its share of the views.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -30,7 +34,7 @@ from uuid import UUID
 from eventsourcing.persistence import ApplicationRecorder, Mapper
 
 from projections import registry
-from projections.store import Store, Tx
+from projections.store import Store, Tx, WriteBuffer
 from projections.view import Cache, Decoded, Events, View
 
 log = logging.getLogger("projections")
@@ -364,6 +368,159 @@ def read_ahead(source: EventSource, batch_size: int) -> Iterator[Events]:
         reader.join()
 
 
+#: a log at least this long is rebuilt by several processes when ``Reopen`` says how
+#: (below that, starting them costs more than it saves)
+PARALLEL_FROM = 100_000
+
+
+@dataclass(frozen=True)
+class Reopen:
+    """How another process opens the same log and views database: picklable factories
+    (e.g. ``functools.partial(ArchiveApp, settings)``), for a rebuild in processes."""
+
+    source: Callable[[], EventSource]
+    store: Callable[[], Store]
+
+
+def _groups(views: Sequence[View], processes: int) -> list[list[View]]:
+    """Views shared out among ``processes`` groups of about equal ``rebuild_cost``: the
+    costliest first, each to the group with the least so far."""
+    groups: list[list[View]] = [[] for _ in range(min(processes, len(views)))]
+    costs = [0.0] * len(groups)
+    for view in sorted(views, key=lambda v: v.rebuild_cost, reverse=True):
+        least = costs.index(min(costs))
+        groups[least].append(view)
+        costs[least] += view.rebuild_cost
+    return groups
+
+
+def _load_batch(
+    store: Store,
+    views: Sequence[View],
+    generations: dict[str, int],
+    events: Events,
+    caches: dict[str, Cache],
+    position: int,
+    writing: AbstractContextManager[Any],
+) -> None:
+    """One batch of a rebuild: each view works out its writes first (``WriteBuffer``),
+    then one transaction writes them all and moves each view's position past the batch.
+    On SQLite the write lock is held for the writes only, not for the Python before them.
+    ``writing`` is held around the transaction (see ``_load_in_processes``)."""
+    buffers = []
+    for view in views:
+        buffer = WriteBuffer(store)
+        view.apply_batch(buffer, view.tables(generations[view.name]), events, caches[view.name])
+        buffers.append(buffer)
+    with writing, store.transaction() as tx:
+        for view, buffer in zip(views, buffers, strict=True):
+            generation = generations[view.name]
+            if registry.lock_position(tx, view.name, generation) != position:
+                raise registry.GenerationGoneError(
+                    f"generation {generation} of view {view.name} has another writer"
+                )
+            buffer.replay(tx)
+            registry.advance(tx, view.name, generation, events[-1][0])
+
+
+def load_views(
+    views: Sequence[View],
+    source: EventSource,
+    store: Store,
+    generations: dict[str, int],
+    batch_size: int = REBUILD_BATCH,
+    progress: Callable[[int, int], None] | None = None,
+    writing: AbstractContextManager[Any] | None = None,
+) -> None:
+    """Replay the whole log into the given (new, building) generations, in one pass,
+    then build their secondary indexes. Each batch is read and decoded once (by a reader
+    thread, a batch ahead: see ``read_ahead``) for all the views. The generations have
+    no other writer until their switch, so each view keeps a cache across batches
+    (``View.apply_batch``). ``progress(position, head)`` is called after each batch;
+    ``writing`` is held around each write transaction."""
+    writing = writing if writing is not None else nullcontext()
+    with store.bulk(), fewer_collections():
+        caches: dict[str, Cache] = {v.name: {} for v in views}
+        position = 0
+        for events in read_ahead(source, batch_size):
+            _load_batch(store, views, generations, events, caches, position, writing)
+            position = events[-1][0]
+            if progress is not None:
+                progress(position, head_position(source.recorder))
+        for view in views:
+            with writing, store.transaction() as tx:
+                view.create_indexes(tx, generations[view.name])
+
+
+#: the lock a rebuild's child processes take to write on SQLite (see ``_load_in_processes``)
+_sqlite_writer: AbstractContextManager[Any] | None = None
+
+
+def _share_lock(lock: AbstractContextManager[Any]) -> None:
+    global _sqlite_writer
+    _sqlite_writer = lock
+
+
+def _load_in_child(
+    reopen: Reopen, views: Sequence[View], generations: dict[str, int], batch_size: int
+) -> None:
+    """``load_views`` in a process of its own (see ``rebuild_views``)."""
+    source, store = reopen.source(), reopen.store()
+    try:
+        writing = _sqlite_writer if store.backend == "sqlite" else None
+        load_views(views, source, store, generations, batch_size, writing=writing)
+    finally:
+        store.close()
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+
+
+def _load_in_processes(
+    groups: list[list[View]],
+    reopen: Reopen,
+    source: EventSource,
+    store: Store,
+    generations: dict[str, int],
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Each group of views loaded by a process of its own, which reads the log itself:
+    Python runs one thread at a time, so this is how a rebuild uses more than one core.
+    Started with "spawn" (a fork would copy this process's threads' locks mid-use).
+
+    SQLite has one writer at a time, and a writer that finds the file locked sleeps in
+    steps of up to 100 ms before it tries again. The children take turns with a lock of
+    their own instead, which hands over as soon as it is released."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        len(groups), mp_context=context, initializer=_share_lock, initargs=(context.Lock(),)
+    ) as pool:
+        pending = {
+            pool.submit(
+                _load_in_child,
+                reopen,
+                group,
+                {v.name: generations[v.name] for v in group},
+                batch_size,
+            )
+            for group in groups
+        }
+        while pending:
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+            for future in done:
+                future.result()  # a child's error, raised here with its traceback
+            if progress is not None:
+                with store.read() as tx:
+                    positions = [
+                        g.position
+                        for name, generation in generations.items()
+                        for g in registry.generations(tx, name)
+                        if g.generation == generation
+                    ]
+                progress(min(positions, default=0), head_position(source.recorder))
+
+
 def rebuild_views(
     views: Sequence[View],
     source: EventSource,
@@ -372,56 +529,50 @@ def rebuild_views(
     batch_size: int = REBUILD_BATCH,
     before_switch: Callable[[View, int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    reopen: Reopen | None = None,
+    processes: int | None = None,
 ) -> dict[str, int]:
-    """Replay the log from position 0 into a new generation of each view, in one pass,
-    then make each new generation the active one. Returns the new generations by view.
+    """Replay the log from position 0 into a new generation of each view, then make
+    each new generation the active one. Returns the new generations by view.
 
-    Each batch is read and decoded once (by a reader thread, a batch ahead: see
-    ``read_ahead``) and applied to every view in one transaction, with every view's
-    position: a crash loses the batch whole. The new generations
-    have no other writer until their switch, so each view keeps a cache across batches
-    (``View.apply_batch``), and their secondary indexes are built after the bulk load
-    (``Store.bulk``: on SQLite, fewer WAL checkpoints meanwhile).
+    The load (``load_views``) runs in this thread, or, given ``reopen``, in up to
+    ``processes`` processes, each loading a share of the views (``_groups``). By
+    default that is one per core once the log has ``PARALLEL_FROM`` events. A crash
+    loses at most a batch per view; the generations stay "building" and the next
+    rebuild drops them.
 
     Readers keep reading the active generations (and the live followers keep them up to
     date) until the switch. A view's switch locks its registry row, which waits for the
     live follower's batch, applies what the new generation still lacks up to the head,
     and activates it, all in one transaction: readers never see a generation behind the
     one they saw before. The old generation is retired and dropped at the next rebuild.
-    ``progress(position, head)`` is called after each batch.
+    ``progress(position, head)`` is called as the load goes.
     """
     if len({v.name for v in views}) != len(views):
         raise ValueError("each view can be rebuilt once per pass")
+    if processes is None:
+        parallel = reopen is not None and head_position(source.recorder) >= PARALLEL_FROM
+        processes = (os.cpu_count() or 1) if parallel else 1
+    if processes > 1 and reopen is None:
+        raise ValueError("a rebuild in several processes needs to know how to reopen")
     generations = {v.name: registry.begin_generation(store, v) for v in views}
-    with store.bulk(), fewer_collections():
-        caches: dict[str, Cache] = {v.name: {} for v in views}
-        position = 0
-        for events in read_ahead(source, batch_size):
-            with store.transaction() as tx:
-                for view in views:
-                    generation = generations[view.name]
-                    if registry.lock_position(tx, view.name, generation) != position:
-                        raise registry.GenerationGoneError(
-                            f"generation {generation} of view {view.name} has another writer"
-                        )
-                    apply_batch(tx, view, generation, events, caches[view.name])
-            position = events[-1][0]
-            if progress is not None:
-                progress(position, head_position(source.recorder))
-        for view in views:
-            generation = generations[view.name]
-            with store.transaction() as tx:
-                view.create_indexes(tx, generation)
-            if before_switch is not None:
-                before_switch(view, generation)
-            with store.transaction() as tx:
-                registry.lock_active(tx, view.name)
-                head = head_position(source.recorder)
-                cache = caches[view.name]
-                while advance(tx, view, source, generation, batch_size, cache, stop=head):
-                    pass
-                registry.activate(tx, view.name, generation)
-            log.info("view %s: generation %d is active", view.name, generation)
+    groups = _groups(views, processes)
+    if len(groups) > 1:
+        assert reopen is not None
+        _load_in_processes(groups, reopen, source, store, generations, batch_size, progress)
+    else:
+        load_views(views, source, store, generations, batch_size, progress)
+    for view in views:
+        generation = generations[view.name]
+        if before_switch is not None:
+            before_switch(view, generation)
+        with store.transaction() as tx:
+            registry.lock_active(tx, view.name)
+            head = head_position(source.recorder)
+            while advance(tx, view, source, generation, batch_size, {}, stop=head):
+                pass
+            registry.activate(tx, view.name, generation)
+        log.info("view %s: generation %d is active", view.name, generation)
     return generations
 
 

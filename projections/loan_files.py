@@ -54,6 +54,7 @@ class LoanFilesView(View):
     name: ClassVar[str] = "loan_files"
     #: 2: documents' extraction_status (pending, running, done, failed)
     schema_version: ClassVar[int] = 2
+    rebuild_cost: ClassVar[float] = 17.0
     table_names: ClassVar[tuple[str, ...]] = (LOANS, COLLATERAL, VALUATIONS, DOCUMENTS)
     handlers: ClassVar[Handlers[RowHandler]] = handlers  # type: ignore[assignment]
     ddl: ClassVar[tuple[str, ...]] = (

@@ -10,11 +10,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from archive.settings import Settings
 from projections.audit_trail import AuditTrailView
-from projections.follower import EventSource, Follower, ViewStatus, rebuild_views, wait_for
+from projections.follower import (
+    EventSource,
+    Follower,
+    Reopen,
+    ViewStatus,
+    rebuild_views,
+    wait_for,
+)
 from projections.loan_files import LoanFilesView
 from projections.search import SearchView
 from projections.store import Store, open_store
@@ -37,6 +45,7 @@ class Projections:
         batch_size: int = 500,
         poll_interval: float = 0.5,
         owns_store: bool = False,
+        reopen: Reopen | None = None,
     ) -> None:
         self.source = source
         self.store = store
@@ -47,13 +56,18 @@ class Projections:
         }
         self.poll_interval = poll_interval
         self.owns_store = owns_store
+        #: how a rebuild's child processes open the same log and views (None: no children)
+        self.reopen = reopen
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
     @classmethod
     def open(cls, settings: Settings, source: EventSource, **kwargs: Any) -> Projections:
-        """The views database of these settings, with the default views."""
-        return cls(source, open_store(settings), owns_store=True, **kwargs)
+        """The views database of these settings, with the default views. A rebuild may
+        load them in child processes, which open the log as ``type(source)(settings)``
+        (an ``ArchiveApp``) and the views as this does."""
+        reopen = Reopen(partial(type(source), settings), partial(open_store, settings))
+        return cls(source, open_store(settings), owns_store=True, reopen=reopen, **kwargs)
 
     def _rebuild_stale(self, stale: Sequence[str], done: threading.Event) -> None:
         try:
@@ -151,9 +165,10 @@ class Projections:
     def rebuild_views(self, names: Sequence[str] | None = None, **kwargs: Any) -> dict[str, int]:
         """Replay the log into a new generation of the named views (default: all), in
         one pass, and switch each to it. Returns the new generations by view. Keyword
-        arguments go to ``follower.rebuild_views`` (batch_size, progress, before_switch)."""
+        arguments go to ``follower.rebuild_views`` (batch_size, progress, before_switch,
+        processes)."""
         for name in names or ():
             if name not in self.views:
                 raise KeyError(f"no view named {name}")
         views = [self.views[n] for n in names] if names else list(self.views.values())
-        return rebuild_views(views, self.source, self.store, **kwargs)
+        return rebuild_views(views, self.source, self.store, reopen=self.reopen, **kwargs)

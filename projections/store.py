@@ -83,6 +83,53 @@ class Tx:
         return rows[0] if rows else None
 
 
+class WriteBuffer(Tx):
+    """A batch's writes, held until ``replay`` runs them in a real transaction.
+
+    A rebuild works out a batch's rows (the Python, most of its time) before it opens
+    the write transaction, so that on SQLite, which has one writer at a time, another
+    rebuild process or a live follower writes meanwhile. Reads run at once, each in a
+    read snapshot of its own; writes are recorded in order. That is only right where a
+    batch never reads back what it wrote: views read what they need first and write at
+    the end (``View.apply_batch``), and a rebuild's generation has no other writer.
+    """
+
+    for_update = ""  # a read here never runs inside the write transaction
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.backend = store.backend
+        #: (method of ``Tx``, its arguments), in the order they were asked for
+        self.writes: list[tuple[str, tuple[Any, ...]]] = []
+
+    def execute(self, sql: str, params: Params = ()) -> list[Row]:
+        if sql.lstrip()[:6].upper() == "SELECT":
+            with self.store.read() as tx:
+                return tx.execute(sql, params)
+        self.writes.append(("execute", (sql, params)))
+        return []
+
+    def executemany(self, sql: str, rows: Sequence[Params]) -> None:
+        self.writes.append(("executemany", (sql, rows)))
+
+    def lock(self, key: str) -> None:
+        self.writes.append(("lock", (key,)))
+
+    def insert_rows(self, table: str, rows: Sequence[Row]) -> None:
+        if rows:
+            self.writes.append(("insert_rows", (table, rows)))
+
+    def upsert_rows(self, table: str, key: str, rows: Sequence[Row]) -> None:
+        if rows:
+            self.writes.append(("upsert_rows", (table, key, rows)))
+
+    def replay(self, tx: Tx) -> None:
+        """Run the recorded writes, in order, in ``tx``."""
+        for method, args in self.writes:
+            getattr(tx, method)(*args)
+        self.writes.clear()
+
+
 class Store:
     """A views database. Thread-safe: each thread gets its own connection."""
 

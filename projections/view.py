@@ -74,6 +74,9 @@ class View:
     #: (loading into indexed tables costs several times more), before the switch.
     indexes: ClassVar[tuple[str, ...]] = ()
     handlers: ClassVar[Handlers[Handler]]
+    #: what a rebuild of the view costs, in µs an event beyond reading the log (measured
+    #: by bench/rebuild.py): a rebuild in several processes shares views out by it
+    rebuild_cost: ClassVar[float] = 1.0
 
     def tables(self, generation: int) -> Tables:
         return {n: identifier(f"{n}_g{generation}") for n in self.table_names}

@@ -155,6 +155,17 @@ def test_projections_status_shows_the_lag_as_it_is(settings: Settings, archive: 
         for line in run(env, "projections", "status").stdout.splitlines()
     }
     assert after["loan_files"][-1] == "0"
+    # The same in two processes (one per share of the views), started from the CLI.
+    archive.open_loan(ctx, **loan_terms("CR-3"))
+    rebuilt = run(env, "projections", "rebuild", "--processes", "2")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "loan_files: generation 3 is active" in rebuilt.stdout
+    after = {
+        line.split()[0]: line.split()
+        for line in run(env, "projections", "status").stdout.splitlines()
+    }
+    assert after["loan_files"][-1] == after["audit_trail"][-1] == "0"
+    assert one_error_line(run(env, "projections", "rebuild", "--processes", "0"))
 
 
 def test_refused_commands_exit_non_zero_with_one_line(

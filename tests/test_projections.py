@@ -9,11 +9,13 @@ import csv
 import io
 import itertools
 import json
+import multiprocessing
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from functools import partial
 from typing import Any, ClassVar
 
 import psycopg
@@ -28,11 +30,12 @@ from archive.domain import ArchiveAggregate, CommandContext, Role
 from archive.exceptions import ArchiveError
 from archive.loans import ALLOWED_TRANSITIONS, LoanStatus
 from archive.settings import Settings
-from projections import audit_trail, loan_files
+from projections import audit_trail, follower, loan_files
 from projections.audit_trail import AuditTrailView, human_size
-from projections.follower import Follower, rebuild, rebuild_views, status, wait_for
+from projections.follower import Follower, Reopen, rebuild, rebuild_views, status, wait_for
 from projections.loan_files import LoanFilesView
 from projections.runner import Projections
+from projections.search import SearchView
 from projections.store import Store, Tx, open_store, views_path
 from projections.view import Cache, Events, Handlers, Tables
 
@@ -321,6 +324,91 @@ def test_views_rebuilt_together_read_the_log_once(
         views.rebuild_views(["nope"])
 
 
+def test_views_rebuilt_in_processes_equal_the_views_followed_event_by_event(
+    settings: Settings, archive: ArchiveApp, officer: CommandContext
+) -> None:
+    scripted_history(archive, officer)
+    for n in range(6):
+        change(archive, officer, "CR-2", "record_repayment", f"{n + 1}0.00", "2024-06-01")
+    with Projections.open(settings, archive) as views:
+        views.catch_up()
+        incremental = {name: view.dump(views.store) for name, view in views.views.items()}
+        reads: list[int] = []
+        select = archive.recorder.select_notifications
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            notes = select(*args, **kwargs)
+            reads.append(len(notes))
+            return notes
+
+        archive.recorder.select_notifications = counted  # type: ignore[method-assign]
+        try:
+            generations = views.rebuild_views(processes=2, batch_size=4)
+        finally:
+            del archive.recorder.select_notifications
+        assert generations == {"loan_files": 2, "audit_trail": 2, "search": 2}
+        # The children read the log; this process read none of it (the switches found the
+        # new generations at the head).
+        assert reads == []
+        assert {name: view.dump(views.store) for name, view in views.views.items()} == incremental
+        assert [(s.generation, s.lag, s.stale) for s in views.status()] == [(2, 0, False)] * 3
+
+
+class FailsInAChildProcess(AuditTrailView):
+    """The audit trail, except that it cannot be applied in a rebuild's child process."""
+
+    def apply_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
+        if multiprocessing.parent_process() is not None:
+            raise Crash("the disk of the views is full")
+        super().apply_batch(tx, tables, events, cache)
+
+
+def test_a_failure_in_a_child_process_fails_the_rebuild_and_loses_nothing(
+    settings: Settings, archive: ArchiveApp, officer: CommandContext
+) -> None:
+    scripted_history(archive, officer)
+    reopen = Reopen(partial(ArchiveApp, settings), partial(open_store, settings))
+    with Projections(
+        archive,
+        open_store(settings),
+        views=[LoanFilesView(), FailsInAChildProcess()],
+        reopen=reopen,
+        owns_store=True,
+    ) as views:
+        views.catch_up()
+        before = {name: view.dump(views.store) for name, view in views.views.items()}
+        with pytest.raises(Crash, match="disk of the views is full"):
+            views.rebuild_views(processes=2, batch_size=4)
+        # Readers still read the first generations, whole; the failed ones are building.
+        assert [(s.generation, s.lag) for s in views.status()] == [(1, 0), (1, 0)]
+        assert {name: view.dump(views.store) for name, view in views.views.items()} == before
+        # The next rebuild (in this process, where the view applies) drops them and works.
+        assert views.rebuild_views(processes=1) == {"loan_files": 3, "audit_trail": 3}
+        assert {name: view.dump(views.store) for name, view in views.views.items()} == before
+
+
+def test_a_rebuild_in_processes_needs_to_know_how_to_reopen(
+    archive: ArchiveApp, store: Store
+) -> None:
+    with pytest.raises(ValueError, match="reopen"):
+        rebuild_views([LoanFilesView(), AuditTrailView()], archive, store, processes=2)
+
+
+def test_views_are_shared_out_among_processes_by_their_cost() -> None:
+    class Cheap(LoanFilesView):
+        name = "cheap"
+        rebuild_cost = 2.0
+
+    views = [Cheap(), LoanFilesView(), AuditTrailView(), SearchView()]
+    costs = {v.name: v.rebuild_cost for v in views}
+    groups = [[v.name for v in group] for group in follower._groups(views, 2)]
+    assert sorted(n for g in groups for n in g) == sorted(costs)
+    loads = [sum(costs[n] for n in g) for g in groups]
+    assert max(loads) - min(loads) <= max(costs.values()) / 2
+    assert len(follower._groups(views, 8)) == 4  # never more processes than views
+    assert [len(g) for g in follower._groups(views, 1)] == [4]
+
+
 def test_a_rebuild_that_forgets_cached_rows_reads_them_back(
     archive: ArchiveApp, officer: CommandContext, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -344,18 +432,14 @@ def test_a_rebuild_runs_the_gc_less_often_only_while_it_runs(
 ) -> None:
     import gc
 
-    from projections import follower
-
     open_loan(archive, officer)
     before = gc.get_threshold()
     during: list[tuple[int, ...]] = []
-    rebuild(
-        LoanFilesView(), archive, store, before_switch=lambda _: during.append(gc.get_threshold())
-    )
+    rebuild(LoanFilesView(), archive, store, progress=lambda *_: during.append(gc.get_threshold()))
     assert during == [(follower.REBUILD_GC_THRESHOLD, *before[1:])]
     assert gc.get_threshold() == before
     with pytest.raises(Crash):
-        rebuild(LoanFilesView(), archive, store, before_switch=lambda _: _raise(Crash()))
+        rebuild(LoanFilesView(), archive, store, progress=lambda *_: _raise(Crash()))
     assert gc.get_threshold() == before
 
 

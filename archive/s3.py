@@ -8,17 +8,18 @@ rewound, and stored one of three ways. In every one, each request that carries b
 carries a checksum the server checks, so it refuses bytes damaged on the way
 (``BadDigest``): the file's SHA-256 as ``x-amz-checksum-sha256`` for a one-request file
 (plus ``Content-MD5`` until the server has answered one with the checksum it checked),
-each part's MD5 as ``Content-MD5`` for a multipart upload. (SeaweedFS checks both but NOT
-the signed ``x-amz-content-sha256``, so ``ArchiveMinio`` signs the known SHA-256 or
-``UNSIGNED-PAYLOAD`` instead of hashing every body once more.) The object comes into
+each part's CRC-32 as ``x-amz-checksum-crc32`` for a multipart upload (a part the server
+answers without echoing it is checked by its ETag, the part's MD5; see ``_send_parts``).
+(SeaweedFS checks these but NOT the signed ``x-amz-content-sha256``, so ``ArchiveMinio``
+signs the known SHA-256 or ``UNSIGNED-PAYLOAD`` instead of hashing every body once more.) The object comes into
 existence in one request, already under retention (``x-amz-object-lock-*`` headers,
 ``Retention(mode, now + retention_days)`` when ``retention_days > 0`` and the bucket has
 Object Lock), with ``If-None-Match: *`` so that two uploads of the same bytes cannot
 stack versions (the second gets ``PreconditionFailed`` and adopts the first,
 ``created=False``); and before ``put`` returns the object is verified --
 ``checkpoint("final")``: a multipart upload's ETag must be
-``md5(md5(part1)..md5(partN))-N`` (which SeaweedFS 4.48 follows; any other ETag, e.g.
-with SSE-KMS, is checked by reading the object back) and a HEAD must show the size and
+``md5(md5(part1)..md5(partN))-N`` of the parts' ETags (which SeaweedFS 4.48 follows; any
+other ETag, e.g. with SSE-KMS, is checked by reading the object back) and a HEAD must show the size and
 the retention; a PutObject is verified from its answer (``_put_verified``: the echoed
 SHA-256, else the ETag as MD5; the HEAD only until the server has shown that it applies
 retention headers).
@@ -32,7 +33,7 @@ retention headers).
 2. **Larger, SHA-256 declared by the client** (``Content-Digest``, the ``sha256`` form
    field, ``loan-archive import``): the content address is known before the first byte,
    so the parts go straight to a multipart upload there as they are read (three 8 MiB
-   parts in flight, each part's MD5 taken by the thread that sends it) --
+   parts in flight, each part's CRC-32 taken by the thread that sends it) --
    ``checkpoint("written")``; then the SHA-256 of what was read must be the declared one,
    else the upload is aborted (422) -- ``checkpoint("verified")``; then
    CompleteMultipartUpload. When the key already exists, the second way is taken.
@@ -42,7 +43,8 @@ retention headers).
    part arrives); nothing has reached S3 yet, so a failing source or a file over the
    limit leaves nothing. An existing object with these bytes is adopted (ETag against
    the MD5s of the spooled parts). Else the spool is uploaded as in 2., each re-read
-   part checked against its CRC-32 before it is sent -- ``checkpoint("written")``,
+   part sent under the CRC-32 taken when it was received (the server refuses it if the
+   spool changed) -- ``checkpoint("written")``,
    ``checkpoint("verified")``; then CompleteMultipartUpload. (The upload once hashed the
    whole spool again with SHA-256 as well, and signed every part's SHA-256: see
    ``_spool_then_upload`` for what the cheaper check guards against and what it gained.)
@@ -114,11 +116,12 @@ version id and its retention. Keep the filer port private. SeaweedFS answers
 PutObjectLegalHold on a missing key with HTTP 500 (which minio retries for seconds), so
 ``set_legal_hold`` checks that the key exists first.
 
-This module uses minio's public API plus six of its private methods, stable across
-minio 7.x: ``_put_object`` (PutObject with Content-MD5 and ``If-None-Match``, which
-``put_object`` would turn into user metadata), ``_create_multipart_upload``,
-``_upload_part``, ``_abort_multipart_upload``, ``_list_multipart_uploads`` and
-``_execute`` (for CompleteMultipartUpload with ``If-None-Match``); pin ``minio<8``.
+This module uses minio's public API plus five of its private methods, stable across
+minio 7.x: ``_put_object`` (PutObject and UploadPart with checksum headers and
+``If-None-Match``, which ``put_object`` would turn into user metadata, and whose answer's
+headers ``_upload_part`` drops), ``_create_multipart_upload``, ``_abort_multipart_upload``,
+``_list_multipart_uploads`` and ``_execute`` (for CompleteMultipartUpload with
+``If-None-Match``); pin ``minio<8``.
 
 Credentials come from the settings as ``SecretStr`` and are handed to the minio client
 only; they appear in no message, log line or repr of this module, and storage errors are
@@ -131,10 +134,12 @@ import base64
 import hashlib
 import logging
 import math
+import re
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -175,6 +180,9 @@ PARALLEL_UPLOADS = 3
 PAYLOAD_HASH = "x-amz-content-sha256"
 UNSIGNED = "UNSIGNED-PAYLOAD"
 CHECKSUM_SHA256 = "x-amz-checksum-sha256"
+CHECKSUM_CRC32 = "x-amz-checksum-crc32"
+CHECKSUM_ALGORITHM = "x-amz-checksum-algorithm"
+MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
 
 _MISSING = {"NoSuchKey", "NoSuchVersion", "NoSuchObject"}
 _NO_RETENTION = {"ObjectLockConfigurationNotFoundError", "NoSuchObjectLockConfiguration"}
@@ -214,6 +222,19 @@ def _content_md5(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
+def _crc32_header(crc: int) -> str:
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One uploaded part: the ETag to complete with, its MD5 and its CRC-32."""
+
+    etag: str
+    md5: bytes
+    crc: int
+
+
 def _etags(digests: list[bytes]) -> set[str]:
     """The ETags S3 gives these bytes: as one multipart upload, and as one PutObject."""
     found = {multipart_etag(digests)}
@@ -243,7 +264,7 @@ class ArchiveMinio(Minio):
     Over plain HTTP, minio signs the SHA-256 of every body it sends (``x-amz-content-sha256``),
     which costs as much CPU as the archive's own SHA-256 of the file, and which SeaweedFS
     does not even check. ``put`` already knows the SHA-256 of a one-request file, and
-    sends each part with a Content-MD5 (covered by the signature, checked by the server),
+    sends each part with its CRC-32 (covered by the signature, checked by the server),
     so it passes the hash (or ``UNSIGNED-PAYLOAD``, what minio itself sends over TLS) in
     the request's headers and this client signs that instead of hashing the body again.
     Anything else (TLS, anonymous access, no preset) is minio's own behaviour.
@@ -509,13 +530,14 @@ class S3BlobStore(BlobStore):
         upload_id, headers = self._start_upload(key)
         completed = None
         try:
-            etags, digests = self._send_parts(key, upload_id, parts)
+            sent = self._send_parts(key, upload_id, parts)
+            digests = [part.md5 for part in sent]
             self.checkpoint("written")  # an unfinished upload: listed by temporary_keys
             sha256, size = reader.sha256(), reader.size
             self.check_expected(sha256, expected_sha256)
             self.checkpoint("verified")
             try:
-                completed = self._complete(key, upload_id, etags, {"If-None-Match": "*"})
+                completed = self._complete(key, upload_id, sent, {"If-None-Match": "*"})
             except _Raced:  # someone stored the same bytes meanwhile
                 existing, _current = self._existing(key, sha256, size, lambda: digests)
                 if existing is None:
@@ -531,14 +553,14 @@ class S3BlobStore(BlobStore):
     ) -> StoredBlob:
         """The key is known only at the end: spool to an unlinked temporary file while
         hashing (SHA-256, and each part's CRC-32), then upload the spooled parts
-        (``_upload``), each re-read part checked against its CRC-32 before it is sent.
+        (``_upload``), each re-read part sent under its CRC-32 (the server checks it).
 
         Receiving is the sequential part of the whole (the upload cannot start before the
         last byte names the key), so it does the least work that still ties the spool to
         the bytes received: a CRC-32 per part (4 GB/s here), not an MD5 (0.7 GB/s, which
         held receiving to ~160-300 MB/s) nor, as at first, a second SHA-256 pass over the
-        spool. The MD5s that S3 checks (Content-MD5) and that the ETag is compared with are
-        taken by the threads that send the parts, of the bytes they send. A CRC-32 catches
+        spool. The same CRC-32s go with the parts as ``x-amz-checksum-crc32``, so the server
+        checks each re-read part against the bytes received (``_send_parts``). A CRC-32 catches
         every error of up to 32 bits and any other with odds of 1 in 4 billion: the spool
         is a file only this process holds open, so what it guards against is storage
         faults, not an adversary (who could reach the process's memory as well). Measured
@@ -656,32 +678,36 @@ class S3BlobStore(BlobStore):
         *,
         over_current: bool,
     ) -> StoredBlob:
-        """Send the spooled bytes to ``key`` as a multipart upload; a part whose CRC-32 is
-        no longer the one taken when it was received is not sent (the spool changed), so
-        the object exists only if every part is the bytes that were hashed."""
+        """Send the spooled bytes to ``key`` as a multipart upload, each part under the
+        CRC-32 taken when it was received: the server refuses a part whose bytes changed
+        in the spool or on the way (``_send_parts``), so the object exists only if every
+        part is the bytes that were hashed."""
         # Never a second version over a good one: only a damaged current one is covered.
         guard = {} if over_current else {"If-None-Match": "*"}
         upload_id, headers = self._start_upload(key)
         completed = None
         try:
             parts = (_read_exactly(body, length) for length in self._part_lengths(size))
-            etags, digests = self._send_parts(key, upload_id, parts, crcs)
+            sent = self._send_parts(key, upload_id, parts, crcs)
             self.checkpoint("written")  # an unfinished upload: listed by temporary_keys
             self.checkpoint("verified")  # every part was the received one, and accepted
-            completed = self._complete(key, upload_id, etags, guard)
+            completed = self._complete(key, upload_id, sent, guard)
         finally:
             if completed is None:
                 self._abort(key, upload_id)
+        digests = [part.md5 for part in sent]
         return self._verified(key, sha256, size, digests, completed.etag, headers)
 
     def _start_upload(self, key: str) -> tuple[str, dict[str, str]]:
-        """Start a multipart upload of ``key`` under the retention settings: its id, and
-        the headers the finished object must show (checked by ``_verified``)."""
+        """Start a multipart upload of ``key`` under the retention settings, its parts
+        checked by CRC-32 (``_send_parts``): its id, and the headers the finished object
+        must show (checked by ``_verified``)."""
         headers = {"Content-Type": "application/octet-stream", **self._lock_headers()}
+        create = {**headers, CHECKSUM_ALGORITHM: "CRC32"}  # AWS wants it before the parts
         upload_id = self._call(
             "starting the upload of",
             key,
-            lambda: self.client._create_multipart_upload(self.bucket, key, dict(headers)),
+            lambda: self.client._create_multipart_upload(self.bucket, key, create),
         )
         return upload_id, headers
 
@@ -701,36 +727,52 @@ class S3BlobStore(BlobStore):
         upload_id: str,
         parts: Iterator[bytes],
         crcs: list[int] | None = None,
-    ) -> tuple[list[str], list[bytes]]:
+    ) -> list[_Part]:
         """Upload the parts, at most ``parallel_uploads`` in flight (memory stays flat).
 
-        The worker that sends a part first checks its CRC-32 against ``crcs`` if given
-        (spooled bytes), then takes its MD5 and sends it as Content-MD5, so the server
-        refuses bytes damaged on the way. The payload is not hashed again for the
-        signature (``ArchiveMinio``): the signed Content-MD5 protects it. This thread
-        reads the next part meanwhile. Returns the part ETags and the part MD5s.
+        Each part carries its CRC-32 as ``x-amz-checksum-crc32``: the one in ``crcs``
+        (spooled bytes: taken when they were received), else taken by the worker that
+        sends it. A server that echoes it has computed the CRC-32 of what it received and
+        found that one (it answers BadDigest otherwise: bytes changed in the spool or on
+        the way), and its ETag is then the part's MD5 (``_verified`` compares the final
+        ETag with those). A part answered without the echo is checked here instead: the
+        spooled bytes against their CRC-32, the server's ETag against their MD5. This
+        replaced a Content-MD5 per part: MD5 (0.7 GB/s) cost the sending threads more
+        CPU than minio's own SHA-256 of raw's parts, on the cores SeaweedFS needs; CRC-32
+        runs at 4 GB/s and the spool's are free. The payload is not hashed again for the
+        signature (``ArchiveMinio``). This thread reads the next part meanwhile.
         """
-        etags: dict[int, str] = {}
-        sent: dict[int, bytes] = {}
+        done_parts: dict[int, _Part] = {}
 
-        def send(number: int, data: bytes) -> str:
-            if crcs is not None and zlib.crc32(data) != crcs[number - 1]:
-                raise BlobError(f"the spooled bytes of {key} changed before they were sent")
-            sent[number] = digest = _md5(data)
-            extra = {"Content-MD5": _content_md5(digest), PAYLOAD_HASH: UNSIGNED}
-            return self._call(
+        def send(number: int, data: bytes) -> _Part:
+            crc = zlib.crc32(data) if crcs is None else crcs[number - 1]
+            extra = {CHECKSUM_CRC32: _crc32_header(crc), PAYLOAD_HASH: UNSIGNED}
+            query = {"partNumber": str(number), "uploadId": upload_id}
+            written = self._call(
                 f"uploading part {number} of",
                 key,
-                lambda: self.client._upload_part(self.bucket, key, data, extra, upload_id, number),
+                lambda: self.client._put_object(self.bucket, key, data, extra, query),
             )
+            etag = _etag(written.etag)
+            if (written.http_headers or {}).get(CHECKSUM_CRC32) == extra[CHECKSUM_CRC32]:
+                md5 = bytes.fromhex(etag) if MD5_HEX.match(etag) else _md5(data)
+                return _Part(written.etag, md5, crc)
+            if crcs is not None and zlib.crc32(data) != crc:
+                raise BlobError(f"the spooled bytes of {key} changed before they were sent")
+            md5 = _md5(data)
+            if MD5_HEX.match(etag) and etag != md5.hex():
+                raise BlobError(
+                    f"S3 stored other bytes than were sent as part {number} of {self.bucket}/{key}"
+                )
+            return _Part(written.etag, md5, crc)
 
-        in_flight: dict[Future[str], int] = {}
+        in_flight: dict[Future[_Part], int] = {}
 
         def collect(until: int) -> None:
             while len(in_flight) > until:
                 done, _pending = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
-                    etags[in_flight.pop(future)] = future.result()
+                    done_parts[in_flight.pop(future)] = future.result()
 
         pool = ThreadPoolExecutor(self.parallel_uploads, thread_name_prefix="s3-part")
         try:
@@ -741,15 +783,15 @@ class S3BlobStore(BlobStore):
             collect(0)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-        numbers = sorted(etags)
-        return [etags[n] for n in numbers], [sent[n] for n in numbers]
+        return [done_parts[n] for n in sorted(done_parts)]
 
     def _complete(
-        self, key: str, upload_id: str, etags: list[str], guard: dict[str, str]
+        self, key: str, upload_id: str, parts: list[_Part], guard: dict[str, str]
     ) -> CompleteMultipartUploadResult:
         body = "".join(
-            f"<Part><PartNumber>{number}</PartNumber><ETag>{escape(etag)}</ETag></Part>"
-            for number, etag in enumerate(etags, start=1)
+            f"<Part><PartNumber>{number}</PartNumber><ETag>{escape(part.etag)}</ETag>"
+            f"<ChecksumCRC32>{_crc32_header(part.crc)}</ChecksumCRC32></Part>"
+            for number, part in enumerate(parts, start=1)
         )
         xml = f"<CompleteMultipartUpload>{body}</CompleteMultipartUpload>".encode()
         headers = {

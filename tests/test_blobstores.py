@@ -343,14 +343,16 @@ def upload_then_hang(config: dict[str, Any], stall: str, stalled: Any) -> None:
         s3 = open_blob_store(Settings(**config["settings"]))
         assert isinstance(s3, S3BlobStore)
         s3.part_size, s3.spool_dir = TEST_PART, Path(config["spool_dir"])
-        real_upload_part = s3.client._upload_part
+        real_put_object = s3.client._put_object  # UploadPart goes through it
 
         def upload_part_then_hang(*args: Any) -> Any:
-            real_upload_part(*args)
+            written = real_put_object(*args)
+            if len(args) < 5 or not args[4] or "partNumber" not in args[4]:
+                return written
             stalled.set()
             time.sleep(3600)
 
-        s3.client._upload_part = upload_part_then_hang  # type: ignore[method-assign]
+        s3.client._put_object = upload_part_then_hang  # type: ignore[method-assign]
         store = s3
     if stall == "source":
         store.put(StallingSource(TEST_PART + MiB, stalled))
@@ -632,8 +634,8 @@ def test_s3_an_unfamiliar_etag_is_checked_by_reading_back(
 def test_s3_bytes_damaged_on_the_way_are_refused(
     s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch, size: int, declared: bool
 ) -> None:
-    """The server checks the Content-MD5 of the PutObject or of each part: nothing is
-    stored, nothing is left."""
+    """The server checks the checksum of the PutObject (SHA-256, and Content-MD5 on the
+    first) or of each part (CRC-32): nothing is stored, nothing is left."""
     real_put_object = s3.client._put_object  # UploadPart goes through it too
     last = -(-size // TEST_PART)
 
@@ -767,7 +769,7 @@ def test_s3_no_body_is_hashed_again_to_sign_it(
     s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The signature covers the file's SHA-256 (one PutObject) or UNSIGNED-PAYLOAD with
-    a Content-MD5 (parts): minio hashes no body of an upload, and the server accepts."""
+    a CRC-32 (parts): minio hashes no body of an upload, and the server accepts."""
     import minio.api
 
     real_hash = minio.api.sha256_hash
@@ -786,12 +788,8 @@ def test_s3_no_body_is_hashed_again_to_sign_it(
     assert hashed == []
 
 
-def test_s3_spooled_bytes_that_change_before_they_are_sent_are_refused(
-    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each spooled part is checked against the CRC-32 taken when its bytes were received
-    before it is sent: a spool that changed meanwhile (a storage fault) is not stored,
-    the upload is aborted, nothing is left."""
+def corrupt_the_spool(s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flip a byte of the second spooled part after it was received, before it is sent."""
     real_upload = s3._upload
 
     def corrupting(key: str, body: Any, *args: Any, **kwargs: Any) -> Any:
@@ -803,9 +801,108 @@ def test_s3_spooled_bytes_that_change_before_they_are_sent_are_refused(
         return real_upload(key, body, *args, **kwargs)
 
     monkeypatch.setattr(s3, "_upload", corrupting)
-    with pytest.raises(BlobError, match="changed before they were sent"):
+
+
+def parts_unchecked_by_the_server(s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection on the real server: UploadPart loses its ``x-amz-checksum-crc32``
+    on the way, so the server neither checks nor echoes it (as a server that ignores
+    part checksums would)."""
+    real_put_object = s3.client._put_object
+
+    def unchecked(
+        bucket: str, name: str, data: bytes, headers: Any, query_params: Any = None
+    ) -> Any:
+        if query_params:
+            headers = {k: v for k, v in headers.items() if k != archive.s3.CHECKSUM_CRC32}
+        return real_put_object(bucket, name, data, headers, query_params)
+
+    monkeypatch.setattr(s3.client, "_put_object", unchecked)
+
+
+def test_s3_spooled_bytes_that_change_before_they_are_sent_are_refused(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each spooled part goes with the CRC-32 taken when its bytes were received: the
+    server refuses a part whose spool changed meanwhile (a storage fault); the upload is
+    aborted, nothing is left."""
+    corrupt_the_spool(s3, monkeypatch)
+    with pytest.raises(BlobError, match="BadDigest"):
         s3.put(ChunkedSource(2 * TEST_PART + 7))
     assert leftovers(s3) == ([], [])
+
+
+def test_s3_without_the_part_checksum_echo_the_spool_is_checked_here(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part answered without the CRC-32 echo may not have been checked: the store
+    checks the spooled bytes against their CRC-32 itself (and the ETag against their MD5)."""
+    parts_unchecked_by_the_server(s3, monkeypatch)
+    data = os.urandom(2 * TEST_PART + 7)
+    blob = s3.put(Unseekable(data))
+    assert blob.created and read_all(s3, blob.key) == data
+    corrupt_the_spool(s3, monkeypatch)
+    with pytest.raises(BlobError, match="changed before they were sent"):
+        s3.put(ChunkedSource(2 * TEST_PART + 7))
+    assert leftovers(s3) == ([blob.key], [])
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_s3_without_the_part_checksum_echo_a_damaged_part_is_caught_by_its_etag(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch, declared: bool
+) -> None:
+    """Fault injection on the real server: a part's checksum header is lost and its
+    bytes damaged on the way, so the server stores them unchecked; the part's ETag (the
+    MD5 of what the server got) differs from the MD5 of what was sent: aborted."""
+    real_put_object = s3.client._put_object
+
+    def unchecked_and_damaged(
+        bucket: str, name: str, data: bytes, headers: Any, query_params: Any = None
+    ) -> Any:
+        if query_params and query_params.get("partNumber") == "2":
+            headers = {k: v for k, v in headers.items() if k != archive.s3.CHECKSUM_CRC32}
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        return real_put_object(bucket, name, data, headers, query_params)
+
+    monkeypatch.setattr(s3.client, "_put_object", unchecked_and_damaged)
+    data = os.urandom(2 * TEST_PART + 7)
+    with pytest.raises(BlobError, match="other bytes than were sent as part 2"):
+        s3.put(io.BytesIO(data), expected_sha256=sha(data) if declared else None)
+    assert leftovers(s3) == ([], [])
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_s3_parts_go_with_their_crc32_and_no_md5_is_taken(
+    s3: S3BlobStore, monkeypatch: pytest.MonkeyPatch, declared: bool
+) -> None:
+    """Each part carries ``x-amz-checksum-crc32`` (no Content-MD5); SeaweedFS echoes it,
+    so the store takes no MD5 of any part: the final ETag is checked against the part
+    ETags the server gave, and the object is the bytes sent, under retention."""
+    real_put_object = s3.client._put_object
+    sent: list[dict[str, str]] = []
+    md5s: list[int] = []
+    real_md5 = archive.s3._md5
+
+    def recording(
+        bucket: str, name: str, data: bytes, headers: Any, query_params: Any = None
+    ) -> Any:
+        if query_params and "partNumber" in query_params:
+            sent.append(dict(headers))
+        return real_put_object(bucket, name, data, headers, query_params)
+
+    def counting_md5(data: bytes) -> bytes:
+        md5s.append(len(data))
+        return real_md5(data)
+
+    monkeypatch.setattr(s3.client, "_put_object", recording)
+    monkeypatch.setattr(archive.s3, "_md5", counting_md5)
+    data = os.urandom(2 * TEST_PART + 7)
+    blob = s3.put(io.BytesIO(data), expected_sha256=sha(data) if declared else None)
+    assert blob.created and md5s == []
+    assert len(sent) == 3
+    assert all(archive.s3.CHECKSUM_CRC32 in h and "Content-MD5" not in h for h in sent)
+    info = s3.stat(blob.key)
+    assert info is not None and info.size == len(data) and info.retain_until is not None
+    assert read_all(s3, blob.key) == data
 
 
 class ChangingFile(io.BytesIO):
@@ -862,6 +959,9 @@ def test_s3_a_small_upload_of_bytes_already_there_adds_no_version(
     assert second.created is False and second.version_id == first.version_id
     versions = list(s3.client.list_objects(s3.bucket, prefix=first.key, include_version=True))
     assert [v.version_id for v in versions] == [first.version_id]
+    assert second.retain_until is not None and second.retain_until == first.retain_until
+    with pytest.raises(S3Error):  # still the one locked version
+        s3.client.remove_object(s3.bucket, first.key, version_id=first.version_id)
 
 
 @pytest.mark.parametrize("size", [1000, 2 * TEST_PART + 9])

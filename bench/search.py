@@ -26,6 +26,10 @@ interleaved:
     hands it to its event-loop thread through an anyio portal: a no-op route costs
     1.2-1.5 ms that way against 0.45 ms through uvicorn and http.client, so (t)
     overstates the API's own overhead by most of a millisecond.
+(f) the floor: an authenticated GET to the same server that does nothing else (the search
+    route's caller check, ``authorize`` in one thread-pool hop, an empty JSON answer).
+    What (a) costs beyond (f) is the search route's own work; (f) is what any read
+    request pays here, however small its query.
 (b) ``projections.search.search()``: what the CLI calls.
 (c) raw SQL: the statements (b) ran for that query (recorded once), replayed with
     their parameters on a plain sqlite3/psycopg connection: the database's own time.
@@ -71,12 +75,15 @@ sys.path.insert(1, str(ROOT))
 import postgres_cluster  # noqa: E402
 import psycopg  # noqa: E402
 import uvicorn  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
+from fastapi import APIRouter, Depends, FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from postgres_cluster import PostgresCluster  # noqa: E402
+from starlette.concurrency import run_in_threadpool  # noqa: E402
 
 from api import problems  # noqa: E402
 from api import search as search_api  # noqa: E402
+from api.deps import AuthFirstRoute, authorize  # noqa: E402
 from archive.application import ArchiveApp, operator_context  # noqa: E402
 from archive.documents import Document  # noqa: E402
 from archive.domain import CommandContext, Role  # noqa: E402
@@ -531,14 +538,26 @@ class Row:
     ms: dict[str, list[float]]
 
 
+FLOOR_PATH = "/bench/floor"
+floor_router = APIRouter(route_class=AuthFirstRoute)
+
+
+@floor_router.get(FLOOR_PATH, dependencies=[Depends(search_api.SEARCHERS)])
+async def floor(request: Request) -> JSONResponse:
+    """Mode (f): the search route's caller check and nothing else."""
+    await run_in_threadpool(authorize, request)
+    return JSONResponse({})
+
+
 def search_app(archive: ArchiveApp, views: Projections) -> FastAPI:
     """The API's search router alone, over the search view alone (the other views are
-    not built here), with the API's problem handlers."""
+    not built here), with the API's problem handlers; and the floor route of mode (f)."""
     app = FastAPI()
     app.state.archive = archive
     app.state.projections = views
     problems.install(app)
     app.include_router(search_api.router)
+    app.include_router(floor_router)
     return app
 
 
@@ -625,6 +644,9 @@ def _measure(
         def server_http(query: str = f"/api/v1/search?{urlencode(params)}") -> None:
             over_http(query)
 
+        def floor_http() -> None:
+            over_http(FLOOR_PATH)
+
         def testclient(params: dict[str, str] = params) -> None:
             response = client.get("/api/v1/search", params=params, headers=headers)
             assert response.status_code == 200, response.text
@@ -636,6 +658,7 @@ def _measure(
         runners.append(
             {
                 "(a) http": server_http,
+                "(f) floor": floor_http,
                 "(t) testclient": testclient,
                 "(b) search()": function,
                 "(c) raw sql": raw,
@@ -712,21 +735,23 @@ def report(backend: str, rows: list[Row], repeat: int) -> None:
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"\n   {backend}: latency in ms over {repeat} runs (limit 20); load average {load}")
     print(
-        f"   {'query':42} {'hits':>6}  {'(a) http p50/p95':>17}  {'(t) testclient':>17}"
+        f"   {'query':42} {'hits':>6}  {'(a) http p50/p95':>17}  {'(f) floor':>13}"
+        f"  {'(t) testclient':>17}"
         f"  {'(b) search() p50/p95':>21}  {'(c) raw sql p50/p95':>20}  {'a/c p50':>7}"
         f"  {'t/c p50':>7}  {'p95<50':>6}"
     )
     for row in rows:
         cells = {k: (statistics.median(v), percentile(v, 0.95)) for k, v in row.ms.items()}
-        a, t, b, c = (
-            cells[k] for k in ("(a) http", "(t) testclient", "(b) search()", "(c) raw sql")
+        a, f, t, b, c = (
+            cells[k]
+            for k in ("(a) http", "(f) floor", "(t) testclient", "(b) search()", "(c) raw sql")
         )
         ratio = a[0] / c[0] if c[0] else float("inf")
         t_ratio = t[0] / c[0] if c[0] else float("inf")
         ok = "ok" if a[1] < TARGET_P95_MS else "SLOW"
         print(
             f"   {row.case.label:42} {row.total:6d}  {a[0]:7.1f} / {a[1]:7.1f}  "
-            f"{t[0]:7.1f} / {t[1]:7.1f}  {b[0]:9.1f} / {b[1]:9.1f}  {c[0]:8.1f} / {c[1]:8.1f}"
+            f"{f[0]:5.2f} / {f[1]:5.2f}  {t[0]:7.1f} / {t[1]:7.1f}  {b[0]:9.1f} / {b[1]:9.1f}  {c[0]:8.1f} / {c[1]:8.1f}"
             f"  {ratio:7.2f}  {t_ratio:7.2f}  {ok:>6}"
         )
         print(

@@ -38,6 +38,7 @@ from eventsourcing.persistence import (
     StoredEvent,
     UUIDAsHex,
 )
+from eventsourcing.utils import resolve_topic
 
 from archive.application import DateAsISO
 from archive.domain import ArchiveAggregate
@@ -98,8 +99,9 @@ class AuditTrailView(View):
     name: ClassVar[str] = "audit_trail"
     #: 2: audit_fields holds one row per aggregate; 3: summaries of text extraction
     #: events; 4: the event's own fields as stored instead of summary and diff (derived
-    #: when read), audit_loans instead of audit_fields, no correlation id index
-    schema_version: ClassVar[int] = 4
+    #: when read), audit_loans instead of audit_fields, no correlation id index; 5: the
+    #: position is the rowid on SQLite
+    schema_version: ClassVar[int] = 5
     rebuild_cost: ClassVar[float] = 20.0
     table_names: ClassVar[tuple[str, ...]] = (EVENTS, LOANS)
     handlers: ClassVar[Handlers] = Handlers()
@@ -128,11 +130,31 @@ class AuditTrailView(View):
         "CREATE INDEX {audit_events}_time ON {audit_events} (occurred_at)",
     )
 
+    def create(self, tx: Tx, generation: int) -> None:
+        """On SQLite the position is the rowid (``INTEGER PRIMARY KEY``): declared
+        ``BIGINT``, it would be an index of its own, written on every insert."""
+        tables = self.tables(generation)
+        for statement in self.ddl:
+            sql = statement.format(**tables)
+            if tx.backend == "sqlite":
+                sql = sql.replace("position BIGINT PRIMARY KEY", "position INTEGER PRIMARY KEY")
+            tx.execute(sql)
+
+    def needs(self, qualname: str) -> bool:
+        """None: every row is made from the log's stored form (``apply_batch``)."""
+        return False
+
     def apply(self, tx: Tx, tables: Tables, position: int, event: Any) -> None:
         self.apply_batch(tx, tables, [(position, event)], {})
 
     def apply_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
         """Every event gets a row, known type or not: the trail must be complete.
+
+        Rows are made from the events as the log stores them (``events.stored``), not
+        from decoded events: the metadata is parsed from the state's JSON, the own
+        fields are copied as text, and only events that name a loan have their own
+        fields decoded (``Stored``). A rebuild of this view alone decodes nothing.
+        Events not from the log (a test, a single event) are encoded first.
 
         The loan numbers of the batch's aggregates are read in one query (kept across
         batches in a rebuild); the rows and the changed loan numbers are written with
@@ -140,56 +162,52 @@ class AuditTrailView(View):
         if not events:
             return
         loans: dict[str, Any] = cache.setdefault("loans", {})
-        stored = getattr(events, "stored", None)
-        if stored is None:  # not from the log (a test, a single event): encode again
-            stored = [_mapper().to_stored_event(event) for _, event in events]
-        kinds = [_KINDS.get(type(event)) or _kind(event) for _, event in events]
-        ids = [id_text(e.originator_id) for _, e in events]
-        wanted = set(ids)
-        for (_, event), kind in zip(events, kinds, strict=True):
-            if kind.liens and not getattr(event, "loan_number", None):
-                registration = getattr(event, "registration_id", None)
+        notes = getattr(events, "stored", None)
+        if notes is None:
+            notes = [_mapper().to_stored_event(event) for _, event in events]
+        batch = [Stored(note) for note in notes]
+        wanted = {s.aggregate_id for s in batch}
+        for s in batch:
+            if s.kind.liens and s.kind.names_loan and not s.loan_number:
+                registration = s.own().get("registration_id")
                 if registration is not None:
                     wanted.add(id_text(registration))
         _load_loans(tx, tables, loans, wanted)
         before: dict[str, Any] = {}
         rows = []
-        for (position, event), note, kind, aggregate_id in zip(
-            events, stored, kinds, ids, strict=True
-        ):
-            own = getattr(event, "loan_number", None)
-            if own:
-                loan_number: Any = own
-            elif kind.liens:
-                registration = getattr(event, "registration_id", None)
-                loan_number = None if registration is None else loans[id_text(registration)]
-            else:
-                loan_number = loans[aggregate_id]
+        for (position, _), s in zip(events, batch, strict=True):
+            kind, aggregate_id = s.kind, s.aggregate_id
+            loan_number = s.loan_number
+            if not loan_number:
+                if kind.liens:
+                    registration = s.own().get("registration_id") if kind.names_loan else None
+                    loan_number = None if registration is None else loans[id_text(registration)]
+                else:
+                    loan_number = loans[aggregate_id]
             if kind.loan_field is not None:
-                value = getattr(event, kind.loan_field, _ABSENT)
+                value = s.own().get(kind.loan_field, _ABSENT)
                 if value is not _ABSENT:
                     before.setdefault(aggregate_id, loans[aggregate_id])
                     loans[aggregate_id] = plain(value)
+            meta = s.meta
             rows.append(
-                {
-                    "position": position,
-                    "occurred_at": iso_utc(event.timestamp),
-                    "actor_id": getattr(event, "actor_id", None) or "unknown",
-                    "actor_role": getattr(event, "actor_role", None) or "unknown",
-                    "aggregate_id": aggregate_id,
-                    "aggregate_version": event.originator_version,
-                    "loan_number": None
-                    if loan_number is None or loan_number is _ABSENT
-                    else str(loan_number),
-                    "event_type": kind.qualname,
-                    "reason": getattr(event, "reason", None),
-                    "correlation_id": getattr(event, "correlation_id", None) or "",
-                    "event_hash": getattr(event, "event_hash", None) or "",
-                    "topic": note.topic,
-                    "fields": own_fields(note.state, event),
-                }
+                (
+                    position,
+                    s.occurred_at,
+                    meta.get("actor_id") or "unknown",
+                    meta.get("actor_role") or "unknown",
+                    aggregate_id,
+                    s.note.originator_version,
+                    None if loan_number is None or loan_number is _ABSENT else str(loan_number),
+                    kind.qualname,
+                    meta.get("reason"),
+                    meta.get("correlation_id") or "",
+                    meta.get("event_hash") or "",
+                    s.note.topic,
+                    s.fields,
+                )
             )
-        tx.insert_rows(tables[EVENTS], rows)
+        tx.insert_values(tables[EVENTS], _ROW, rows)
         tx.upsert_rows(
             tables[LOANS],
             "aggregate_id",
@@ -200,6 +218,24 @@ class AuditTrailView(View):
             ],
         )
         trim(loans, CACHE_AGGREGATES)
+
+
+#: the columns ``apply_batch`` writes, in its rows' order
+_ROW = (
+    "position",
+    "occurred_at",
+    "actor_id",
+    "actor_role",
+    "aggregate_id",
+    "aggregate_version",
+    "loan_number",
+    "event_type",
+    "reason",
+    "correlation_id",
+    "event_hash",
+    "topic",
+    "fields",
+)
 
 
 # -- what an event changes ---------------------------------------------------------------
@@ -568,7 +604,7 @@ _ABSENT: Any = object()
 
 
 class Kind(NamedTuple):
-    """What the view needs to know of an event class, worked out once per class."""
+    """What the view needs to know of an event type, worked out once per topic."""
 
     qualname: str
     aggregate_type: str
@@ -576,21 +612,29 @@ class Kind(NamedTuple):
     liens: bool
     #: the attribute whose value is the field ``loan_number`` (see ``state_changes``)
     loan_field: str | None
+    #: whether the event has an attribute ``loan_number``
+    has_loan_number: bool
+    #: whether its own fields must be decoded to find the loan it concerns
+    names_loan: bool
 
 
-_KINDS: dict[type, Kind] = {}
+_KINDS: dict[str, Kind] = {}
 
 
-def _kind(event: Any) -> Kind:
-    qualname = type(event).__qualname__
+def _kind(topic: str, names: Sequence[str]) -> Kind:
+    """The kind of the events of ``topic``, whose own fields are ``names``."""
+    qualname = resolve_topic(topic).__qualname__
     aggregate_type = qualname.split(".")[0]
     loan_field = None
     if qualname not in _STATE_CHANGES:
-        for name, attribute, _ in _plan(tuple(vars(event))):
+        for name, attribute, _ in _plan(tuple(names)):
             if name == "loan_number":
                 loan_field = attribute
-    kind = Kind(qualname, aggregate_type, aggregate_type == "PropertyLiens", loan_field)
-    _KINDS[type(event)] = kind
+    liens = aggregate_type == "PropertyLiens"
+    has_loan_number = "loan_number" in names
+    names_loan = has_loan_number or loan_field is not None or (liens and "registration_id" in names)
+    kind = Kind(qualname, aggregate_type, liens, loan_field, has_loan_number, names_loan)
+    _KINDS[topic] = kind
     return kind
 
 
@@ -600,20 +644,73 @@ _HASH = b',"event_hash":"'
 _HASH_END = len(_HASH) + 64  # the hash's closing quote
 
 
-def own_fields(state: bytes, event: Any) -> str:
-    """The event's own fields as JSON text: its stored state (UTF-8 JSON, metadata
-    first) from just after the 64-hex-digit hash, sliced, not decoded. An event stored
-    otherwise has its own fields encoded again."""
-    start = state.find(_HASH)
-    end = start + _HASH_END
-    if start > 0 and state[end : end + 1] == b'"' and b'"' not in state[start + len(_HASH) : end]:
+class Stored:
+    """One event as the log stores it, read only as far as its audit row needs.
+
+    The stored state is UTF-8 JSON with the metadata first, up to the 64-hex-digit hash:
+    that prefix is parsed as plain JSON (``meta``: values as stored), the rest is the
+    event's own fields, copied as text (``fields``) and decoded only when asked
+    (``own``). An event stored otherwise is decoded whole instead."""
+
+    __slots__ = ("_own", "aggregate_id", "fields", "kind", "meta", "note", "occurred_at")
+
+    def __init__(self, note: Any) -> None:
+        self.note = note
+        self.aggregate_id = id_text(note.originator_id)
+        self._own: dict[str, Any] | None = None
+        state: bytes = note.state
+        start = state.find(_HASH)
+        end = start + _HASH_END
         rest = state[end + 1 :]
-        if rest == b"}":
-            return "{}"
-        if rest[:1] == b",":
-            return "{" + rest[1:].decode()
-    own = {k: v for k, v in vars(event).items() if k not in META}
-    return _mapper().transcoder.encode(own).decode()
+        meta: dict[str, Any] = {}
+        if (
+            start > 0
+            and state[end : end + 1] == b'"'
+            and b'"' not in state[start + len(_HASH) : end]
+            and (rest == b"}" or rest[:1] == b",")
+        ):
+            meta = json.loads(state[: end + 1] + b"}")
+        if "timestamp" in meta and meta.keys() <= _STORED_META:
+            self.meta = meta
+            self.fields = "{}" if rest == b"}" else "{" + rest[1:].decode()
+            self.occurred_at = _stored_time(meta["timestamp"])
+        else:
+            event = _mapper().to_domain_event(note)
+            self.meta = {k: getattr(event, k, None) for k in _ROW_META}
+            self._own = payload(event)
+            self.fields = _mapper().transcoder.encode(self._own).decode()
+            self.occurred_at = iso_utc(event.timestamp)
+        kind = _KINDS.get(note.topic)
+        if kind is None:
+            kind = _kind(note.topic, list(self.own()))
+        self.kind = kind
+
+    def own(self) -> dict[str, Any]:
+        """The event's own fields, decoded as the archive's mapper decodes them."""
+        if self._own is None:
+            self._own = _mapper().transcoder.decode(self.fields.encode())
+        return self._own
+
+    @property
+    def loan_number(self) -> Any:
+        return self.own().get("loan_number") if self.kind.has_loan_number else None
+
+
+#: the metadata a row copies
+_ROW_META = ("actor_id", "actor_role", "reason", "correlation_id", "event_hash")
+#: what may come before the hash in an archive event's stored state
+_STORED_META = frozenset({"timestamp", "originator_topic", "prev_hash", *_ROW_META})
+
+
+def _stored_time(value: Any) -> str:
+    """An event's time as stored (``DatetimeAsISO``) as ``iso_utc`` writes it: a UTC
+    time with microseconds only needs its offset replaced."""
+    text = value["_data_"] if isinstance(value, dict) else value
+    if not isinstance(text, str):
+        raise ValueError(f"an event's time is not ISO 8601 text: {value!r}")
+    if len(text) == 32 and text.endswith("+00:00"):
+        return text[:-6] + "Z"
+    return iso_utc(datetime.fromisoformat(text))
 
 
 def _load_loans(tx: Tx, t: Tables, loans: dict[str, Any], ids: set[str]) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from eventsourcing.persistence import ApplicationRecorder, Mapper
+from eventsourcing.utils import resolve_topic
 
 from projections import registry
 from projections.store import Store, Tx, WriteBuffer
@@ -141,11 +142,38 @@ def wait_for(store: Store, view_name: str, target: int, timeout: float) -> bool:
         pause = min(pause * 2, 0.1)
 
 
-def decode(source: EventSource, start: int, limit: int, stop: int | None = None) -> Events:
-    """The next batch of the log after ``start``, decoded: (position, event) pairs."""
+Needs = Callable[[str], bool]
+
+
+def needs_of(views: Sequence[View]) -> Needs:
+    """Whether any of the views needs events of a topic decoded (``View.needs``),
+    worked out once per topic."""
+    known: dict[str, bool] = {}
+
+    def needs(topic: str) -> bool:
+        found = known.get(topic)
+        if found is None:
+            qualname = resolve_topic(topic).__qualname__
+            found = known[topic] = any(view.needs(qualname) for view in views)
+        return found
+
+    return needs
+
+
+def decode(
+    source: EventSource,
+    start: int,
+    limit: int,
+    stop: int | None = None,
+    needs: Needs | None = None,
+) -> Events:
+    """The next batch of the log after ``start``, decoded: (position, event) pairs. With
+    ``needs``, an event whose topic it refuses is not decoded: it comes as None."""
     notes = source.recorder.select_notifications(start, limit, stop=stop, inclusive_of_start=False)
     decode = source.mapper.to_domain_event
-    return Decoded([(note.id, decode(note)) for note in notes], notes)
+    if needs is None:
+        return Decoded([(note.id, decode(note)) for note in notes], notes)
+    return Decoded([(n.id, decode(n) if needs(n.topic) else None) for n in notes], notes)
 
 
 def apply_batch(tx: Tx, view: View, generation: int, events: Events, cache: Cache) -> None:
@@ -163,12 +191,13 @@ def advance(
     batch_size: int,
     cache: Cache,
     stop: int | None = None,
+    needs: Needs | None = None,
 ) -> int:
     """Apply the batch after the generation's locked position; return how many events."""
     start = registry.lock_position(tx, view.name, generation)
     if stop is not None and start >= stop:
         return 0
-    events = decode(source, start, batch_size, stop)
+    events = decode(source, start, batch_size, stop, needs)
     if events:
         apply_batch(tx, view, generation, events, cache)
     return len(events)
@@ -198,6 +227,7 @@ class Follower:
         self.store = store
         self.batch_size = batch_size
         self.generation = generation
+        self.needs = needs_of([view])
         self.last_error: BaseException | None = None
         self.failing_since: datetime | None = None
         if generation is None:
@@ -214,7 +244,7 @@ class Follower:
                 else registry.lock_active(tx, self.view.name)
             )
             # A fresh cache per batch: another follower may write between our batches.
-            return advance(tx, self.view, self, generation, self.batch_size, {})
+            return advance(tx, self.view, self, generation, self.batch_size, {}, needs=self.needs)
 
     def catch_up(self) -> int:
         """Apply everything up to the head as it is now; return how many events."""
@@ -325,7 +355,7 @@ def fewer_collections() -> Iterator[None]:
                 gc.set_threshold(*_gc_threshold)
 
 
-def read_ahead(source: EventSource, batch_size: int) -> Iterator[Events]:
+def read_ahead(source: EventSource, batch_size: int, needs: Needs) -> Iterator[Events]:
     """The whole log in decoded batches, read by a thread of its own while the caller
     applies the previous batch: the log's SQL (and on PostgreSQL its round trips) runs
     while the views' SQL and Python run, wherever the GIL is released. The reads are the
@@ -345,7 +375,7 @@ def read_ahead(source: EventSource, batch_size: int) -> Iterator[Events]:
         position = 0
         try:
             while not stop.is_set():
-                events = decode(source, position, batch_size)
+                events = decode(source, position, batch_size, needs=needs)
                 put((events, None))
                 if not events:
                     return
@@ -442,7 +472,7 @@ def load_views(
     with store.bulk(), fewer_collections():
         caches: dict[str, Cache] = {v.name: {} for v in views}
         position = 0
-        for events in read_ahead(source, batch_size):
+        for events in read_ahead(source, batch_size, needs_of(views)):
             _load_batch(store, views, generations, events, caches, position, writing)
             position = events[-1][0]
             if progress is not None:
@@ -569,7 +599,8 @@ def rebuild_views(
         with store.transaction() as tx:
             registry.lock_active(tx, view.name)
             head = head_position(source.recorder)
-            while advance(tx, view, source, generation, batch_size, {}, stop=head):
+            needs = needs_of([view])
+            while advance(tx, view, source, generation, batch_size, {}, head, needs):
                 pass
             registry.activate(tx, view.name, generation)
         log.info("view %s: generation %d is active", view.name, generation)

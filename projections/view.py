@@ -96,6 +96,13 @@ class View:
         for table in self.tables(generation).values():
             tx.execute(f"DROP TABLE IF EXISTS {table}")
 
+    def needs(self, qualname: str) -> bool:
+        """Whether the view needs events of this type decoded. The follower does not
+        decode an event no view it feeds needs: such an event comes as ``None`` (its
+        stored form stays in ``Decoded.stored``). A view that applies events other than
+        through ``handlers`` overrides this."""
+        return qualname in self.handlers
+
     def apply(self, tx: Tx, tables: Tables, position: int, event: Any) -> None:
         """Apply one event at its log position; unknown event types are ignored."""
         handler = self.handlers.get(type(event).__qualname__)

@@ -14,6 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 from typing import Any, ClassVar
@@ -32,6 +33,7 @@ from archive.loans import ALLOWED_TRANSITIONS, LoanStatus
 from archive.settings import Settings
 from projections import audit_trail, follower, loan_files
 from projections.audit_trail import AuditTrailView, human_size
+from projections.encoding import iso_utc
 from projections.follower import Follower, Reopen, rebuild, rebuild_views, status, wait_for
 from projections.loan_files import LoanFilesView
 from projections.runner import Projections
@@ -840,20 +842,67 @@ def test_unknown_event_types_are_skipped_by_views_and_kept_by_the_trail(
     }
 
 
-def test_audit_rows_keep_each_events_own_fields_as_stored(
+def test_on_sqlite_an_audit_rows_position_is_its_rowid(
+    settings: Settings, archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    """No second index to write on every insert (``AuditTrailView.create``)."""
+    open_loan(archive, officer)
+    Follower(AuditTrailView(), archive, store).catch_up()
+    rebuild(AuditTrailView(), archive, store)
+    with store.read() as tx:
+        if settings.backend == "sqlite":
+            found = tx.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'audit_events_g2'")
+            names = {row["name"] for row in found}
+            assert names == {"audit_events_g2"} | {
+                f"audit_events_g2_{n}" for n in ("loan", "actor", "type", "aggregate", "time")
+            }
+            row = tx.one("SELECT rowid AS r, position FROM audit_events_g2")
+            assert row == {"r": 1, "position": 1}
+        else:
+            column = tx.one(
+                "SELECT data_type FROM information_schema.columns"
+                " WHERE table_name = 'audit_events_g2' AND column_name = 'position'"
+            )
+            assert column == {"data_type": "bigint"}
+
+
+def test_audit_rows_are_made_from_each_event_as_stored(
     archive: ArchiveApp, officer: CommandContext, store: Store
 ) -> None:
-    """The row holds the stored state's own fields, sliced from the log's text; they
-    decode to the event's fields, and an event not from the log is encoded alike."""
+    """A row holds the stored state's own fields, sliced from the log's text, and its
+    metadata parsed from the text before them: both agree with the decoded event. A state
+    laid out otherwise (own fields first) is decoded whole, to the same row."""
     scripted_history(archive, officer)
     notes = archive.recorder.select_notifications(0, 1000, inclusive_of_start=False)
     assert notes
+    transcoder = archive.mapper.transcoder
     for note in notes:
         event = archive.mapper.to_domain_event(note)
         own = {k: v for k, v in vars(event).items() if k not in audit_trail.META}
-        sliced = audit_trail.own_fields(note.state, event)
-        assert json.loads(sliced) == json.loads(archive.mapper.transcoder.encode(own))
-        assert audit_trail.own_fields(b'{"odd":1}', event) == sliced
+        stored = audit_trail.Stored(note)
+        assert note.state.endswith(stored.fields[1:].encode())  # a slice, not re-encoded
+        assert json.loads(stored.fields) == json.loads(transcoder.encode(own))
+        assert stored.own() == own
+        assert stored.occurred_at == iso_utc(event.timestamp)
+        assert stored.aggregate_id == str(event.originator_id)
+        assert stored.kind.qualname == type(event).__qualname__
+        for name in ("actor_id", "actor_role", "reason", "correlation_id", "event_hash"):
+            assert stored.meta[name] == getattr(event, name)
+        assert stored.loan_number == getattr(event, "loan_number", None)
+
+        metadata = {k: v for k, v in vars(event).items() if k in audit_trail.META}
+        metadata = {k: v for k, v in metadata.items() if not k.startswith("originator_")}
+        reordered = replace(note, state=transcoder.encode({**own, **metadata}))
+        other = audit_trail.Stored(reordered)
+        assert (other.meta, other.own(), other.occurred_at) == (
+            {
+                k: getattr(event, k)
+                for k in ("actor_id", "actor_role", "reason", "correlation_id", "event_hash")
+            },
+            own,
+            stored.occurred_at,
+        )
+        assert json.loads(other.fields) == json.loads(stored.fields)
 
 
 def test_audit_summaries_and_diffs_do_not_depend_on_how_rows_are_read(

@@ -17,12 +17,14 @@ bench/append.py measures those.
 
 Then, on that store:
 (a) ``Projections.rebuild_views()``: every view that ``Projections`` runs (loan_files,
-    audit_trail and search at the time of writing), rebuilt together in one pass over the
-    log, as ``loan-archive projections rebuild`` and a start with stale views do. It is
-    the operator's rebuild: new generations, batches of 10,000 events
-    (``follower.REBUILD_BATCH``) read and decoded once for all views by a reader thread
-    a batch ahead, one transaction per batch with position tracking, indexes built after
-    the load, and the switches. With --per-view each view is also rebuilt alone (``Projections.rebuild``),
+    audit_trail and search at the time of writing), rebuilt as ``loan-archive projections
+    rebuild`` and a start with stale views do. It is the operator's rebuild: new
+    generations; from 100,000 events one process per core (``follower.PARALLEL_FROM``),
+    the views shared out among them by cost, each process reading the log once for its
+    views (--processes N to choose); batches of 10,000 events (``follower.REBUILD_BATCH``)
+    read by a reader thread a batch ahead and decoded only for the views that need them,
+    one transaction per batch with position tracking, indexes built after the load, and
+    the switches. With --per-view each view is also rebuilt alone (``Projections.rebuild``),
     for its own ratio. The workload has no OCR events (``Document.TextExtracted``), so
     the search view indexes loans and document metadata only. bench/search.py measures
     the search view with extracted text.
@@ -79,6 +81,7 @@ from archive.settings import Settings  # noqa: E402
 from archive.valuations import Valuation  # noqa: E402
 from projections import registry  # noqa: E402
 from projections import store as view_store  # noqa: E402
+from projections.follower import default_processes  # noqa: E402
 from projections.runner import Projections  # noqa: E402
 
 TARGET_RATIO = 0.5
@@ -509,11 +512,14 @@ def progress_printer(name: str) -> Callable[[int, int], None]:
 ALL = "all views"
 
 
-def rebuild_pass(projections: Projections, what: str, head: int) -> Pass:
-    """One rebuild: of every view in one pass (``ALL``), or of one view alone."""
+def rebuild_pass(
+    projections: Projections, what: str, head: int, processes: int | None = None
+) -> Pass:
+    """One rebuild: of every view (``ALL``; in ``processes``, by default as the operator's
+    rebuild chooses), or of one view alone."""
     t0 = time.perf_counter()
     if what == ALL:
-        projections.rebuild_views(progress=progress_printer(what))
+        projections.rebuild_views(progress=progress_printer(what), processes=processes)
     else:
         projections.rebuild(what, progress=progress_printer(what))
     return Pass(what, head, time.perf_counter() - t0)
@@ -701,6 +707,8 @@ class Result:
     passes: list[Pass]
     problems: list[str]
     profile: list[str] = field(default_factory=list)
+    #: processes the rebuild of all views ran in
+    processes: int = 1
 
     def best(self, what: str) -> Pass:
         return min((p for p in self.passes if p.what == what), key=lambda p: p.seconds)
@@ -730,6 +738,7 @@ def measure(
     seed: int,
     per_view: bool,
     profile: bool,
+    processes: int | None = None,
 ) -> Result:
     archive = ArchiveApp(settings)
     try:
@@ -747,7 +756,11 @@ def measure(
             rebuilds = [ALL, *(views if per_view else [])]
 
             def run(what: str) -> None:
-                p = raw_pass(archive) if what == "raw" else rebuild_pass(projections, what, head)
+                p = (
+                    raw_pass(archive)
+                    if what == "raw"
+                    else rebuild_pass(projections, what, head, processes)
+                )
                 passes.append(p)
                 print(
                     f"  {backend:8} {what:12} {p.events:8d} events in {p.seconds:7.1f} s "
@@ -762,6 +775,8 @@ def measure(
                 run("raw")
             problems = check_views(projections, gen, head)
             result = Result(backend, gen, views if per_view else [], passes, problems)
+            used = processes if processes is not None else default_processes(head)
+            result.processes = min(used, len(views))
             if profile:
                 result.profile = profile_views(archive, projections, head, gen)
         return result
@@ -856,6 +871,7 @@ def report(results: list[Result]) -> None:
                 f"(target < {TARGET_SECONDS_PER_MILLION:.0f} s) {'ok' if ok else 'MISSED'}"
                 + ("" if res.events >= 1_000_000 else " (extrapolated linearly)")
             )
+        print(f"{'':9} all views rebuilt in {res.processes} process(es)")
         raws = [p.rate for p in res.passes if p.what == "raw"]
         print(
             f"{'':9} best pass of each; raw passes {' '.join(f'{r:.0f}' for r in raws)} ev/s "
@@ -896,6 +912,12 @@ def main(argv: list[str] | None = None) -> int:
         "--per-view", action="store_true", help="also rebuild each view alone, for its ratio"
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        help="processes for the rebuild of all views (default: as the operator's rebuild,"
+        " one per core from 100,000 events)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="then rebuild each view instrumented and under cProfile",
@@ -911,7 +933,14 @@ def main(argv: list[str] | None = None) -> int:
         with bench_settings(backend, "rebuild") as settings:
             results.append(
                 measure(
-                    backend, settings, total, args.rounds, args.seed, args.per_view, args.profile
+                    backend,
+                    settings,
+                    total,
+                    args.rounds,
+                    args.seed,
+                    args.per_view,
+                    args.profile,
+                    args.processes,
                 )
             )
     report(results)

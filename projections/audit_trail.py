@@ -669,7 +669,7 @@ class Stored:
             and b'"' not in state[start + len(_HASH) : end]
             and (rest == b"}" or rest[:1] == b",")
         ):
-            meta = json.loads(state[: end + 1] + b"}")
+            meta = _parse((state[: end + 1] + b"}").decode())
         if "timestamp" in meta and meta.keys() <= _STORED_META:
             self.meta = meta
             self.fields = "{}" if rest == b"}" else "{" + rest[1:].decode()
@@ -693,7 +693,24 @@ class Stored:
 
     @property
     def loan_number(self) -> Any:
-        return self.own().get("loan_number") if self.kind.has_loan_number else None
+        """The event's own ``loan_number``: a loan number is stored as plain text, so it
+        is read from the plain JSON; anything else is decoded (``own``)."""
+        if not self.kind.has_loan_number:
+            return None
+        if self._own is None:
+            value = _parse(self.fields).get("loan_number")
+            if value is None or type(value) is str:
+                return value
+        return self.own().get("loan_number")
+
+
+def _parse(text: str) -> Any:
+    """Plain JSON text parsed by the C scanner alone: ``json.loads`` adds an encoding
+    check and two whitespace matches per call, a fifth of the time on 300 bytes."""
+    return _JSON.raw_decode(text)[0]
+
+
+_JSON = json.JSONDecoder()
 
 
 #: the metadata a row copies

@@ -403,6 +403,11 @@ def read_ahead(source: EventSource, batch_size: int, needs: Needs) -> Iterator[E
 PARALLEL_FROM = 100_000
 
 
+def default_processes(head: int) -> int:
+    """How many processes a rebuild of a log ``head`` events long uses by default."""
+    return (os.cpu_count() or 1) if head >= PARALLEL_FROM else 1
+
+
 @dataclass(frozen=True)
 class Reopen:
     """How another process opens the same log and views database: picklable factories
@@ -581,8 +586,7 @@ def rebuild_views(
     if len({v.name for v in views}) != len(views):
         raise ValueError("each view can be rebuilt once per pass")
     if processes is None:
-        parallel = reopen is not None and head_position(source.recorder) >= PARALLEL_FROM
-        processes = (os.cpu_count() or 1) if parallel else 1
+        processes = 1 if reopen is None else default_processes(head_position(source.recorder))
     if processes > 1 and reopen is None:
         raise ValueError("a rebuild in several processes needs to know how to reopen")
     generations = {v.name: registry.begin_generation(store, v) for v in views}

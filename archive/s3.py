@@ -132,6 +132,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import logging
 import math
 import re
@@ -740,7 +741,7 @@ class S3BlobStore(BlobStore):
         replaced a Content-MD5 per part: MD5 (0.7 GB/s) cost the sending threads more
         CPU than minio's own SHA-256 of raw's parts, on the cores SeaweedFS needs; CRC-32
         runs at 4 GB/s and the spool's are free. The payload is not hashed again for the
-        signature (``ArchiveMinio``). This thread reads the next part meanwhile.
+        signature (``ArchiveMinio``). This thread reads the next part when a sender is free.
         """
         done_parts: dict[int, _Part] = {}
 
@@ -776,8 +777,13 @@ class S3BlobStore(BlobStore):
 
         pool = ThreadPoolExecutor(self.parallel_uploads, thread_name_prefix="s3-part")
         try:
-            for number, data in enumerate(parts, start=1):  # read while the others are sent
+            # The next part is read once a sender is free, not before: one part fewer in
+            # memory (the request's read-ahead keeps receiving meanwhile).
+            for number in itertools.count(1):
                 collect(self.parallel_uploads - 1)
+                data = next(parts, None)
+                if data is None:
+                    break
                 in_flight[pool.submit(send, number, data)] = number
                 del data
             collect(0)

@@ -6,7 +6,6 @@ Money stays a decimal string (never a float), times are ISO 8601 UTC with a fixe
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
@@ -15,14 +14,15 @@ from enum import Enum
 from typing import Any
 from uuid import UUID
 
-#: entries of the caches below: each view of a rebuild formats the same events' values
-#: in turn, a batch (1,000 events) apart
+#: entries of the id cache below: an aggregate's events come close together in the log
 CACHED = 16_384
 
 
-@functools.lru_cache(maxsize=CACHED)
 def iso_utc(moment: datetime) -> str:
-    """``2026-01-31T12:00:00.000000Z``: fixed width, so text order is time order."""
+    """``2026-01-31T12:00:00.000000Z``: fixed width, so text order is time order.
+
+    Not cached: nearly every time formatted is an event's own, met once (a cache missed
+    cost 2.1 µs a call against 1.35 to format)."""
     if moment.tzinfo is UTC:  # every event's time: one call instead of three
         return moment.isoformat(timespec="microseconds")[:-6] + "Z"
     if moment.tzinfo is None:

@@ -236,6 +236,8 @@ def _use_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
 
 #: WAL pages between checkpoints during a bulk load (80 MB of 4 KiB pages)
 BULK_CHECKPOINT_PAGES = 20_000
+#: SQLite's page cache during a bulk load, negative as in ``PRAGMA cache_size``: 64 MiB
+BULK_CACHE_KIB = -65_536
 
 
 class SQLiteStore(Store):
@@ -297,13 +299,19 @@ class SQLiteStore(Store):
     def bulk(self) -> Iterator[None]:
         """Checkpoint the WAL every ``BULK_CHECKPOINT_PAGES`` pages instead of SQLite's
         1,000 while this thread loads: fewer, larger checkpoints. A rebuild of all views
-        ran 15-25 % faster (100,000 events; durability unchanged, synchronous=NORMAL)."""
+        ran 15-25 % faster (100,000 events; durability unchanged, synchronous=NORMAL).
+        And a page cache of ``BULK_CACHE_KIB`` instead of 2 MB: loan rows are updated in
+        the order of their random ids, all over the table (loan_files and search, 200,000
+        events: 15 % less CPU; the audit trail, written in order, gains nothing)."""
         conn = self._conn()
         conn.execute(f"PRAGMA wal_autocheckpoint={BULK_CHECKPOINT_PAGES}")
+        cache = conn.execute("PRAGMA cache_size").fetchone()[0]
+        conn.execute(f"PRAGMA cache_size={BULK_CACHE_KIB}")
         try:
             yield
         finally:
             conn.execute("PRAGMA wal_autocheckpoint=1000")
+            conn.execute(f"PRAGMA cache_size={cache}")
 
     def close(self) -> None:
         with self._guard:

@@ -842,6 +842,29 @@ def test_unknown_event_types_are_skipped_by_views_and_kept_by_the_trail(
     }
 
 
+def test_a_bulk_load_on_sqlite_has_a_larger_page_cache_and_fewer_checkpoints_then_not(
+    tmp_path: Any,
+) -> None:
+    from projections import store as views_store
+
+    store = views_store.SQLiteStore(tmp_path / "views.sqlite3")
+    try:
+        conn = store._conn()
+
+        def pragmas() -> tuple[int, int]:
+            return (
+                conn.execute("PRAGMA cache_size").fetchone()[0],
+                conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
+            )
+
+        before = pragmas()
+        with store.bulk():
+            assert pragmas() == (views_store.BULK_CACHE_KIB, views_store.BULK_CHECKPOINT_PAGES)
+        assert pragmas() == before == (-2000, 1000)
+    finally:
+        store.close()
+
+
 def test_on_sqlite_an_audit_rows_position_is_its_rowid(
     settings: Settings, archive: ArchiveApp, officer: CommandContext, store: Store
 ) -> None:

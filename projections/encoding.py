@@ -6,6 +6,7 @@ Money stays a decimal string (never a float), times are ISO 8601 UTC with a fixe
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from datetime import UTC, date, datetime
@@ -13,6 +14,15 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any
 from uuid import UUID
+
+from eventsourcing.persistence import (
+    DatetimeAsISO,
+    DecimalAsStr,
+    JSONTranscoder,
+    Mapper,
+    UUIDAsHex,
+)
+from eventsourcing.utils import resolve_topic
 
 #: entries of the id cache below: an aggregate's events come close together in the log
 CACHED = 16_384
@@ -90,3 +100,47 @@ def loads(text: str | None) -> Any:
 def opt(value: Any) -> Any:
     """A nullable scalar column."""
     return None if value is None else plain(value)
+
+
+# -- the log's stored form ---------------------------------------------------------------------
+
+
+@functools.cache
+def archive_mapper() -> Mapper[Any]:
+    """Decodes stored states as the archive encodes them: the transcodings of
+    ``ArchiveApp.register_transcodings`` (the library's three and dates), no compression
+    or encryption (the archive configures none)."""
+    from archive.application import DateAsISO
+
+    transcoder = JSONTranscoder()
+    for transcoding in (UUIDAsHex(), DecimalAsStr(), DatetimeAsISO(), DateAsISO()):
+        transcoder.register(transcoding)
+    return Mapper(transcoder=transcoder)
+
+
+@functools.cache
+def event_type(topic: str) -> str:
+    """The event type a stored event's topic names, e.g. "LoanFile.Opened" (its class's
+    qualified name, as views dispatch on it)."""
+    return resolve_topic(topic).__qualname__
+
+
+_JSON = json.JSONDecoder()
+
+
+def parse_json(text: str) -> Any:
+    """Plain JSON text parsed by the C scanner alone: ``json.loads`` adds an encoding
+    check and two whitespace matches per call, a fifth of the time on 300 bytes."""
+    return _JSON.raw_decode(text)[0]
+
+
+def stored_time(value: Any) -> str:
+    """An event's time as stored (``DatetimeAsISO``: ``{"_type_": ..., "_data_": ISO}``)
+    as ``iso_utc`` writes it: a UTC time with microseconds only needs its offset
+    replaced."""
+    text = value["_data_"] if isinstance(value, dict) else value
+    if not isinstance(text, str):
+        raise ValueError(f"an event's time is not ISO 8601 text: {value!r}")
+    if len(text) == 32 and text.endswith("+00:00"):
+        return text[:-6] + "Z"
+    return iso_utc(datetime.fromisoformat(text))

@@ -32,9 +32,9 @@ from typing import Any, Protocol
 from uuid import UUID
 
 from eventsourcing.persistence import ApplicationRecorder, Mapper
-from eventsourcing.utils import resolve_topic
 
 from projections import registry
+from projections.encoding import event_type
 from projections.store import Store, Tx, WriteBuffer
 from projections.view import Cache, Decoded, Events, View
 
@@ -153,8 +153,7 @@ def needs_of(views: Sequence[View]) -> Needs:
     def needs(topic: str) -> bool:
         found = known.get(topic)
         if found is None:
-            qualname = resolve_topic(topic).__qualname__
-            found = known[topic] = any(view.needs(qualname) for view in views)
+            found = known[topic] = any(view.needs(event_type(topic)) for view in views)
         return found
 
     return needs

@@ -928,6 +928,33 @@ def test_audit_rows_are_made_from_each_event_as_stored(
         assert json.loads(other.fields) == json.loads(stored.fields)
 
 
+def test_loan_files_read_a_repayment_from_its_stored_form_as_the_event_says(
+    archive: ArchiveApp, officer: CommandContext
+) -> None:
+    """Repayments are not decoded for the loan_files view: what it reads of their stored
+    JSON equals the decoded event; a repayment stored otherwise is decoded whole."""
+    open_loan(archive, officer)
+    for n, day in enumerate(("2024-06-01", "2024-07-01", "2024-08-01")):
+        change(archive, officer, "CR-1", "record_repayment", f"{n + 1}00.0{n}", day)
+    notes = archive.recorder.select_notifications(0, 100, inclusive_of_start=False)
+    repayments = [n for n in notes if n.topic.endswith("LoanFile.RepaymentRecorded")]
+    assert len(repayments) == 3
+    assert not LoanFilesView().needs("LoanFile.RepaymentRecorded")
+    for note in repayments:
+        event = archive.mapper.to_domain_event(note)
+        read = loan_files._stored_repayment(note)
+        assert isinstance(read, loan_files.StoredRepayment)
+        assert (read.originator_id, read.originator_version, read.timestamp) == (
+            event.originator_id,
+            event.originator_version,
+            event.timestamp,
+        )
+        assert (read.amount, read.paid_on) == (event.amount, event.paid_on)
+        other = archive.mapper.transcoder.encode({**vars(event), "amount": str(event.amount)})
+        decoded = loan_files._stored_repayment(replace(note, state=other))
+        assert type(decoded) is type(event) and decoded.amount == str(event.amount)
+
+
 def test_audit_summaries_and_diffs_do_not_depend_on_how_rows_are_read(
     archive: ArchiveApp, officer: CommandContext, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -295,13 +295,9 @@ def test_rebuild_serves_the_old_generation_until_the_switch(
     assert sorted(gens) == [2, 3]
 
 
-def test_views_rebuilt_together_read_the_log_once(
-    archive: ArchiveApp, officer: CommandContext, store: Store
-) -> None:
-    scripted_history(archive, officer)
-    views = Projections(archive, store)
-    views.catch_up()
-    incremental = {name: view.dump(store) for name, view in views.views.items()}
+@contextlib.contextmanager
+def reads_counted(archive: ArchiveApp) -> Iterator[list[int]]:
+    """The number of notifications each read of the log in this process returned."""
     reads: list[int] = []
     select = archive.recorder.select_notifications
 
@@ -312,9 +308,20 @@ def test_views_rebuilt_together_read_the_log_once(
 
     archive.recorder.select_notifications = counted  # type: ignore[method-assign]
     try:
-        generations = views.rebuild_views(batch_size=4)
+        yield reads
     finally:
         del archive.recorder.select_notifications
+
+
+def test_views_rebuilt_together_read_the_log_once(
+    archive: ArchiveApp, officer: CommandContext, store: Store
+) -> None:
+    scripted_history(archive, officer)
+    views = Projections(archive, store)
+    views.catch_up()
+    incremental = {name: view.dump(store) for name, view in views.views.items()}
+    with reads_counted(archive) as reads:
+        generations = views.rebuild_views(batch_size=4)
     head = archive.head_position()
     assert generations == {"loan_files": 2, "audit_trail": 2, "search": 2}
     # One pass for all views: every event is read once, in batches of 4, then the empty
@@ -335,19 +342,8 @@ def test_views_rebuilt_in_processes_equal_the_views_followed_event_by_event(
     with Projections.open(settings, archive) as views:
         views.catch_up()
         incremental = {name: view.dump(views.store) for name, view in views.views.items()}
-        reads: list[int] = []
-        select = archive.recorder.select_notifications
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            notes = select(*args, **kwargs)
-            reads.append(len(notes))
-            return notes
-
-        archive.recorder.select_notifications = counted  # type: ignore[method-assign]
-        try:
+        with reads_counted(archive) as reads:
             generations = views.rebuild_views(processes=2, batch_size=4)
-        finally:
-            del archive.recorder.select_notifications
         assert generations == {"loan_files": 2, "audit_trail": 2, "search": 2}
         # The children read the log; this process read none of it (the switches found the
         # new generations at the head).

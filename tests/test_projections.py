@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import multiprocessing
+import os
 import sqlite3
 import threading
 import time
@@ -405,6 +406,9 @@ def test_views_are_shared_out_among_processes_by_their_cost() -> None:
     assert max(loads) - min(loads) <= max(costs.values()) / 2
     assert len(follower._groups(views, 8)) == 4  # never more processes than views
     assert [len(g) for g in follower._groups(views, 1)] == [4]
+    # By default, one process per core once the log is long enough to repay starting them.
+    assert follower.default_processes(follower.PARALLEL_FROM - 1) == 1
+    assert follower.default_processes(follower.PARALLEL_FROM) == (os.cpu_count() or 1)
 
 
 def test_a_rebuild_that_forgets_cached_rows_reads_them_back(

@@ -11,18 +11,18 @@ carries a checksum the server checks, so it refuses bytes damaged on the way
 each part's CRC-32 as ``x-amz-checksum-crc32`` for a multipart upload (a part the server
 answers without echoing it is checked by its ETag, the part's MD5; see ``_send_parts``).
 (SeaweedFS checks these but NOT the signed ``x-amz-content-sha256``, so ``ArchiveMinio``
-signs the known SHA-256 or ``UNSIGNED-PAYLOAD`` instead of hashing every body once more.) The object comes into
-existence in one request, already under retention (``x-amz-object-lock-*`` headers,
-``Retention(mode, now + retention_days)`` when ``retention_days > 0`` and the bucket has
-Object Lock), with ``If-None-Match: *`` so that two uploads of the same bytes cannot
-stack versions (the second gets ``PreconditionFailed`` and adopts the first,
-``created=False``); and before ``put`` returns the object is verified --
-``checkpoint("final")``: a multipart upload's ETag must be
-``md5(md5(part1)..md5(partN))-N`` of the parts' ETags (which SeaweedFS 4.48 follows; any
-other ETag, e.g. with SSE-KMS, is checked by reading the object back) and a HEAD must show the size and
-the retention; a PutObject is verified from its answer (``_put_verified``: the echoed
-SHA-256, else the ETag as MD5; the HEAD only until the server has shown that it applies
-retention headers).
+signs the known SHA-256 or ``UNSIGNED-PAYLOAD`` instead of hashing every body once more.)
+The object comes into existence in one request, already under retention
+(``x-amz-object-lock-*`` headers, ``Retention(mode, now + retention_days)`` when
+``retention_days > 0`` and the bucket has Object Lock), with ``If-None-Match: *`` so that
+two uploads of the same bytes cannot stack versions (the second gets
+``PreconditionFailed`` and adopts the first, ``created=False``); and before ``put``
+returns the object is verified -- ``checkpoint("final")``: a multipart upload's ETag must
+be ``md5(md5(part1)..md5(partN))-N`` of the parts' ETags (which SeaweedFS 4.48 follows;
+any other ETag, e.g. with SSE-KMS, is checked by reading the object back) and a HEAD must
+show the size and the retention; a PutObject is verified from its answer
+(``_put_verified``: the echoed SHA-256, else the ETag as MD5; the HEAD only until the
+server has shown that it applies retention headers).
 
 1. **Small** (at most one part, 8 MiB): the bytes are in memory once read; a declared
    SHA-256 is checked (``checkpoint("verified")``; nothing has reached S3 yet), then ONE
@@ -69,14 +69,14 @@ range, keeps them), and the ETag of a copied part is derived from SeaweedFS's in
 
 Measured again on 2026-11-28 for the undeclared way (3.) as "stage while receiving, then
 copy": 200 MB, UploadPartCopy of 8 or 32 MiB ranges into a multipart upload under
-retention, 1, 3 or 6 in parallel, against a put_object of the same bytes in the same
-run (loaded machine): the copy ran at 0.9-2.9x the upload's speed, median 1.5x. Staging
-overlaps receiving with uploading but then pays the copy, ``max(R, U) + C`` with
-C = 0.35-1.1 U (typically 0.67 U), against ``R + U`` for the spool with R (receiving, 200-270 MB/s) =
-0.4-0.65 U: no better, and twice the writes on the server. The retention trap holds too
-(the copy target keeps its retention only through UploadPartCopy; a staging object,
-written without retention, is deletable by version). So the spool stays; a client that
-declares the SHA-256 gets the pipelined way (2.).
+retention, 1, 3 or 6 in parallel, against a put_object of the same bytes in the same run
+(loaded machine): the copy ran at 0.9-2.9x the upload's speed, median 1.5x. Staging
+overlaps receiving with uploading but then pays the copy, ``max(R, U) + C`` with C =
+0.35-1.1 U (typically 0.67 U), against ``R + U`` for the spool with R (receiving, 200-270
+MB/s) = 0.4-0.65 U: no better, and twice the writes on the server. The retention trap
+holds too (the copy target keeps its retention only through UploadPartCopy; a staging
+object, written without retention, is deletable by version). So the spool stays; a client
+that declares the SHA-256 gets the pipelined way (2.).
 
 Throughput, 200 MB file, loopback SeaweedFS 4.48, 2 vCPU shared with other work (hence
 the spread), three runs of 8-10 interleaved rounds, as a ratio to raw
@@ -391,6 +391,11 @@ class S3BlobStore(BlobStore):
         return self._object_lock
 
     def _lock_headers(self) -> dict[str, str]:
+        """Retention per object, not the bucket's default: S3 refuses a write whose
+        headers it cannot apply, so a PutObject that succeeded holds them and its answer
+        can stand for the HEAD; under a default retention the answer says nothing of it
+        (SeaweedFS applies one, measured 2026-11-28: no faster), and anyone allowed
+        PutObjectLockConfiguration could change it."""
         if self.retention_days <= 0 or not self.enforces_retention:
             return {}
         until = datetime.now(UTC).replace(microsecond=0) + timedelta(days=self.retention_days)
@@ -445,7 +450,12 @@ class S3BlobStore(BlobStore):
         payload hash) and ``If-None-Match: *`` (no second version over a good one);
         refused because the key exists: adopt it if it holds these bytes, else (a forged
         current version) cover it with a good one. Content-MD5 (an MD5 costs three
-        SHA-256s here) is sent only until the server has shown that it checks the SHA-256."""
+        SHA-256s here) is sent only until the server has shown that it checks the SHA-256.
+
+        ``If-None-Match`` is the dearest header (SeaweedFS 4.48: +1.3-1.8 ms on a 1 MB
+        PutObject of ~12 ms, measured 2026-11-28, bench/RESULTS.md) and stays: without it
+        each upload of bytes already stored adds an identical version that Object Lock
+        keeps for years, and a HEAD before the PUT would cost a round trip and race."""
         md5: list[bytes] = []
 
         def digests() -> list[bytes]:

@@ -24,7 +24,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -467,8 +466,9 @@ def load_views(
     writing: AbstractContextManager[Any] | None = None,
 ) -> None:
     """Replay the whole log into the given (new, building) generations, in one pass,
-    then build their secondary indexes. Each batch is read and decoded once (by a reader
-    thread, a batch ahead: see ``read_ahead``) for all the views. The generations have
+    then build their secondary indexes. Each batch is read once (by a reader thread, a
+    batch ahead: see ``read_ahead``) for all the views, and its events decoded if one of
+    them needs it (``View.needs``). The generations have
     no other writer until their switch, so each view keeps a cache across batches
     (``View.apply_batch``). ``progress(position, head)`` is called after each batch;
     ``writing`` is held around each write transaction."""
@@ -527,23 +527,20 @@ def _load_in_processes(
     steps of up to 100 ms before it tries again. The children take turns with a lock of
     their own instead, which hands over as soon as it is released."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        len(groups), mp_context=context, initializer=_share_lock, initargs=(context.Lock(),)
-    ) as pool:
-        pending = {
-            pool.submit(
+    # Leaving the block terminates the pool: on a child's error the others stop at once.
+    with context.Pool(len(groups), _share_lock, (context.Lock(),)) as pool:
+        pending = [
+            pool.apply_async(
                 _load_in_child,
-                reopen,
-                group,
-                {v.name: generations[v.name] for v in group},
-                batch_size,
+                (reopen, group, {v.name: generations[v.name] for v in group}, batch_size),
             )
             for group in groups
-        }
+        ]
         while pending:
-            done, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
-            for future in done:
-                future.result()  # a child's error, raised here with its traceback
+            pending[0].wait(1.0)
+            for result in [r for r in pending if r.ready()]:
+                result.get()  # a child's error, raised here with its traceback
+                pending.remove(result)
             if progress is not None:
                 with store.read() as tx:
                     positions = [
@@ -553,6 +550,8 @@ def _load_in_processes(
                         if g.generation == generation
                     ]
                 progress(min(positions, default=0), head_position(source.recorder))
+        pool.close()
+        pool.join()
 
 
 def rebuild_views(

@@ -657,7 +657,7 @@ def read_models_of(application: ArchiveApp) -> Iterator[Any]:
         yield views
 
 
-@app.command("search")
+@app.command("search", context_settings={"ignore_unknown_options": True})
 def search_command(
     query: Annotated[str, typer.Argument(help='Words, "phrases", OR, -exclusion, prefix*.')],
     token: Token,
@@ -677,7 +677,8 @@ def search_command(
 ) -> None:
     """Search the text of the originals; prints one line per page hit.
 
-    A query starting with '-' (an exclusion) goes after '--': search -- '-borrador x'."""
+    A query may start with an exclusion: search '-borrador escritura'. A mistyped option
+    is refused as an extra argument."""
     from projections.search import search
 
     with archive() as application:

@@ -333,6 +333,11 @@ def test_search_pages_through_every_hit_with_date_filters(
     assert "uploaded_from 2025-02-01 is after uploaded_to 2025-01-01" in one_error_line(reversed_)
     excluded = run(env, "search", "--", "teruel -comparecen")
     assert excluded.stdout.splitlines()[0] == "1 page matches", excluded.stderr
+    # A query that starts with an exclusion needs no "--" (it is not an option).
+    leading = run(env, "search", "-comparecen teruel", "--limit", "5")
+    assert leading.stdout.splitlines()[0] == "1 page matches", leading.stderr
+    mistyped = run(env, "search", "teruel", "--lone", "CR-1")
+    assert "unexpected extra argument" in one_error_line(mistyped)
 
 
 def test_import_a_folder_then_again_skips_what_is_archived(

@@ -482,8 +482,11 @@ def load_views(
             if progress is not None:
                 progress(position, head_position(source.recorder))
         for view in views:
-            with writing, store.transaction() as tx:
-                view.create_indexes(tx, generations[view.name])
+            statements = WriteBuffer(store)
+            view.create_indexes(statements, generations[view.name])
+            for statement in statements.split():  # one index a transaction: see WriteBuffer
+                with writing, store.transaction() as tx:
+                    statement.replay(tx)
 
 
 #: the lock a rebuild's child processes take to write on SQLite (see ``_load_in_processes``)

@@ -139,6 +139,16 @@ class WriteBuffer(Tx):
             getattr(tx, method)(*args)
         self.writes.clear()
 
+    def split(self) -> list[WriteBuffer]:
+        """One buffer per recorded write, in order: to run each in a transaction of its
+        own (e.g. one index at a time, so that another writer may go in between)."""
+        parts = []
+        for write in self.writes:
+            part = WriteBuffer(self.store)
+            part.writes.append(write)
+            parts.append(part)
+        return parts
+
 
 class Store:
     """A views database. Thread-safe: each thread gets its own connection."""

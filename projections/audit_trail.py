@@ -222,19 +222,10 @@ class AuditTrailView(View):
         trim(loans, CACHE_AGGREGATES)
 
 
-#: the columns ``apply_batch`` writes, in its rows' order
+#: the columns ``apply_batch`` writes, in its rows' order: those read (``COLUMNS``) but the
+#: three worked out when read, then the event's topic and its own fields as stored
 _ROW = (
-    "position",
-    "occurred_at",
-    "actor_id",
-    "actor_role",
-    "aggregate_id",
-    "aggregate_version",
-    "loan_number",
-    "event_type",
-    "reason",
-    "correlation_id",
-    "event_hash",
+    *(c for c in COLUMNS if c not in ("aggregate_type", "summary", "diff")),
     "topic",
     "fields",
 )

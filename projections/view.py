@@ -28,7 +28,8 @@ H = TypeVar("H", bound=Callable[..., None])
 class Decoded(list[tuple[int, Any]]):
     """A decoded batch that keeps each event's stored form: ``stored[i]`` is the log's
     notification of ``self[i]`` (``topic``, ``state``: the encoded JSON). A view can copy
-    the encoded state instead of encoding the event again. Slices keep theirs."""
+    or parse the encoded state instead of decoding the event, and an event none of the
+    batch's views needs decoded is ``None`` here (``View.needs``). Slices keep theirs."""
 
     def __init__(self, events: Iterable[tuple[int, Any]], stored: Sequence[Any]) -> None:
         super().__init__(events)
@@ -110,7 +111,9 @@ class View:
             handler(tx, tables, position, event)
 
     def apply_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
-        """Apply a batch of events in log order, inside the batch's transaction.
+        """Apply a batch of events in log order, inside the batch's transaction (in a
+        rebuild, a ``WriteBuffer``: read first, write at the end, never read back a row
+        written in the same batch).
 
         ``cache`` is where a view may keep rows between batches instead of reading them
         back. The follower hands the same dict to every batch only while it is the sole

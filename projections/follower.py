@@ -478,6 +478,7 @@ def load_views(
         position = 0
         for events in read_ahead(source, batch_size, needs_of(views)):
             _load_batch(store, views, generations, events, caches, position, writing)
+            store.checkpoint()  # outside ``writing``: the other process writes meanwhile
             position = events[-1][0]
             if progress is not None:
                 progress(position, head_position(source.recorder))

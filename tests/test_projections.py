@@ -842,7 +842,7 @@ def test_unknown_event_types_are_skipped_by_views_and_kept_by_the_trail(
     }
 
 
-def test_a_bulk_load_on_sqlite_has_a_larger_page_cache_and_fewer_checkpoints_then_not(
+def test_a_bulk_load_on_sqlite_checkpoints_when_told_with_a_larger_page_cache_then_not(
     tmp_path: Any,
 ) -> None:
     from projections import store as views_store
@@ -857,10 +857,24 @@ def test_a_bulk_load_on_sqlite_has_a_larger_page_cache_and_fewer_checkpoints_the
                 conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0],
             )
 
+        database = tmp_path / "views.sqlite3"
         before = pragmas()
+        with store.transaction() as tx:
+            tx.execute("CREATE TABLE t (n INTEGER PRIMARY KEY, x TEXT)")
         with store.bulk():
-            assert pragmas() == (views_store.BULK_CACHE_KIB, views_store.BULK_CHECKPOINT_PAGES)
+            assert pragmas() == (views_store.BULK_CACHE_KIB, 0)
+            sizes = []
+            for n in range(views_store.BULK_CHECKPOINT_EVERY):
+                rows = [(n * 1000 + i, "x" * 1000) for i in range(1000)]  # 1 MB a commit
+                with store.transaction() as tx:
+                    tx.insert_values("t", ("n", "x"), rows)
+                sizes.append(database.stat().st_size)
+                store.checkpoint()
+            # Past SQLite's 1,000 pages, yet no commit copied the WAL into the database:
+            # only the loader's own checkpoint, after the last transaction, did.
+            assert max(sizes) < 100_000 < 5_000_000 < database.stat().st_size
         assert pragmas() == before == (-2000, 1000)
+        store.checkpoint()  # outside a bulk load: nothing
     finally:
         store.close()
 

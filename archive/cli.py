@@ -739,8 +739,8 @@ def projections_rebuild(
 ) -> None:
     """Replay the log into new generations of the views (readers keep being served).
 
-    The views a process rebuilds are rebuilt in one pass: it reads and decodes the log
-    once for them all."""
+    The views a process rebuilds are rebuilt in one pass: it reads the log once for them
+    all, and decodes only the events they need."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with read_models() as views:

@@ -88,7 +88,7 @@ class Projections:
 
     def start(self, *, rebuild_stale: bool = True) -> None:
         """Follow the log in the background, one thread per view. Stale views are first
-        rebuilt together, in one pass over the log, by one more thread."""
+        rebuilt together by one more thread (see ``rebuild_views``)."""
         if self._threads:
             return
         self._stop.clear()
@@ -164,7 +164,8 @@ class Projections:
 
     def rebuild_views(self, names: Sequence[str] | None = None, **kwargs: Any) -> dict[str, int]:
         """Replay the log into a new generation of the named views (default: all), in
-        one pass, and switch each to it. Returns the new generations by view. Keyword
+        this process or, for a long log, in one process per core (``Reopen``), and switch
+        each to it. Returns the new generations by view. Keyword
         arguments go to ``follower.rebuild_views`` (batch_size, progress, before_switch,
         processes)."""
         for name in names or ():

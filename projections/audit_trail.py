@@ -687,10 +687,11 @@ class Stored:
     @property
     def loan_number(self) -> Any:
         """The event's own ``loan_number``: a loan number is stored as plain text, so it
-        is read from the plain JSON; anything else is decoded (``own``)."""
+        is read from the plain JSON, unless the own fields are decoded anyway (an event
+        that changes the loan number, ``Kind.loan_field``)."""
         if not self.kind.has_loan_number:
             return None
-        if self._own is None:
+        if self._own is None and self.kind.loan_field is None:
             value = parse_json(self.fields).get("loan_number")
             if value is None or type(value) is str:
                 return value

@@ -165,6 +165,7 @@ class SearchView(View):
     name: ClassVar[str] = "search"
     #: 2: text in its own table; filters, and on PostgreSQL the tsvector, on the page row
     schema_version: ClassVar[int] = 2
+    rebuild_cost: ClassVar[float] = 4.0
     table_names: ClassVar[tuple[str, ...]] = (LOANS, DOCUMENTS, PAGES, TEXT, FTS)
     derived_tables: ClassVar[tuple[str, ...]] = (FTS,)  # built from search_text
     handlers: ClassVar[Handlers[Callable[..., None]]] = handlers  # type: ignore[assignment]

@@ -101,7 +101,8 @@ class WriteBuffer(Tx):
     rebuild process or a live follower writes meanwhile. Reads run at once, each in a
     read snapshot of its own; writes are recorded in order. That is only right where a
     batch never reads back what it wrote: views read what they need first and write at
-    the end (``View.apply_batch``), and a rebuild's generation has no other writer.
+    the end (``View.apply_batch``), and a rebuild's generation has no other writer. A
+    statement is a read when it starts with SELECT.
     """
 
     for_update = ""  # a read here never runs inside the write transaction

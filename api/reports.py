@@ -3,12 +3,16 @@
 Every answer names the reporting date (``as_of``) and the view ``position`` its figures
 are consistent with; compare that with the position a command returned to know whether
 the report includes your write. Money is decimal text; shares are percentages.
+
+The portfolio reports answer ``format=csv`` too, as the audit trail export does: one row
+per loan, lien, agency or borrower (``projections.reports.CSV_LAYOUTS``), to file in a
+spreadsheet; the reporting date is in the file name.
 """
 
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
@@ -81,42 +85,93 @@ def get_store(request: Request) -> Store:
 Views = Annotated[Store, Depends(get_store)]
 
 
-def answer(body: dict[str, Any]) -> JSONResponse:
+ReportFormat = Literal["json", "csv"]
+Format = Annotated[
+    ReportFormat,
+    Query(description="json, or csv: one row per line of the report, to file in a spreadsheet."),
+]
+CSV_MEDIA_TYPE = "text/csv; charset=utf-8"
+TABULAR: dict[str, Any] = {
+    "response_class": Response,
+    "responses": {
+        200: {
+            "content": {"application/json": {}, "text/csv": {}},
+            "description": "The report; with format=csv as a CSV attachment.",
+        }
+    },
+}
+"""How a portfolio report's route is declared: JSON by default, CSV on request."""
+
+
+def answer(body: dict[str, Any], format: ReportFormat = "json") -> Response:
+    """The report as JSON, or with ``format=csv`` as a CSV file named after the report
+    and its reporting date (``npl-portfolio-2025-06-30.csv``)."""
+    if format == "csv":
+        name = f"{body['report'].replace('_', '-')}-{body['as_of']}.csv"
+        return Response(
+            reports.report_csv(body),
+            media_type=CSV_MEDIA_TYPE,
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
     return JSONResponse(jsonable(body))
 
 
-@router.get("/npl-portfolio", summary="NPLs and write-offs by recovery category and class")
+@router.get(
+    "/npl-portfolio", summary="NPLs and write-offs by recovery category and class", **TABULAR
+)
 def npl_portfolio(
-    store: Views, who: Reader, as_of: AsOf = None, currency: Currency = None
-) -> JSONResponse:
-    return answer(reports.npl_portfolio(store, as_of, currency))
+    store: Views,
+    who: Reader,
+    as_of: AsOf = None,
+    currency: Currency = None,
+    format: Format = "json",
+) -> Response:
+    return answer(reports.npl_portfolio(store, as_of, currency), format)
 
 
-@router.get("/officer-ledgers", summary="NPL ledgers per loan officer and collection officer")
+@router.get(
+    "/officer-ledgers", summary="NPL ledgers per loan officer and collection officer", **TABULAR
+)
 def officer_ledgers(
-    store: Views, who: Reader, as_of: AsOf = None, currency: Currency = None
-) -> JSONResponse:
-    return answer(reports.officer_ledgers(store, as_of, currency))
+    store: Views,
+    who: Reader,
+    as_of: AsOf = None,
+    currency: Currency = None,
+    format: Format = "json",
+) -> Response:
+    return answer(reports.officer_ledgers(store, as_of, currency), format)
 
 
-@router.get("/npl-gaps", summary="NPLs missing an officer or the investigation checklist")
-def npl_gaps(store: Views, who: Reader, as_of: AsOf = None) -> JSONResponse:
-    return answer(reports.npl_gaps(store, as_of))
+@router.get(
+    "/npl-gaps", summary="NPLs missing an officer or the investigation checklist", **TABULAR
+)
+def npl_gaps(store: Views, who: Reader, as_of: AsOf = None, format: Format = "json") -> Response:
+    return answer(reports.npl_gaps(store, as_of), format)
 
 
-@router.get("/repeated-mortgages", summary="Properties securing more than one live loan")
-def repeated_mortgages(store: Views, who: Reader, as_of: AsOf = None) -> JSONResponse:
-    return answer(reports.repeated_mortgages(store, as_of))
+@router.get("/repeated-mortgages", summary="Properties securing more than one live loan", **TABULAR)
+def repeated_mortgages(
+    store: Views, who: Reader, as_of: AsOf = None, format: Format = "json"
+) -> Response:
+    return answer(reports.repeated_mortgages(store, as_of), format)
 
 
-@router.get("/overvaluation-by-agency", summary="Appraisal agencies: overvaluation flags and cuts")
+@router.get(
+    "/overvaluation-by-agency",
+    summary="Appraisal agencies: overvaluation flags and cuts",
+    **TABULAR,
+)
 def overvaluation_by_agency(
-    store: Views, who: Reader, as_of: AsOf = None, currency: Currency = None
-) -> JSONResponse:
-    return answer(reports.overvaluation_by_agency(store, as_of, currency))
+    store: Views,
+    who: Reader,
+    as_of: AsOf = None,
+    currency: Currency = None,
+    format: Format = "json",
+) -> Response:
+    return answer(reports.overvaluation_by_agency(store, as_of, currency), format)
 
 
-@router.get("/revaluations-due", summary="Valuations due for revaluation, overdue first")
+@router.get("/revaluations-due", summary="Valuations due for revaluation, overdue first", **TABULAR)
 def revaluations_due(
     store: Views,
     who: Reader,
@@ -124,31 +179,43 @@ def revaluations_due(
     days: Annotated[
         int, Query(ge=0, le=reports.MAX_DAYS, description="Look this many days ahead.")
     ] = 30,
-) -> JSONResponse:
-    return answer(reports.revaluations_due(store, as_of, days))
+    format: Format = "json",
+) -> Response:
+    return answer(reports.revaluations_due(store, as_of, days), format)
 
 
-@router.get("/inspections-overdue", summary="NPLs with a monthly or quarterly inspection overdue")
-def inspections_overdue(store: Views, who: Reader, as_of: AsOf = None) -> JSONResponse:
-    return answer(reports.inspections_overdue(store, as_of))
+@router.get(
+    "/inspections-overdue", summary="NPLs with a monthly or quarterly inspection overdue", **TABULAR
+)
+def inspections_overdue(
+    store: Views, who: Reader, as_of: AsOf = None, format: Format = "json"
+) -> Response:
+    return answer(reports.inspections_overdue(store, as_of), format)
 
 
-@router.get("/concentration", summary="Top borrowers by outstanding and their shares")
+@router.get("/concentration", summary="Top borrowers by outstanding and their shares", **TABULAR)
 def concentration(
     store: Views,
     who: Reader,
     as_of: AsOf = None,
     top: Annotated[int, Query(ge=1, le=reports.MAX_TOP)] = 10,
     currency: Currency = None,
-) -> JSONResponse:
-    return answer(reports.concentration(store, as_of, top, currency))
+    format: Format = "json",
+) -> Response:
+    return answer(reports.concentration(store, as_of, top, currency), format)
 
 
-@router.get("/village-group-loans", summary="Village-group and cooperative loans by group")
+@router.get(
+    "/village-group-loans", summary="Village-group and cooperative loans by group", **TABULAR
+)
 def village_group_loans(
-    store: Views, who: Reader, as_of: AsOf = None, currency: Currency = None
-) -> JSONResponse:
-    return answer(reports.village_group_loans(store, as_of, currency))
+    store: Views,
+    who: Reader,
+    as_of: AsOf = None,
+    currency: Currency = None,
+    format: Format = "json",
+) -> Response:
+    return answer(reports.village_group_loans(store, as_of, currency), format)
 
 
 @router.get("/loans/{loan_number}/analysis", summary="The analysis report of one loan (JSON)")

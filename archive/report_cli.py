@@ -2,8 +2,9 @@
 
 Each command authenticates like the other domain commands (``--token`` or
 ``ARCHIVE_TOKEN``; auditor, credit officer, compliance or admin), brings the views up to
-the head of the log, and prints the report as JSON (default) or, with ``--table``, as
-tables. ``analysis --pdf FILE`` writes the PDF report to file.
+the head of the log, and prints the report as JSON (default), with ``--format table``
+(or ``--table``) as tables, or with ``--format csv`` as CSV on stdout, the rows the HTTP
+route's ``format=csv`` answers. ``analysis --pdf FILE`` writes the PDF report to file.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,6 +38,22 @@ Currency = Annotated[
     str | None, typer.Option(help="Only amounts in this currency (needed when mixed).")
 ]
 AsTable = Annotated[bool, typer.Option("--table", help="Print tables instead of JSON.")]
+
+
+class Output(StrEnum):
+    JSON = "json"
+    TABLE = "table"
+    CSV = "csv"
+
+
+OutputFormat = Annotated[
+    Output | None,
+    typer.Option(
+        "--format",
+        help="json (default), table, or csv: one row per line, to file in a spreadsheet.",
+        show_default=False,
+    ),
+]
 
 
 def _day(as_of: datetime | None) -> date | None:
@@ -65,19 +83,34 @@ def views(token: str) -> Iterator[tuple[Any, Any]]:
             yield application, projections.store
 
 
-def _show(report: dict[str, Any], as_table: bool) -> None:
-    from archive.cli import print_json
+def _output(table: bool, chosen: Output | None) -> Output:
+    """``--table`` is ``--format table``, kept as the short way; naming two is refused."""
+    if table and chosen not in (None, Output.TABLE):
+        raise typer.BadParameter(
+            f"--table and --format {chosen}: choose one", param_hint="'--format'"
+        )
+    return Output.TABLE if table else chosen or Output.JSON
 
-    if as_table:
+
+def _show(report: dict[str, Any], output: Output) -> None:
+    from archive.cli import print_json
+    from projections.reports import report_csv
+
+    if output is Output.TABLE:
         print_tables(report)
+    elif output is Output.CSV:
+        typer.echo(report_csv(report), nl=False)
     else:
         print_json(report)
 
 
-def _run(token: str, as_table: bool, make: Callable[[Any], dict[str, Any]]) -> None:
+def _run(
+    token: str, table: bool, chosen: Output | None, make: Callable[[Any], dict[str, Any]]
+) -> None:
+    output = _output(table, chosen)  # before any work: a bad combination is a usage error
     with views(token) as (_, store):
         report = make(store)
-    _show(report, as_table)
+    _show(report, output)
 
 
 # -- the commands -------------------------------------------------------------------------------
@@ -85,48 +118,64 @@ def _run(token: str, as_table: bool, make: Callable[[Any], dict[str, Any]]) -> N
 
 @reports_app.command("npl-portfolio")
 def npl_portfolio(
-    token: Token, as_of: AsOf = None, currency: Currency = None, table: AsTable = False
+    token: Token,
+    as_of: AsOf = None,
+    currency: Currency = None,
+    table: AsTable = False,
+    format: OutputFormat = None,
 ) -> None:
     """NPLs and write-offs by recovery category and five-tier classification."""
     from projections import reports
 
-    _run(token, table, lambda s: reports.npl_portfolio(s, _day(as_of), currency))
+    _run(token, table, format, lambda s: reports.npl_portfolio(s, _day(as_of), currency))
 
 
 @reports_app.command("officer-ledgers")
 def officer_ledgers(
-    token: Token, as_of: AsOf = None, currency: Currency = None, table: AsTable = False
+    token: Token,
+    as_of: AsOf = None,
+    currency: Currency = None,
+    table: AsTable = False,
+    format: OutputFormat = None,
 ) -> None:
     """Each loan officer's and collection officer's NPL ledger."""
     from projections import reports
 
-    _run(token, table, lambda s: reports.officer_ledgers(s, _day(as_of), currency))
+    _run(token, table, format, lambda s: reports.officer_ledgers(s, _day(as_of), currency))
 
 
 @reports_app.command("npl-gaps")
-def npl_gaps(token: Token, as_of: AsOf = None, table: AsTable = False) -> None:
+def npl_gaps(
+    token: Token, as_of: AsOf = None, table: AsTable = False, format: OutputFormat = None
+) -> None:
     """NPLs missing the loan officer, the collection officer or the investigation."""
     from projections import reports
 
-    _run(token, table, lambda s: reports.npl_gaps(s, _day(as_of)))
+    _run(token, table, format, lambda s: reports.npl_gaps(s, _day(as_of)))
 
 
 @reports_app.command("repeated-mortgages")
-def repeated_mortgages(token: Token, as_of: AsOf = None, table: AsTable = False) -> None:
+def repeated_mortgages(
+    token: Token, as_of: AsOf = None, table: AsTable = False, format: OutputFormat = None
+) -> None:
     """Properties securing more than one live loan."""
     from projections import reports
 
-    _run(token, table, lambda s: reports.repeated_mortgages(s, _day(as_of)))
+    _run(token, table, format, lambda s: reports.repeated_mortgages(s, _day(as_of)))
 
 
 @reports_app.command("overvaluation-by-agency")
 def overvaluation_by_agency(
-    token: Token, as_of: AsOf = None, currency: Currency = None, table: AsTable = False
+    token: Token,
+    as_of: AsOf = None,
+    currency: Currency = None,
+    table: AsTable = False,
+    format: OutputFormat = None,
 ) -> None:
     """Per appraisal agency: reviewed, flagged overvalued, share, average and max cut."""
     from projections import reports
 
-    _run(token, table, lambda s: reports.overvaluation_by_agency(s, _day(as_of), currency))
+    _run(token, table, format, lambda s: reports.overvaluation_by_agency(s, _day(as_of), currency))
 
 
 @reports_app.command("revaluations-due")
@@ -135,19 +184,22 @@ def revaluations_due(
     as_of: AsOf = None,
     days: Annotated[int, typer.Option(min=0, help="Look this many days ahead.")] = 30,
     table: AsTable = False,
+    format: OutputFormat = None,
 ) -> None:
     """Valuations in force due for revaluation within DAYS, overdue first."""
     from projections import reports
 
-    _run(token, table, lambda s: reports.revaluations_due(s, _day(as_of), days))
+    _run(token, table, format, lambda s: reports.revaluations_due(s, _day(as_of), days))
 
 
 @reports_app.command("inspections-overdue")
-def inspections_overdue(token: Token, as_of: AsOf = None, table: AsTable = False) -> None:
+def inspections_overdue(
+    token: Token, as_of: AsOf = None, table: AsTable = False, format: OutputFormat = None
+) -> None:
     """NPLs whose monthly or quarterly inspection is overdue."""
     from projections import reports
 
-    _run(token, table, lambda s: reports.inspections_overdue(s, _day(as_of)))
+    _run(token, table, format, lambda s: reports.inspections_overdue(s, _day(as_of)))
 
 
 @reports_app.command("concentration")
@@ -157,21 +209,26 @@ def concentration(
     top: Annotated[int, typer.Option(min=1, help="How many borrowers.")] = 10,
     currency: Currency = None,
     table: AsTable = False,
+    format: OutputFormat = None,
 ) -> None:
     """The top borrowers by outstanding, with their shares of the live portfolio."""
     from projections import reports
 
-    _run(token, table, lambda s: reports.concentration(s, _day(as_of), top, currency))
+    _run(token, table, format, lambda s: reports.concentration(s, _day(as_of), top, currency))
 
 
 @reports_app.command("village-group-loans")
 def village_group_loans(
-    token: Token, as_of: AsOf = None, currency: Currency = None, table: AsTable = False
+    token: Token,
+    as_of: AsOf = None,
+    currency: Currency = None,
+    table: AsTable = False,
+    format: OutputFormat = None,
 ) -> None:
     """Village-group and cooperative loans by group."""
     from projections import reports
 
-    _run(token, table, lambda s: reports.village_group_loans(s, _day(as_of), currency))
+    _run(token, table, format, lambda s: reports.village_group_loans(s, _day(as_of), currency))
 
 
 @reports_app.command("analysis")
@@ -190,7 +247,7 @@ def analysis(
     with views(token) as (application, store):
         report = loan_analysis(application, store, loan_number, _day(as_of))
     if pdf is None:
-        _show(report, table)
+        _show(report, Output.TABLE if table else Output.JSON)
         return
     pdf.write_bytes(analysis_pdf(report))
     typer.echo(f"wrote {pdf} (chain head {report['chain_head']})", err=True)

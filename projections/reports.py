@@ -13,6 +13,9 @@ date rules (due revaluations, overdue inspections) are measured against.
 Reports that add money up refuse to add different currencies: when the selection
 holds more than one, they ask for a ``currency`` (which also filters).
 
+``report_csv`` flattens a report into the rows a spreadsheet files (``CSV_LAYOUTS``),
+written as the audit trail export writes CSV.
+
 Which loans are which:
 
 - an NPL (non-performing loan) has status ``non_performing``; a ``written_off`` loan
@@ -25,8 +28,10 @@ Which loans are which:
 
 from __future__ import annotations
 
+import csv
+import io
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -37,6 +42,7 @@ from archive.exceptions import DomainError
 from archive.loans import Classification, LoanStatus, Product, RecoveryCategory
 from archive.valuations import add_months
 from projections import registry
+from projections.audit_trail import inert
 from projections.encoding import loads
 from projections.loan_files import COLLATERAL, LOANS, VALUATIONS, LoanFilesView
 from projections.store import Row, Store, Tx
@@ -761,3 +767,251 @@ REPORTS = {
     "concentration": concentration,
     "village_group_loans": village_group_loans,
 }
+
+
+# -- CSV: one row per line of a report ----------------------------------------------------------------
+#
+# Spreadsheets want flat rows: each report becomes the rows a reader files and filters,
+# one per loan, lien, agency, borrower or breakdown bucket, with the figures that describe
+# a group (its officer, property, group name, the report's currency) repeated on each of
+# its rows. Totals the rows add up to are left out (a sum in the sheet would count them
+# twice); what the rows cannot give (concentration's portfolio total) is a column.
+
+Flat = Iterator[dict[str, Any]]
+
+
+def _npl_portfolio_rows(report: dict[str, Any]) -> Flat:
+    """Each status's breakdowns; a loan counts once by category and once by class."""
+    for status in ("non_performing", "written_off"):
+        for breakdown in ("recovery_category", "classification"):
+            for line in report[status][f"by_{breakdown}"]:
+                yield {
+                    "status": status,
+                    "breakdown": breakdown,
+                    "category": line[breakdown],
+                    "count": line["count"],
+                    "outstanding": line["outstanding"],
+                    "currency": report["currency"],
+                }
+
+
+def _officer_ledger_rows(report: dict[str, Any]) -> Flat:
+    """A row per loan per duty; the loans without an officer of a duty come last with
+    the officer empty, so each duty lists the whole recovery book (a loan's figures are
+    the same under either duty: they are taken from the other one when it has them)."""
+    lines = {
+        line["loan_number"]: line
+        for duty in ("loan_officers", "collection_officers")
+        for ledger in report[duty]
+        for line in ledger["loans"]
+    }
+    currency = report["currency"]
+    for duty in ("loan_officer", "collection_officer"):
+        for ledger in report[f"{duty}s"]:
+            for line in ledger["loans"]:
+                yield {"duty": duty, "officer": ledger["officer"], **line, "currency": currency}
+        for number in report["unassigned"][duty]:
+            line = lines.get(number, {"loan_number": number})
+            yield {"duty": duty, "officer": None, **line, "currency": currency}
+
+
+def _npl_gap_rows(report: dict[str, Any]) -> Flat:
+    """A row per incomplete loan; what it misses as one true/false column per gap."""
+    for item in report["items"]:
+        yield {**item, **{f"missing_{gap}": gap in item["missing"] for gap in GAPS}}
+
+
+def _repeated_mortgage_rows(report: dict[str, Any]) -> Flat:
+    for prop in report["properties"]:
+        for lien in prop["liens"]:
+            yield {
+                "cadastral_reference": prop["cadastral_reference"],
+                "address": prop["address"],
+                "owner": prop["owner"],
+                **lien,
+            }
+
+
+def _village_group_rows(report: dict[str, Any]) -> Flat:
+    for group in report["groups"]:
+        for line in group["loans"]:
+            yield {"group": group["group"], **line, "currency": report["currency"]}
+
+
+def _items(key: str, *shared: str) -> Callable[[dict[str, Any]], Flat]:
+    """The report's list ``key``, a row per entry, with the report's ``shared`` figures."""
+
+    def rows(report: dict[str, Any]) -> Flat:
+        for item in report[key]:
+            yield {**item, **{name: report[name] for name in shared}}
+
+    return rows
+
+
+#: per report: its CSV columns, in order, and how its rows are drawn from the report
+CSV_LAYOUTS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], Flat]]] = {
+    "npl_portfolio": (
+        ("status", "breakdown", "category", "count", "outstanding", "currency"),
+        _npl_portfolio_rows,
+    ),
+    "officer_ledgers": (
+        (
+            "duty",
+            "officer",
+            "loan_number",
+            "borrower_name",
+            "status",
+            "classification",
+            "recovery_category",
+            "outstanding",
+            "collection_actions",
+            "last_action_date",
+            "recovered",
+            "currency",
+        ),
+        _officer_ledger_rows,
+    ),
+    "npl_gaps": (
+        (
+            "loan_number",
+            "borrower_name",
+            "status",
+            "loan_officer",
+            "collection_officer",
+            *(f"missing_{gap}" for gap in GAPS),
+        ),
+        _npl_gap_rows,
+    ),
+    "repeated_mortgages": (
+        (
+            "cadastral_reference",
+            "address",
+            "owner",
+            "lien_rank",
+            "loan_number",
+            "borrower_name",
+            "loan_status",
+            "registration_id",
+            "registration_status",
+            "registry_entry",
+            "secured_amount",
+            "currency",
+            "flagged",
+        ),
+        _repeated_mortgage_rows,
+    ),
+    "overvaluation_by_agency": (
+        (
+            "agency",
+            "appraisals",
+            "reviewed",
+            "overvalued",
+            "overvalued_share",
+            "average_cut",
+            "max_cut",
+            "average_cut_pct",
+            "max_cut_pct",
+            "currency",
+        ),
+        _items("agencies", "currency"),
+    ),
+    "revaluations_due": (
+        (
+            "revaluation_due",
+            "days_until_due",
+            "overdue",
+            "valuation_id",
+            "loan_number",
+            "borrower_name",
+            "loan_status",
+            "collateral_id",
+            "cadastral_reference",
+            "agency",
+            "appraisal_date",
+            "appraised_value",
+            "reviewed_value",
+            "currency",
+        ),
+        _items("items"),
+    ),
+    "inspections_overdue": (
+        (
+            "loan_number",
+            "borrower_name",
+            "status",
+            "loan_officer",
+            "collection_officer",
+            "last_monthly",
+            "monthly_next_due",
+            "monthly_overdue",
+            "last_quarterly",
+            "quarterly_next_due",
+            "quarterly_overdue",
+        ),
+        _items("items"),
+    ),
+    "concentration": (
+        (
+            "rank",
+            "national_id",
+            "borrower_name",
+            "loans",
+            "outstanding",
+            "share",
+            "cumulative_share",
+            "total_outstanding",
+            "currency",
+        ),
+        _items("items", "total_outstanding", "currency"),
+    ),
+    "village_group_loans": (
+        (
+            "group",
+            "loan_number",
+            "borrower_name",
+            "product",
+            "status",
+            "classification",
+            "npl",
+            "outstanding",
+            "collection_officer",
+            "collection_actions",
+            "last_action_date",
+            "recovered",
+            "currency",
+        ),
+        _village_group_rows,
+    ),
+}
+
+_DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def csv_cell(value: Any) -> Any:
+    """One cell: null empty, booleans ``true``/``false`` as in JSON, lists joined by
+    ", ", decimal text exact (a negative cut is a number, not a formula to defuse) and
+    any other text through the audit export's ``inert``."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        value = ", ".join(str(v) for v in value)
+    if isinstance(value, str) and _DECIMAL.fullmatch(value):
+        return value
+    return inert(value)
+
+
+def report_csv(report: dict[str, Any]) -> str:
+    """A portfolio report as CSV text: a header line of the layout's columns, then its
+    rows, written as the audit trail export writes them (``csv.writer``, CRLF)."""
+    name = report["report"]
+    if name not in CSV_LAYOUTS:
+        raise ReportError(f"the {name} report has no CSV form")
+    columns, rows = CSV_LAYOUTS[name]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(columns)
+    for row in rows(report):
+        writer.writerow([csv_cell(row.get(column)) for column in columns])
+    return buffer.getvalue()

@@ -1457,7 +1457,11 @@ def get_requests(draw: st.DrawFn, values: dict[str, list[str]]) -> tuple[str, di
         "days",
         "currency",
     ):
-        value = draw(st.none() | st.text(max_size=12) | st.sampled_from(["0", "-1", "5", "10000"]))
+        value = draw(
+            st.none()
+            | st.text(max_size=12)
+            | st.sampled_from(["0", "-1", "5", "10000", "csv", "json", "jsonl"])
+        )
         if value is not None:
             params[name] = value
     if as_of is not None and draw(st.booleans()):

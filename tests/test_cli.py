@@ -200,6 +200,26 @@ def test_refused_commands_exit_non_zero_with_one_line(
     assert "in the future" in line and tomorrow[:19] in line, line
 
 
+def test_a_report_as_csv_goes_to_stdout_and_a_bad_format_is_one_line(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    auditor = archive.add_user(operator_context(), "raul.auditor", "auditor")
+    archive.open_loan(CommandContext("ana.officer", "credit_officer"), **loan_terms("CR-1"))
+    env = cli_env(settings, ARCHIVE_TOKEN=auditor)
+
+    sheet = run(env, "reports", "concentration", "--format", "csv")
+    assert sheet.returncode == 0 and sheet.stderr == "", sheet
+    header, row = sheet.stdout.splitlines()
+    assert header.startswith("rank,national_id,borrower_name,loans,outstanding,")
+    assert row.startswith("1,12345678Z,Ana Pérez Núñez,CR-1,100000.00,100.00,100.00,"), row
+
+    unknown = run(env, "reports", "concentration", "--format", "xml")
+    line = one_error_line(unknown)
+    assert "--format" in line and "'xml' is not one of 'json', 'table', 'csv'" in line, line
+    both = run(env, "reports", "npl-gaps", "--table", "--format", "csv")
+    assert "--table and --format csv: choose one" in one_error_line(both)
+
+
 def tamper(settings: Settings, archive: ArchiveApp, aggregate: str, version: int) -> None:
     """Flip one bit of one stored event behind the archive's back (case of a letter in
     its status), disabling the append-only trigger first."""

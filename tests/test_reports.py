@@ -9,12 +9,14 @@ reports over HTTP (roles, 404, PDF) and through the CLI.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -546,6 +548,194 @@ def test_the_default_reporting_date_is_the_archives_utc_today(
     time.tzset()
 
 
+# -- as CSV, to file in a spreadsheet -----------------------------------------------------------------
+
+
+def csv_rows(text: str) -> list[dict[str, str]]:
+    """The rows of a CSV text, checked to be RFC 4180 lines (CRLF) as the audit export's."""
+    assert text.endswith("\r\n") and "\n" not in text.replace("\r\n", ""), text
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+def test_every_portfolio_report_flattens_to_one_row_per_line(portfolio: Portfolio) -> None:
+    store = portfolio.store
+    assert set(reports.CSV_LAYOUTS) == set(reports.REPORTS)
+    for name, make in reports.REPORTS.items():
+        text = reports.report_csv(make(store, AS_OF))
+        header = next(csv.reader(io.StringIO(text, newline="")))
+        assert tuple(header) == reports.CSV_LAYOUTS[name][0], name
+
+    npl = csv_rows(reports.report_csv(reports.npl_portfolio(store, AS_OF)))
+    assert len(npl) == 2 * (4 + 5)  # each status: 3 categories + uncategorised, 5 classes
+    assert {
+        "status": "non_performing",
+        "breakdown": "recovery_category",
+        "category": "recoverable_with_effort",
+        "count": "1",
+        "outstanding": "97000.00",
+        "currency": "EUR",
+    } in npl
+    # Amounts are exact decimal text: a sheet's sum of one breakdown is the JSON total.
+    for status, total in (("non_performing", "147000.00"), ("written_off", "29500.00")):
+        for breakdown in ("recovery_category", "classification"):
+            amounts = [
+                Decimal(r["outstanding"])
+                for r in npl
+                if (r["status"], r["breakdown"]) == (status, breakdown)
+            ]
+            assert str(sum(amounts, Decimal("0.00"))) == total, (status, breakdown)
+
+    ledgers = csv_rows(reports.report_csv(reports.officer_ledgers(store, AS_OF)))
+    assert [(r["duty"], r["officer"], r["loan_number"]) for r in ledgers] == [
+        ("loan_officer", "María López", "CR-1"),
+        ("loan_officer", "María López", "CR-2"),
+        ("loan_officer", "Pedro Gil", "CR-4"),
+        ("collection_officer", "Joaquín Ibáñez", "CR-1"),
+        ("collection_officer", "Joaquín Ibáñez", "CR-4"),
+        ("collection_officer", "", "CR-2"),  # no collection officer: still on the sheet
+    ]
+    assert ledgers[0] == {
+        "duty": "loan_officer",
+        "officer": "María López",
+        "loan_number": "CR-1",
+        "borrower_name": ANA,
+        "status": "non_performing",
+        "classification": "doubtful",
+        "recovery_category": "recoverable_with_effort",
+        "outstanding": "97000.00",
+        "collection_actions": "2",
+        "last_action_date": "2025-05-20",
+        "recovered": "2000.00",
+        "currency": "EUR",
+    }
+    # The unassigned loan's figures are its own (as under its loan officer), not blanks.
+    assert {k: v for k, v in ledgers[-1].items() if k not in ("duty", "officer")} == {
+        k: v for k, v in ledgers[1].items() if k not in ("duty", "officer")
+    }
+    assert ledgers[-1]["outstanding"] == "50000.00"
+
+    assert csv_rows(reports.report_csv(reports.npl_gaps(store, AS_OF))) == [
+        {
+            "loan_number": "CR-2",
+            "borrower_name": "Bernardo Sáez",
+            "status": "non_performing",
+            "loan_officer": "María López",
+            "collection_officer": "",
+            "missing_loan_officer": "false",
+            "missing_collection_officer": "true",
+            "missing_investigation": "true",
+        }
+    ]
+
+    liens = csv_rows(reports.report_csv(reports.repeated_mortgages(store, AS_OF)))
+    assert [
+        (r["cadastral_reference"], r["lien_rank"], r["loan_number"], r["secured_amount"])
+        for r in liens
+    ] == [(REF_A, "1", "CR-1", "120000.00"), (REF_A, "2", "CR-2", "40000.00")]
+    assert [(r["flagged"], r["registration_status"]) for r in liens] == [
+        ("false", "registered"),
+        ("true", "pending"),
+    ]
+    assert liens[0]["registration_id"] == str(portfolio.ids["A1"])
+
+    agencies = csv_rows(reports.report_csv(reports.overvaluation_by_agency(store, AS_OF)))
+    assert [a["agency"] for a in agencies] == [
+        "Tasaciones Aragón SA",
+        "Valoraciones Mediterráneo",
+        "Tasa Rural SL",
+    ]
+    assert (agencies[0]["max_cut"], agencies[0]["max_cut_pct"], agencies[0]["currency"]) == (
+        "30000.00",
+        "20.00",
+        "EUR",
+    )
+    assert (agencies[2]["reviewed"], agencies[2]["average_cut"]) == ("0", "")  # null: empty
+
+    due = csv_rows(reports.report_csv(reports.revaluations_due(store, AS_OF)))
+    assert [(r["loan_number"], r["days_until_due"], r["overdue"]) for r in due] == [
+        ("CR-7", "-41", "true"),  # a negative count of days is a number, left as it is
+        ("CR-1", "10", "false"),
+    ]
+
+    overdue = {
+        r["loan_number"]: r
+        for r in csv_rows(reports.report_csv(reports.inspections_overdue(store, AS_OF)))
+    }
+    assert list(overdue) == ["CR-1", "CR-2", "CR-4"]
+    assert (overdue["CR-2"]["last_monthly"], overdue["CR-2"]["monthly_overdue"]) == ("", "true")
+    assert (overdue["CR-1"]["quarterly_next_due"], overdue["CR-1"]["monthly_overdue"]) == (
+        "2025-05-20",
+        "false",
+    )
+
+    top = csv_rows(reports.report_csv(reports.concentration(store, AS_OF, top=3)))
+    assert [(r["rank"], r["loans"], r["share"], r["total_outstanding"]) for r in top] == [
+        ("1", "CR-7", "46.84", "427000.00"),
+        ("2", "CR-1, CR-3", "27.40", "427000.00"),
+        ("3", "CR-5", "14.05", "427000.00"),
+    ]
+
+    groups = csv_rows(reports.report_csv(reports.village_group_loans(store, AS_OF)))
+    assert [(g["group"], g["loan_number"], g["npl"], g["outstanding"]) for g in groups] == [
+        ("Cooperativa del Jiloca", "CR-5", "false", "60000.00"),
+        ("Grupo Aldea San Pedro", "CR-4", "true", "29500.00"),
+        ("Grupo Aldea San Pedro", "CR-6", "false", "0.00"),
+    ]
+
+
+def test_empty_reports_are_a_header_line(settings: Settings, archive: ArchiveApp) -> None:
+    """Nothing to list is the header alone; the NPL portfolio's buckets are always there."""
+    with open_store(settings) as store:
+        Projections(archive, store).catch_up()
+        for name, make in reports.REPORTS.items():
+            text = reports.report_csv(make(store, AS_OF))
+            header = ",".join(reports.CSV_LAYOUTS[name][0]) + "\r\n"
+            assert text.startswith(header), name
+            if name == "npl_portfolio":
+                rows = csv_rows(text)
+                assert len(rows) == 18 and {r["count"] for r in rows} == {"0"}
+                assert {(r["outstanding"], r["currency"]) for r in rows} == {("0.00", "")}
+            else:
+                assert text == header, name
+
+
+def test_the_csv_never_hands_a_spreadsheet_a_formula_but_keeps_negative_amounts(
+    portfolio: Portfolio, officer: CommandContext
+) -> None:
+    """Typed text that starts like a formula is defused as in the audit trail export; a
+    review above the appraisal is a negative cut, which must stay a number."""
+    p = portfolio
+    p.archive.open_loan(officer, **loan_terms("CR-9", borrower_name='=HYPERLINK("x")'))
+    for status in ("overdue", "non_performing"):
+        p.archive.change_loan(
+            officer, "CR-9", None, lambda lf, s=status: lf.change_status(officer, s)
+        )
+    valuation = p.archive.appraise(
+        officer,
+        supersedes=None,
+        **appraisal_fields("CR-9", agency="@Tasa Sur", appraised_value="100000.00"),
+    ).id
+    p.archive.review_valuation(
+        officer, valuation, None, reviewer="Eva Ruiz", reviewed_value="105000.00"
+    )
+    p.projections.catch_up()
+
+    gaps = csv_rows(reports.report_csv(reports.npl_gaps(p.store, AS_OF)))
+    assert {g["loan_number"]: g["borrower_name"] for g in gaps}["CR-9"] == '\'=HYPERLINK("x")'
+    [sur] = [
+        a
+        for a in csv_rows(reports.report_csv(reports.overvaluation_by_agency(p.store, AS_OF)))
+        if "Tasa Sur" in a["agency"]
+    ]
+    assert sur["agency"] == "'@Tasa Sur"
+    assert (sur["max_cut"], sur["max_cut_pct"]) == ("-5000.00", "-5.00")
+
+
+def test_a_report_without_a_csv_form_says_so() -> None:
+    with pytest.raises(ReportError, match="loan_analysis report has no CSV form"):
+        reports.report_csv({"report": "loan_analysis"})
+
+
 # -- the per-loan analysis report --------------------------------------------------------------------
 
 
@@ -835,6 +1025,70 @@ def test_reports_over_http(portfolio: Portfolio) -> None:
     assert get("/npl-gaps").status_code == 503
 
 
+TABULAR_ROUTES = [name.replace("_", "-") for name in reports.REPORTS]
+
+
+def test_reports_as_csv_over_http(portfolio: Portfolio) -> None:
+    """``format=csv`` on every portfolio route, as the audit trail export offers it: the
+    same report's rows, a CSV attachment named after the report and its date."""
+    p = portfolio
+    tokens = {
+        role: p.archive.add_user(operator_context(), name, role) for role, name in ROLES.items()
+    }
+    p.projections.catch_up()
+    app = FastAPI()
+    app.state.archive = p.archive
+    app.state.projections = p.projections
+    problems.install(app)
+    app.include_router(reports_api.router)
+    client = TestClient(app, raise_server_exceptions=False)
+
+    def get(path: str, role: str | None = "auditor", **params: Any) -> Any:
+        headers = {} if role is None else {"Authorization": f"Bearer {tokens[role]}"}
+        return client.get(f"/api/v1/reports{path}", params=params, headers=headers)
+
+    for route in TABULAR_ROUTES:
+        as_json = get(f"/{route}", as_of="2025-06-30")
+        assert as_json.headers["content-type"] == "application/json", route
+        assert get(f"/{route}", as_of="2025-06-30", format="json").json() == as_json.json()
+        sheet = get(f"/{route}", as_of="2025-06-30", format="csv")
+        assert sheet.status_code == 200, (route, sheet.text)
+        assert sheet.headers["content-type"] == "text/csv; charset=utf-8", route
+        assert sheet.headers["content-disposition"] == (
+            f'attachment; filename="{route}-2025-06-30.csv"'
+        )
+        assert sheet.text == reports.report_csv(as_json.json()), route
+        # Role checks are the routes' own: the format changes nothing about who may read.
+        denied = get(f"/{route}", "archivist", format="csv")
+        assert denied.status_code == 403, route
+        assert denied.headers["content-type"].startswith("application/problem+json")
+        assert get(f"/{route}", None, format="csv").status_code == 401, route
+        for unknown in ("xml", "CSV", "jsonl", ""):
+            refused = get(f"/{route}", format=unknown)
+            assert refused.status_code == 422, (route, unknown, refused.text)
+            assert refused.headers["content-type"].startswith("application/problem+json")
+            assert "query.format" in refused.json()["detail"], refused.json()
+
+    ledgers = csv_rows(get("/officer-ledgers", as_of="2025-06-30", format="csv").text)
+    assert ("collection_officer", "", "CR-2", "50000.00") in [
+        (r["duty"], r["officer"], r["loan_number"], r["outstanding"]) for r in ledgers
+    ]
+    due = csv_rows(get("/revaluations-due", as_of="2025-06-30", days=9, format="csv").text)
+    assert [(r["loan_number"], r["overdue"]) for r in due] == [("CR-7", "true")]
+    # A report that cannot be answered is the same problem as in JSON, not a CSV.
+    p.archive.open_loan(
+        CommandContext("officer.one", "credit_officer", "test"),
+        **loan_terms("CR-9", borrower_national_id="99999999R", currency_code="USD"),
+    )
+    p.projections.catch_up()
+    mixed = get("/concentration", format="csv")
+    assert mixed.status_code == 422
+    assert mixed.headers["content-type"].startswith("application/problem+json")
+    assert "choose one with the currency parameter" in mixed.json()["detail"]
+    dollars = csv_rows(get("/concentration", currency="USD", format="csv").text)
+    assert [(r["loans"], r["currency"]) for r in dollars] == [("CR-9", "USD")]
+
+
 # -- through the CLI -----------------------------------------------------------------------------------
 
 
@@ -905,3 +1159,39 @@ def test_reports_through_the_cli(portfolio: Portfolio, settings: Settings, tmp_p
     assert "may not" in str(denied.exception)
     unknown = run("analysis", "CR-404")
     assert "not found" in str(unknown.exception)
+
+
+def test_reports_as_csv_through_the_cli(portfolio: Portfolio, settings: Settings) -> None:
+    """``--format csv`` prints the rows ``format=csv`` answers over HTTP, on stdout."""
+    p = portfolio
+    auditor = p.archive.add_user(operator_context(), "raul.auditor", "auditor")
+    env = {"ARCHIVE_DATA_DIR": str(settings.data_dir), "ARCHIVE_TOKEN": auditor}
+    if settings.database_url:
+        env["ARCHIVE_DATABASE_URL"] = settings.database_url
+    runner = CliRunner()
+
+    def run(*args: str) -> Any:
+        return runner.invoke(reports_app, list(args), env=env)
+
+    for route in TABULAR_ROUTES:
+        as_json = run(route, "--as-of", "2025-06-30")
+        assert as_json.exit_code == 0, as_json.output
+        sheet = run(route, "--as-of", "2025-06-30", "--format", "csv")
+        assert sheet.exit_code == 0, sheet.output
+        # The bytes: the runner's text turns the CSV's CRLF into LF.
+        expected = reports.report_csv(json.loads(as_json.stdout))
+        assert sheet.stdout_bytes.decode() == expected, route
+        # --table is --format table, kept; both spellings print the same tables.
+        assert run(route, "--format", "table").stdout == run(route, "--table").stdout
+    top = csv_rows(run("concentration", "--top", "2", "--format", "csv").stdout_bytes.decode())
+    assert [(r["national_id"], r["outstanding"]) for r in top] == [
+        ("55555555K", "200000.00"),
+        ("12345678Z", "117000.00"),
+    ]
+
+    unknown = run("npl-gaps", "--format", "xml")
+    assert unknown.exit_code == 2 and unknown.stdout == "", unknown.output
+    assert "Invalid value for '--format'" in unknown.output, unknown.output
+    both = run("npl-gaps", "--table", "--format", "csv")
+    assert both.exit_code == 2 and both.stdout == "", both.output
+    assert "--table and --format csv: choose one" in both.output, both.output

@@ -365,7 +365,8 @@ def import_command(
         Path | None, typer.Option(help="CSV with columns path, loan_number, doc_type.")
     ] = None,
 ) -> None:
-    """Upload a folder (or a manifest) of originals; files already archived are skipped."""
+    """Upload a folder (or a manifest) of originals; a file the loan already holds as that
+    document type is skipped (listed under two types, it is filed as both)."""
     from archive.imports import plan_import, run_import
 
     plan = plan_import(directory, loan, doc_type, manifest)

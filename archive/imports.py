@@ -1,8 +1,16 @@
 """Bulk import of originals from a folder or a manifest, resumable by content.
 
-Each file is hashed locally first: if the loan already holds a document with the same
-SHA-256 it is skipped, so an interrupted import simply runs again. The local hash is
-sent as the expected checksum, so a file that changes in transit is refused.
+Each file is hashed locally first: if the loan already holds a document of the same
+type with the same SHA-256 it is skipped, so an interrupted import simply runs again.
+The local hash is sent as the expected checksum, so a file that changes in transit is
+refused.
+
+The type is part of "already archived": a manifest that lists one file twice for a
+loan with two types (a notarial deed that is both the loan contract and the mortgage
+deed) registers it twice, one document per type, over the one stored object (originals
+are content-addressed). A manifest line says what a file is; skipping the second line
+dropped that statement without a word, and refusing the manifest would leave no way to
+file a document under both types, as two uploads can.
 """
 
 from __future__ import annotations
@@ -138,6 +146,15 @@ def check_plan(archive: ArchiveApp, plan: list[ImportItem]) -> None:
         raise NotFoundError(f"no file {', '.join(absent[:3])}{more}: nothing imported")
 
 
+def archived(archive: ArchiveApp, loan_number: str, sha256: str, doc_type: str) -> bool:
+    """Whether the loan holds these bytes as a document of this type (see the module's
+    docstring: under another type they are filed again)."""
+    index = archive.loan_documents(loan_number)
+    if index is None:
+        return False
+    return any(archive.get_document(doc).doc_type == doc_type for doc in index.find(sha256))
+
+
 def run_import(archive: ArchiveApp, ctx: CommandContext, plan: list[ImportItem]) -> ImportSummary:
     check_plan(archive, plan)
     summary = ImportSummary()
@@ -157,8 +174,7 @@ def run_import(archive: ArchiveApp, ctx: CommandContext, plan: list[ImportItem])
             progress.update(task, description=item.path.name[:40])
             try:
                 sha256 = file_sha256(item.path)
-                index = archive.loan_documents(item.loan_number)
-                if index is not None and index.find(sha256):
+                if archived(archive, item.loan_number, sha256, item.doc_type):
                     summary.skipped += 1
                 else:
                     with item.path.open("rb") as source:

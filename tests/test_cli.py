@@ -443,6 +443,48 @@ def test_import_reads_a_spreadsheet_manifest(
     assert index is not None and len(index.documents) == 2
 
 
+def test_a_file_listed_under_two_types_is_filed_as_both_and_stored_once(
+    settings: Settings, archive: ArchiveApp, tmp_path: Path
+) -> None:
+    """A deed that is both the loan contract and the mortgage deed, listed once per type:
+    the second line was skipped as "already archived" (same SHA-256 for the loan) and its
+    type silently lost. Each line is a document now, over one stored object; what the
+    loan holds as that type is still skipped on a second run."""
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
+    token = archive.add_user(operator_context(), "ines.archivist", "archivist")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "escritura.pdf").write_bytes(text_pdf([DEED_LINES[:4]]))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "path,loan_number,doc_type\n"
+        "scans/escritura.pdf,CR-1,contract\n"
+        "scans/escritura.pdf,CR-1,mortgage_deed\n",
+        encoding="utf-8",
+    )
+    env = cli_env(settings)
+    args = ("import", "--manifest", str(manifest), "--token", token)
+
+    first = run(env, *args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "imported 2, skipped 0 already archived, failed 0\n"
+    index = archive.loan_documents("CR-1")
+    assert index is not None
+    documents = [archive.get_document(d) for d in index.document_ids()]
+    assert sorted(d.doc_type for d in documents) == ["contract", "mortgage_deed"]
+    assert len({d.id for d in documents}) == 2
+    assert len({(d.sha256, d.object_key) for d in documents}) == 1  # one stored original
+
+    again = run(env, *args)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "imported 0, skipped 2 already archived, failed 0\n"
+    folder = ("import", str(scans), "--loan", "CR-1", "--token", token)
+    as_contract = run(env, *folder, "--type", "contract")
+    assert as_contract.returncode == 0, as_contract.stderr
+    assert as_contract.stdout == "imported 0, skipped 1 already archived, failed 0\n"
+    assert len(archive.loan_documents("CR-1").document_ids()) == 2  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -41,19 +41,20 @@ def iso_utc(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-_ID_TEXTS: dict[int, str] = {}
+_ID_TEXTS: dict[int | str, str] = {}
 
 
-def id_text(value: UUID) -> str:
-    """An aggregate id as text. ``str`` of a UUID costs ten times a look-up keyed by its
-    integer (an ``lru_cache`` keyed by the UUID itself runs its Python ``__hash__`` and
-    ``__eq__``)."""
-    key = value.int
+def id_text(value: UUID | str) -> str:
+    """An aggregate id as text (``str`` of its UUID), from a ``UUID`` or from the text a
+    log's notes carry (``archive.eventlog.LogNote``: on SQLite 32 hex digits). ``str`` of
+    a UUID costs ten times a look-up keyed by its integer (an ``lru_cache`` keyed by the
+    UUID itself runs its Python ``__hash__`` and ``__eq__``)."""
+    key = value if type(value) is str else value.int
     text = _ID_TEXTS.get(key)
     if text is None:
         if len(_ID_TEXTS) >= CACHED:
             _ID_TEXTS.clear()
-        text = _ID_TEXTS[key] = str(value)
+        text = _ID_TEXTS[key] = str(UUID(value) if type(value) is str else value)
     return text
 
 

@@ -1,7 +1,7 @@
 """Following the event log: one mechanism for every view, on both backends.
 
 A follower reads notifications after its generation's tracking position, in batches
-(``recorder.select_notifications(position, limit, inclusive_of_start=False)``),
+(``archive.eventlog.select_notes``: ``select_notifications`` read as plain tuples),
 applies them to the view and moves the position forward, all in one transaction of
 the views database. A crash anywhere in a batch rolls back rows and position
 together, so every event is applied exactly once and a restarted follower resumes
@@ -32,6 +32,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import ApplicationRecorder, Mapper
 
+from archive.eventlog import select_notes
 from projections import registry
 from projections.encoding import event_type
 from projections.store import Store, Tx, WriteBuffer
@@ -167,7 +168,7 @@ def decode(
 ) -> Events:
     """The next batch of the log after ``start``, decoded: (position, event) pairs. With
     ``needs``, an event whose topic it refuses is not decoded: it comes as None."""
-    notes = source.recorder.select_notifications(start, limit, stop=stop, inclusive_of_start=False)
+    notes = select_notes(source.recorder, start, limit, stop)
     decode = source.mapper.to_domain_event
     if needs is None:
         return Decoded([(note.id, decode(note)) for note in notes], notes)

@@ -475,7 +475,7 @@ class StoredRepayment:
     stored JSON (plain parsing, three values converted) instead of decoding the event:
     half of all events are repayments, and decoding is most of what they cost."""
 
-    originator_id: UUID
+    originator_id: UUID | str  # as the log's note carries it (``LogNote``)
     originator_version: int
     timestamp: datetime
     amount: Decimal

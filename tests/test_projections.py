@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from archive.application import ArchiveApp
 from archive.domain import ArchiveAggregate, CommandContext, Role
+from archive.eventlog import select_notes
 from archive.exceptions import ArchiveError
 from archive.loans import ALLOWED_TRANSITIONS, LoanStatus
 from archive.settings import Settings
@@ -298,20 +299,19 @@ def test_rebuild_serves_the_old_generation_until_the_switch(
 
 @contextlib.contextmanager
 def reads_counted(archive: ArchiveApp) -> Iterator[list[int]]:
-    """The number of notifications each read of the log in this process returned."""
+    """The number of notifications each read of the log in this process returned (the
+    followers read with ``archive.eventlog.select_notes``)."""
     reads: list[int] = []
-    select = archive.recorder.select_notifications
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        notes = select(*args, **kwargs)
-        reads.append(len(notes))
+    def counted(recorder: Any, *args: Any, **kwargs: Any) -> Any:
+        notes = select_notes(recorder, *args, **kwargs)
+        if recorder is archive.recorder:
+            reads.append(len(notes))
         return notes
 
-    archive.recorder.select_notifications = counted  # type: ignore[method-assign]
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(follower, "select_notes", counted)
         yield reads
-    finally:
-        del archive.recorder.select_notifications
 
 
 def test_views_rebuilt_together_read_the_log_once(

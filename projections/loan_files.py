@@ -9,9 +9,10 @@ as ISO text, lists and objects as JSON text.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from decimal import Decimal
 from typing import Any, ClassVar
 from uuid import UUID
@@ -26,7 +27,7 @@ from projections.encoding import (
     iso_utc,
     loads,
     opt,
-    parse_json,
+    stored_time,
 )
 from projections.store import Row, Store, Tx
 from projections.view import (
@@ -472,38 +473,46 @@ def _collection_action(rows: Rows, position: int, e: Any) -> None:
 @dataclass(slots=True)
 class StoredRepayment:
     """What a loan row needs of a ``LoanFile.RepaymentRecorded``, read from the log's
-    stored JSON (plain parsing, three values converted) instead of decoding the event:
-    half of all events are repayments, and decoding is most of what they cost."""
+    stored JSON instead of decoding the event: half of all events are repayments, and
+    decoding is most of what they cost."""
 
     originator_id: UUID | str  # as the log's note carries it (``LogNote``)
     originator_version: int
-    timestamp: datetime
+    #: the event's time as ``iso_utc`` writes it (a time is only ever written here)
+    occurred_at: str
     amount: Decimal
     paid_on: date
     #: the event type this stands for (routes it as one: see ``_route``)
     event_type: ClassVar[str] = "LoanFile.RepaymentRecorded"
 
 
+#: a repayment's stored state as the archive's transcoder writes it: the time first, the
+#: amount and the day last. A JSON string cannot hold ``,"`` unescaped, so the end that
+#: matches is the object's own fields, whatever the reason text says.
+_STORED_REPAYMENT = re.compile(
+    rb'\{"timestamp":\{"_type_":"datetime_iso","_data_":"([0-9T:.+-]+)"\},'
+    rb'.*,"amount":\{"_type_":"decimal_str","_data_":"(-?[0-9.]+)"\},'
+    rb'"paid_on":\{"_type_":"date_iso","_data_":"([0-9-]+)"\}\}',
+    re.DOTALL,
+)
+
+
 def _stored_repayment(note: Any) -> Any:
     """A repayment the follower left undecoded (see ``needs``), read from its stored
-    form; one not stored as expected is decoded whole."""
-    data = parse_json(note.state.decode())
-    moment, amount, paid_on = data.get("timestamp"), data.get("amount"), data.get("paid_on")
-    if (
-        isinstance(moment, dict)
-        and moment.get("_type_") == "datetime_iso"
-        and isinstance(amount, dict)
-        and amount.get("_type_") == "decimal_str"
-        and isinstance(paid_on, dict)
-        and paid_on.get("_type_") == "date_iso"
-    ):
-        return StoredRepayment(
-            note.originator_id,
-            note.originator_version,
-            datetime.fromisoformat(moment["_data_"]),
-            Decimal(amount["_data_"]),
-            date.fromisoformat(paid_on["_data_"]),
-        )
+    form: three values matched in place (a quarter of parsing the JSON); one stored
+    otherwise is decoded whole."""
+    found = _STORED_REPAYMENT.fullmatch(note.state)
+    if found is not None:
+        try:
+            return StoredRepayment(
+                note.originator_id,
+                note.originator_version,
+                stored_time(found[1].decode()),
+                Decimal(found[2].decode()),
+                date.fromisoformat(found[3].decode()),
+            )
+        except ValueError:
+            pass  # not what the archive writes: decoded below, which says what is wrong
     return archive_mapper().to_domain_event(note)
 
 
@@ -524,7 +533,7 @@ def _repayment(rows: Rows, position: int, e: Any) -> None:
     row["outstanding"] = _outstanding(row, repaid, Decimal(row["recovered"]))
     row["repaid"] = str(repaid)
     row["version"] = e.originator_version
-    row["updated_at"] = iso_utc(e.timestamp)
+    row["updated_at"] = e.occurred_at if type(e) is StoredRepayment else iso_utc(e.timestamp)
     row["position"] = position
     rows.changed(LOANS, key)
 

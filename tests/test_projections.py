@@ -16,7 +16,8 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import timedelta
+from datetime import date, timedelta
+from decimal import Decimal
 from functools import partial
 from typing import Any, ClassVar
 
@@ -35,7 +36,7 @@ from archive.loans import ALLOWED_TRANSITIONS, LoanStatus
 from archive.settings import Settings
 from projections import audit_trail, follower, loan_files
 from projections.audit_trail import AuditTrailView, human_size
-from projections.encoding import iso_utc
+from projections.encoding import id_text, iso_utc
 from projections.follower import Follower, Reopen, rebuild, rebuild_views, status, wait_for
 from projections.loan_files import LoanFilesView
 from projections.runner import Projections
@@ -958,15 +959,25 @@ def test_loan_files_read_a_repayment_from_its_stored_form_as_the_event_says(
         event = archive.mapper.to_domain_event(note)
         read = loan_files._stored_repayment(note)
         assert isinstance(read, loan_files.StoredRepayment)
-        assert (read.originator_id, read.originator_version, read.timestamp) == (
-            event.originator_id,
+        assert (id_text(read.originator_id), read.originator_version, read.occurred_at) == (
+            id_text(event.originator_id),
             event.originator_version,
-            event.timestamp,
+            iso_utc(event.timestamp),
         )
         assert (read.amount, read.paid_on) == (event.amount, event.paid_on)
         other = archive.mapper.transcoder.encode({**vars(event), "amount": str(event.amount)})
         decoded = loan_files._stored_repayment(replace(note, state=other))
         assert type(decoded) is type(event) and decoded.amount == str(event.amount)
+    # A reason that quotes another repayment's fields does not change what is read.
+    quoted = ',"amount":{"_type_":"decimal_str","_data_":"9.99"},"paid_on":{"_type_":"date_iso"'
+    change(
+        archive, replace(officer, reason=quoted), "CR-1", "record_repayment", "400.04", "2024-09-01"
+    )
+    note = archive.recorder.select_notifications(0, 100, inclusive_of_start=False)[-1]
+    assert quoted.encode() not in note.state  # stored escaped
+    read = loan_files._stored_repayment(note)
+    assert isinstance(read, loan_files.StoredRepayment)
+    assert (read.amount, read.paid_on) == (Decimal("400.04"), date(2024, 9, 1))
 
 
 def test_audit_summaries_and_diffs_do_not_depend_on_how_rows_are_read(

@@ -252,7 +252,7 @@ def _use_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
 #: the page size of a new views file. Views rows are large (an audit row holds its
 #: event's fields; a loan row its lists): 200,000 audit rows inserted 15 % faster,
 #: checkpointed 40 % faster and indexed 25 % faster than with SQLite's default 4 KiB.
-PAGE_SIZE = int(__import__("os").environ.get("PS", "16384"))
+PAGE_SIZE = 16_384
 #: write transactions of a bulk load between two checkpoints (a rebuild's batches of
 #: 10,000 events write about 10-20 MB each)
 BULK_CHECKPOINT_EVERY = 5

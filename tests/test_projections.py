@@ -20,6 +20,7 @@ from datetime import date, timedelta
 from decimal import Decimal
 from functools import partial
 from typing import Any, ClassVar
+from uuid import UUID
 
 import psycopg
 import pytest
@@ -296,6 +297,41 @@ def test_rebuild_serves_the_old_generation_until_the_switch(
             r["generation"] for r in tx.execute("SELECT generation FROM projection_generations")
         ]
     assert sorted(gens) == [2, 3]
+
+
+def test_the_log_read_as_notes_is_what_select_notifications_returns(
+    archive: ArchiveApp, officer: CommandContext
+) -> None:
+    """``select_notes`` (how followers read) returns what the library's reading does,
+    position, aggregate, version, topic and stored bytes, for every window."""
+    scripted_history(archive, officer)
+    head = archive.head_position()
+    recorder = archive.recorder
+    for start, limit, stop in [
+        (0, 1000, None),
+        (0, 3, None),
+        (2, 4, None),
+        (1, 100, 5),
+        (head, 10, None),
+    ]:
+        library = recorder.select_notifications(start, limit, stop=stop, inclusive_of_start=False)
+        notes = select_notes(recorder, start, limit, stop)
+        assert [
+            (n.id, id_text(n.originator_id), n.originator_version, n.topic, bytes(n.state))
+            for n in notes
+        ] == [
+            (n.id, id_text(n.originator_id), n.originator_version, n.topic, n.state)
+            for n in library
+        ]
+        assert all(type(n.state) is bytes for n in notes)
+    assert len(select_notes(recorder, 0, 1000)) == head > 5
+    # The mapper decodes a note as it decodes the library's notification.
+    first = select_notes(recorder, 0, 1)[0]
+    event = archive.mapper.to_domain_event(first)
+    assert event == archive.mapper.to_domain_event(
+        recorder.select_notifications(0, 1, inclusive_of_start=False)[0]
+    )
+    assert isinstance(event.originator_id, UUID)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ import csv
 import functools
 import io
 import json
+import re
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, ClassVar, NamedTuple
@@ -635,6 +636,16 @@ def _kind(topic: str, names: Sequence[str]) -> Kind:
 #: own fields after those of ``ArchiveAggregate.Event``, whose last is the hash
 _HASH = b',"event_hash":"'
 _HASH_END = len(_HASH) + 64  # the hash's closing quote
+#: the metadata as the archive's transcoder writes it when no value needs escaping (a
+#: backslash or quote in a value fails the match): matched in place, a third of what
+#: parsing it costs. Anything else is parsed as JSON, as before.
+_PLAIN_META = re.compile(
+    rb'\{"timestamp":\{"_type_":"datetime_iso","_data_":"([^"\\]*)"\},'
+    rb'(?:"originator_topic":"[^"\\]*",)?'
+    rb'"actor_id":"([^"\\]*)","actor_role":"([^"\\]*)",'
+    rb'"reason":(?:null|"([^"\\]*)"),"correlation_id":"([^"\\]*)",'
+    rb'"prev_hash":"[0-9a-f]{64}","event_hash":"([0-9a-f]{64})"'
+)
 
 
 class Stored:
@@ -652,17 +663,30 @@ class Stored:
         self.aggregate_id = id_text(note.originator_id)
         self._own: dict[str, Any] | None = None
         state: bytes = note.state
-        start = state.find(_HASH)
-        end = start + _HASH_END
-        rest = state[end + 1 :]
-        meta: dict[str, Any] = {}
-        if (
-            start > 0
-            and state[end : end + 1] == b'"'
-            and b'"' not in state[start + len(_HASH) : end]
-            and (rest == b"}" or rest[:1] == b",")
-        ):
-            meta = parse_json((state[: end + 1] + b"}").decode())
+        found = _PLAIN_META.match(state)
+        if found is not None and state[found.end() : found.end() + 1] in (b"}", b","):
+            moment, actor, role, reason, correlation, digest = found.groups()
+            rest = state[found.end() :]
+            meta: dict[str, Any] = {
+                "timestamp": moment.decode(),
+                "actor_id": actor.decode(),
+                "actor_role": role.decode(),
+                "reason": None if reason is None else reason.decode(),
+                "correlation_id": correlation.decode(),
+                "event_hash": digest.decode(),
+            }
+        else:
+            start = state.find(_HASH)
+            end = start + _HASH_END
+            rest = state[end + 1 :]
+            meta = {}
+            if (
+                start > 0
+                and state[end : end + 1] == b'"'
+                and b'"' not in state[start + len(_HASH) : end]
+                and (rest == b"}" or rest[:1] == b",")
+            ):
+                meta = parse_json((state[: end + 1] + b"}").decode())
         if "timestamp" in meta and meta.keys() <= _STORED_META:
             self.meta = meta
             self.fields = "{}" if rest == b"}" else "{" + rest[1:].decode()

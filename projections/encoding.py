@@ -54,7 +54,13 @@ def id_text(value: UUID | str) -> str:
     if text is None:
         if len(_ID_TEXTS) >= CACHED:
             _ID_TEXTS.clear()
-        text = _ID_TEXTS[key] = str(UUID(value) if type(value) is str else value)
+        if type(value) is not str:
+            text = str(value)
+        elif len(value) == 32 and value.islower():  # UUID.hex, as SQLite's log stores ids
+            text = f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"
+        else:
+            text = str(UUID(value))
+        _ID_TEXTS[key] = text
     return text
 
 

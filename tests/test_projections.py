@@ -945,10 +945,20 @@ def test_audit_rows_are_made_from_each_event_as_stored(
 ) -> None:
     """A row holds the stored state's own fields, sliced from the log's text, and its
     metadata parsed from the text before them: both agree with the decoded event. A state
-    laid out otherwise (own fields first) is decoded whole, to the same row."""
+    laid out otherwise (own fields first) is decoded whole, to the same row. Reasons with
+    accents, quotes, backslashes or text that looks like the metadata read the same."""
     scripted_history(archive, officer)
+    hashes = '","prev_hash":"' + "0" * 64 + '","event_hash":"' + "1" * 64
+    for n, reason in enumerate(
+        ("tasación revisada", 'dijo "no" \\ fin', f"x{hashes}", "línea\nsegunda", "")
+    ):
+        why = replace(officer, reason=reason or None)
+        change(archive, why, "CR-1", "record_repayment", f"1.0{n}", f"2024-06-0{n + 2}")
     notes = archive.recorder.select_notifications(0, 1000, inclusive_of_start=False)
     assert notes
+    assert sum(b"tasaci" in n.state for n in notes) == 1
+    matched = [audit_trail._PLAIN_META.match(n.state) is not None for n in notes]
+    assert any(matched) and not all(matched)  # both ways of reading the metadata are met
     transcoder = archive.mapper.transcoder
     for note in notes:
         event = archive.mapper.to_domain_event(note)

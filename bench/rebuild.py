@@ -21,7 +21,7 @@ Then, on that store:
     rebuild`` and a start with stale views do. It is the operator's rebuild: new
     generations; from 100,000 events one process per core (``follower.PARALLEL_FROM``),
     the views shared out among them by cost, each process reading the log once for its
-    views (--processes N to choose); batches of 10,000 events (``follower.REBUILD_BATCH``)
+    views (--processes N to choose); batches of 25,000 events (``follower.REBUILD_BATCH``)
     read by a reader thread a batch ahead and decoded only for the views that need them,
     one transaction per batch with position tracking, indexes built after the load, and
     the switches. With --per-view each view is also rebuilt alone (``Projections.rebuild``),
@@ -87,7 +87,7 @@ from projections.runner import Projections  # noqa: E402
 TARGET_RATIO = 0.5
 TARGET_SECONDS_PER_MILLION = 120.0  # SQLite: 1M events rebuilt (all views) in under 2 minutes
 DEFAULT_EVENTS = {"sqlite": 200_000, "postgres": 50_000}
-BATCH = 1000  # (b)'s read size, as the issue states it (the rebuild reads 10,000 at a time)
+BATCH = 1000  # (b)'s read size, as the issue states it (the rebuild reads 25,000 at a time)
 WINDOW = 1000  # loan files in progress at once
 SAVE_EVENTS = 5000  # events per archive.save
 CENT = Decimal("0.01")

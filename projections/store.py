@@ -254,7 +254,7 @@ def _use_wal(conn: sqlite3.Connection, timeout: float = 30.0) -> None:
 #: checkpointed 40 % faster and indexed 25 % faster than with SQLite's default 4 KiB.
 PAGE_SIZE = 16_384
 #: write transactions of a bulk load between two checkpoints (a rebuild's batches of
-#: 10,000 events write about 10-20 MB each)
+#: 25,000 events write about 25-50 MB each)
 BULK_CHECKPOINT_EVERY = 5
 #: SQLite's page cache during a bulk load, negative as in ``PRAGMA cache_size``: 64 MiB
 BULK_CACHE_KIB = -65_536

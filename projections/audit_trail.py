@@ -22,9 +22,7 @@ it).
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -39,9 +37,11 @@ from archive.domain import ArchiveAggregate
 from projections import registry
 from projections.encoding import (
     archive_mapper,
+    csv_lines,
     dumps,
     event_type,
     id_text,
+    inert,
     iso_utc,
     parse_json,
     plain,
@@ -1053,36 +1053,16 @@ def export_jsonl(store: Store, **filters: Any) -> Iterator[str]:
 
 def export_csv(store: Store, **filters: Any) -> Iterator[str]:
     """CSV with a header line; the diff column holds the diff as JSON text."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-
-    def line(values: list[Any]) -> str:
-        writer.writerow(values)
-        text = buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-        return text
-
-    yield line(list(COLUMNS))
-    for row in rows(store, **filters):
-        yield line(
+    return csv_lines(
+        COLUMNS,
+        (
             [
                 dumps(row[c]) if c == "diff" else "" if row[c] is None else inert(row[c])
                 for c in COLUMNS
             ]
-        )
-
-
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def inert(value: Any) -> Any:
-    """A text cell a spreadsheet would run as a formula (a reason typed as
-    ``=HYPERLINK(...)``) gets a leading apostrophe, OWASP's advice for CSV exports; the
-    JSON Lines export keeps the exact text."""
-    if isinstance(value, str) and value.startswith(FORMULA_START):
-        return "'" + value
-    return value
+            for row in rows(store, **filters)
+        ),
+    )
 
 
 def rows_for_loan(store: Store, loan_number: str) -> Iterator[dict[str, Any]]:

@@ -6,9 +6,12 @@ Money stays a decimal string (never a float), times are ISO 8601 UTC with a fixe
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
+import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from enum import Enum
@@ -151,3 +154,30 @@ def stored_time(value: Any) -> str:
     if len(text) == 32 and text.endswith("+00:00"):
         return text[:-6] + "Z"
     return iso_utc(datetime.fromisoformat(text))
+
+
+# -- CSV exports ---------------------------------------------------------------------------
+
+#: what a spreadsheet takes for the start of a formula
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def inert(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (a reason typed as
+    ``=HYPERLINK(...)``) gets a leading apostrophe, OWASP's advice for CSV exports; the
+    JSON exports keep the exact text."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
+
+
+def csv_lines(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> Iterator[str]:
+    """CSV text (RFC 4180: CRLF line ends), a line at a time so a long export streams:
+    the header, then each row's cells as given (see ``inert``)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    for values in itertools.chain([header], rows):
+        writer.writerow(values)
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()

@@ -28,8 +28,6 @@ Which loans are which:
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,8 +40,7 @@ from archive.exceptions import DomainError
 from archive.loans import Classification, LoanStatus, Product, RecoveryCategory
 from archive.valuations import add_months
 from projections import registry
-from projections.audit_trail import inert
-from projections.encoding import loads
+from projections.encoding import csv_lines, inert, loads
 from projections.loan_files import COLLATERAL, LOANS, VALUATIONS, LoanFilesView
 from projections.store import Row, Store, Tx
 from projections.view import Tables
@@ -1004,14 +1001,10 @@ def csv_cell(value: Any) -> Any:
 
 def report_csv(report: dict[str, Any]) -> str:
     """A portfolio report as CSV text: a header line of the layout's columns, then its
-    rows, written as the audit trail export writes them (``csv.writer``, CRLF)."""
+    rows, written as the audit trail export writes them (``encoding.csv_lines``)."""
     name = report["report"]
     if name not in CSV_LAYOUTS:
         raise ReportError(f"the {name} report has no CSV form")
     columns, rows = CSV_LAYOUTS[name]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(columns)
-    for row in rows(report):
-        writer.writerow([csv_cell(row.get(column)) for column in columns])
-    return buffer.getvalue()
+    cells = ([csv_cell(row.get(column)) for column in columns] for row in rows(report))
+    return "".join(csv_lines(columns, cells))

@@ -42,6 +42,7 @@ from archive.documents import (
 )
 from archive.domain import ArchiveAggregate, CommandContext, Role, choice
 from archive.eventlog import (
+    creating_tables,
     protect_events_table,
     select_with_positions,
     snapshot_events,
@@ -238,8 +239,9 @@ class ArchiveApp(Application[UUID]):
         self.settings = settings
         # Replay is paid once per aggregate and process, not per command (see _load).
         self.cache = AggregateCache(AGGREGATE_CACHE_SIZE)
-        super().__init__(env=settings.eventsourcing_env())
-        protect_events_table(self.recorder)
+        with creating_tables(settings.database_url if settings.backend == "postgres" else None):
+            super().__init__(env=settings.eventsourcing_env())
+            protect_events_table(self.recorder)
 
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:
         """The library's ``save``, minus its runtime Protocol checks for our own aggregates.

@@ -10,11 +10,12 @@ PostgreSQL, an insert that cannot hang (``PostgresEventsRecorder``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NamedTuple
 from uuid import UUID
 
+import psycopg
 from eventsourcing.persistence import (
     AggregateRecorder,
     ApplicationRecorder,
@@ -59,6 +60,29 @@ class PostgresEventsRecorder(PostgresApplicationRecorder):
             self._insert_events(curs, stored_events, **kwargs)
             self._insert_stored_events(curs, stored_events, **kwargs)  # lock, notify, insert
             return self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+
+
+#: the advisory lock processes take in turn to create the tables (see ``creating_tables``)
+CREATING_TABLES_LOCK = 7283911
+
+
+@contextmanager
+def creating_tables(database_url: str | None) -> Iterator[None]:
+    """Held while a process creates the event tables (the library's, then
+    ``protect_events_table``'s). On PostgreSQL the library creates them with, among
+    others, CREATE OR REPLACE FUNCTION, which PostgreSQL refuses to run twice at once
+    ("tuple concurrently updated"): workers, the API and a rebuild's processes start
+    together, so they take turns on a session advisory lock, held on a connection of its
+    own. SQLite's write lock already makes them take turns."""
+    if database_url is None:
+        yield
+        return
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (CREATING_TABLES_LOCK,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (CREATING_TABLES_LOCK,))
 
 
 def protect_events_table(recorder: ApplicationRecorder) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from collections import Counter
@@ -322,3 +323,26 @@ def test_starting_does_not_lock_out_the_log(postgres_url: str, tmp_path: Path) -
         for app in started:
             app.close()
         first.close()
+
+
+def test_processes_starting_together_create_the_tables_once(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Workers, the API and a rebuild's processes open the archive at the same moment.
+    Creating the tables (the library's CREATE OR REPLACE FUNCTION among them) at once
+    made PostgreSQL refuse one of them ("tuple concurrently updated"): they take turns."""
+    settings = Settings(data_dir=tmp_path, database_url=postgres_url, demo_data=False)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(6) as pool:
+        for round_ in range(3):
+            results = [pool.apply_async(_open_and_close, (settings,)) for _ in range(6)]
+            assert [r.get(timeout=60) for r in results] == [0] * 6, round_
+    assert _open_and_close(settings) == 0
+
+
+def _open_and_close(settings: Settings) -> int:
+    app = ArchiveApp(settings)
+    try:
+        return app.head_position()
+    finally:
+        app.close()

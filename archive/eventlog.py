@@ -179,8 +179,11 @@ def select_notes(
     """The notifications after position ``start`` (up to ``stop``, at most ``limit``),
     as ``select_notifications(start, limit, stop, inclusive_of_start=False)`` returns
     them, read as plain tuples: that is a third of its cost (1.4 µs a row on SQLite
-    against 4.2, which went on the driver's row objects and a ``UUID`` per row). A
-    projection rebuild reads the whole log once per process, so this is its floor."""
+    against 4.2, which went on the driver's row objects and a ``UUID`` per row). On
+    PostgreSQL the rows come in binary (the stored state as its bytes, not as hex
+    text): 200,000 rows read in 0.85 s instead of 1.2-1.5, with 0.36 s of the server's
+    CPU instead of 0.54-0.77. A projection rebuild reads the whole log once per
+    process, so this is its floor."""
     if isinstance(recorder, SQLiteApplicationRecorder):
         statement: Any = (
             f"SELECT rowid, originator_id, originator_version, topic, state "
@@ -207,8 +210,12 @@ def select_notes(
         ]
     params = (start, limit) if stop is None else (start, stop, limit)
     with reading(recorder) as c:
-        c.row_factory = None if isinstance(recorder, SQLiteApplicationRecorder) else tuple_row
-        c.execute(statement, params)
+        if isinstance(recorder, SQLiteApplicationRecorder):
+            c.row_factory = None
+            c.execute(statement, params)
+        else:
+            c.row_factory = tuple_row
+            c.execute(statement, params, binary=True)
         return list(map(LogNote._make, c.fetchall()))
 
 

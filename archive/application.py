@@ -235,12 +235,18 @@ class ArchiveApp(Application[UUID]):
         cls: replay for cls in snapshotting_intervals
     }
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, create_tables: bool = True) -> None:
+        """``create_tables=False`` opens a log another process has set up (a rebuild's
+        child processes): no DDL, and no turn to wait for (``creating_tables``)."""
         self.settings = settings
         # Replay is paid once per aggregate and process, not per command (see _load).
         self.cache = AggregateCache(AGGREGATE_CACHE_SIZE)
+        env = settings.eventsourcing_env()
+        if not create_tables:
+            super().__init__(env={**env, "CREATE_TABLE": "no"})
+            return
         with creating_tables(settings.database_url if settings.backend == "postgres" else None):
-            super().__init__(env=settings.eventsourcing_env())
+            super().__init__(env=env)
             protect_events_table(self.recorder)
 
     def save(self, *objs: Any, **kwargs: Any) -> list[Recording[UUID]]:

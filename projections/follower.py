@@ -574,8 +574,8 @@ def _load_in_processes(
                         if g.generation == generation
                     ]
                 progress(min(positions, default=0), head_position(source.recorder))
-        pool.close()
-        pool.join()
+        # Leaving the block terminates the workers: their loads are committed and their
+        # connections closed, and letting them free their caches on exit took 0.1 s.
 
 
 def rebuild_views(

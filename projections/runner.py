@@ -64,9 +64,12 @@ class Projections:
     @classmethod
     def open(cls, settings: Settings, source: EventSource, **kwargs: Any) -> Projections:
         """The views database of these settings, with the default views. A rebuild may
-        load them in child processes, which open the log as ``type(source)(settings)``
-        (an ``ArchiveApp``) and the views as this does."""
-        reopen = Reopen(partial(type(source), settings), partial(open_store, settings))
+        load them in child processes, which open the log as ``type(source)(settings,
+        create_tables=False)`` (an ``ArchiveApp``: this process made the tables) and the
+        views as this does."""
+        reopen = Reopen(
+            partial(type(source), settings, create_tables=False), partial(open_store, settings)
+        )
         return cls(source, open_store(settings), owns_store=True, reopen=reopen, **kwargs)
 
     def _rebuild_stale(self, stale: Sequence[str], done: threading.Event) -> None:

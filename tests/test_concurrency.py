@@ -346,3 +346,26 @@ def _open_and_close(settings: Settings) -> int:
         return app.head_position()
     finally:
         app.close()
+
+
+def test_a_rebuilds_child_opens_the_log_without_making_tables(
+    settings: Settings, officer: CommandContext
+) -> None:
+    """``create_tables=False`` (a rebuild's child processes) runs no DDL: on a database
+    nobody set up there is no log to read, and on one set up it reads the same log."""
+    with pytest.raises(Exception, match=r"(?i)no such table|does not exist"):
+        bare = ArchiveApp(settings, create_tables=False)
+        try:
+            bare.head_position()
+        finally:
+            bare.close()
+    made = ArchiveApp(settings)
+    try:
+        open_loan(made, officer)
+        opened = ArchiveApp(settings, create_tables=False)
+        try:
+            assert opened.head_position() == made.head_position() > 0
+        finally:
+            opened.close()
+    finally:
+        made.close()

@@ -22,7 +22,8 @@ Then, on that store:
     generations; from 100,000 events one process per core (``follower.PARALLEL_FROM``),
     the views shared out among them by cost, each process reading the log once for its
     views (--processes N to choose); batches of 25,000 events (``follower.REBUILD_BATCH``)
-    read by a reader thread a batch ahead and decoded only for the views that need them,
+    read as plain tuples (on PostgreSQL by a reader thread, a batch ahead) and decoded
+    only for the views that need them,
     one transaction per batch with position tracking, indexes built after the load, and
     the switches. With --per-view each view is also rebuilt alone (``Projections.rebuild``),
     for its own ratio. The workload has no OCR events (``Document.TextExtracted``), so

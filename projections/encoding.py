@@ -49,9 +49,10 @@ _ID_TEXTS: dict[int | str, str] = {}
 
 def id_text(value: UUID | str) -> str:
     """An aggregate id as text (``str`` of its UUID), from a ``UUID`` or from the text a
-    log's notes carry (``archive.eventlog.LogNote``: on SQLite 32 hex digits). ``str`` of
-    a UUID costs ten times a look-up keyed by its integer (an ``lru_cache`` keyed by the
-    UUID itself runs its Python ``__hash__`` and ``__eq__``)."""
+    log's notes carry (``archive.eventlog.LogNote``: on SQLite 32 hex digits, on
+    PostgreSQL the canonical form). ``str`` of a UUID costs ten times a look-up keyed by
+    its integer (an ``lru_cache`` keyed by the UUID itself runs its Python ``__hash__``
+    and ``__eq__``)."""
     key = value if type(value) is str else value.int
     text = _ID_TEXTS.get(key)
     if text is None:
@@ -61,6 +62,8 @@ def id_text(value: UUID | str) -> str:
             text = str(value)
         elif len(value) == 32 and value.islower():  # UUID.hex, as SQLite's log stores ids
             text = f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"
+        elif len(value) == 36 and value.islower() and value[8] == "-":  # PostgreSQL's text
+            text = value
         else:
             text = str(UUID(value))
         _ID_TEXTS[key] = text

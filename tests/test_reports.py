@@ -935,8 +935,8 @@ ROLES = {
 }
 
 
-def test_reports_over_http(portfolio: Portfolio) -> None:
-    p = portfolio
+def reports_client(p: Portfolio) -> tuple[TestClient, dict[str, str]]:
+    """The reports router over the portfolio's archive and views, and a token per role."""
     tokens = {
         role: p.archive.add_user(operator_context(), name, role) for role, name in ROLES.items()
     }
@@ -946,7 +946,12 @@ def test_reports_over_http(portfolio: Portfolio) -> None:
     app.state.projections = p.projections
     problems.install(app)
     app.include_router(reports_api.router)
-    client = TestClient(app, raise_server_exceptions=False)
+    return TestClient(app, raise_server_exceptions=False), tokens
+
+
+def test_reports_over_http(portfolio: Portfolio) -> None:
+    p = portfolio
+    client, tokens = reports_client(p)
 
     def get(path: str, role: str = "auditor", **params: Any) -> Any:
         return client.get(
@@ -1021,7 +1026,7 @@ def test_reports_over_http(portfolio: Portfolio) -> None:
     assert p.archive.get_loan("CR-1").chain_head in "".join(text.split())
 
     # Without the views running the reports say so.
-    del app.state.projections
+    del client.app.state.projections  # type: ignore[attr-defined]
     assert get("/npl-gaps").status_code == 503
 
 
@@ -1032,16 +1037,7 @@ def test_reports_as_csv_over_http(portfolio: Portfolio) -> None:
     """``format=csv`` on every portfolio route, as the audit trail export offers it: the
     same report's rows, a CSV attachment named after the report and its date."""
     p = portfolio
-    tokens = {
-        role: p.archive.add_user(operator_context(), name, role) for role, name in ROLES.items()
-    }
-    p.projections.catch_up()
-    app = FastAPI()
-    app.state.archive = p.archive
-    app.state.projections = p.projections
-    problems.install(app)
-    app.include_router(reports_api.router)
-    client = TestClient(app, raise_server_exceptions=False)
+    client, tokens = reports_client(p)
 
     def get(path: str, role: str | None = "auditor", **params: Any) -> Any:
         headers = {} if role is None else {"Authorization": f"Bearer {tokens[role]}"}

@@ -183,8 +183,8 @@ def select_notes(
     against 4.2, which went on the driver's row objects and a ``UUID`` per row). On
     PostgreSQL the rows come in binary (the stored state as its bytes, not as hex
     text), the id as text: 200,000 rows read in 0.42-0.46 s instead of 1.2-1.5, with
-    0.36 s of the server's CPU instead of 0.54-0.77. A projection rebuild reads the whole log once per
-    process, so this is its floor."""
+    0.36 s of the server's CPU instead of 0.54-0.77. A projection rebuild reads the
+    whole log once per process, so this is its floor."""
     if isinstance(recorder, SQLiteApplicationRecorder):
         statement: Any = (
             f"SELECT rowid, originator_id, originator_version, topic, state "

@@ -483,10 +483,10 @@ def load_views(
     writing: AbstractContextManager[Any] | None = None,
 ) -> None:
     """Replay the whole log into the given (new, building) generations, in one pass,
-    then build their secondary indexes. Each batch is read once (on PostgreSQL by a
-    reader thread, a batch ahead: see ``read_ahead``) for all the views, and its events decoded if one of
-    them needs it (``View.needs``). The generations have
-    no other writer until their switch, so each view keeps a cache across batches
+    then build their secondary indexes. Each batch is read once for all the views (on
+    PostgreSQL by a reader thread, a batch ahead: see ``read_ahead``), and its events
+    decoded if one of them needs it (``View.needs``). The generations have no other
+    writer until their switch, so each view keeps a cache across batches
     (``View.apply_batch``). ``progress(position, head)`` is called after each batch;
     ``writing`` is held around each write transaction."""
     writing = writing if writing is not None else nullcontext()

@@ -202,13 +202,8 @@ def select_notes(
             schema=Identifier(recorder.datastore.schema),
             table=Identifier(recorder.events_table_name),
         )
-    else:  # another recorder: the library's reading, as notes
-        return [
-            LogNote(n.id, n.originator_id, n.originator_version, n.topic, n.state)
-            for n in recorder.select_notifications(
-                start, limit, stop=stop, inclusive_of_start=False
-            )
-        ]
+    else:  # pragma: no cover
+        raise TypeError(f"unsupported recorder {type(recorder).__name__}")
     params = (start, limit) if stop is None else (start, stop, limit)
     with reading(recorder) as c:
         if isinstance(recorder, SQLiteApplicationRecorder):

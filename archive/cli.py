@@ -756,7 +756,9 @@ def projections_rebuild(
             def advance(position: int, head: int) -> None:
                 progress.update(task, completed=position, total=head)
 
-            generations = views.rebuild_views(names, progress=advance, processes=processes)
+            generations = views.rebuild_views(
+                names, progress=advance, processes=processes, join=True
+            )
         for view, generation in generations.items():
             typer.echo(f"{view}: generation {generation} is active")
 

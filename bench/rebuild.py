@@ -18,10 +18,11 @@ bench/append.py measures those.
 Then, on that store:
 (a) ``Projections.rebuild_views()``: every view that ``Projections`` runs (loan_files,
     audit_trail and search at the time of writing), rebuilt as ``loan-archive projections
-    rebuild`` and a start with stale views do. It is the operator's rebuild: new
-    generations; from 100,000 events one process per core (``follower.PARALLEL_FROM``),
-    the views shared out among them by cost, each process reading the log once for its
-    views (--processes N to choose); batches of 25,000 events (``follower.REBUILD_BATCH``)
+    rebuild`` does. It is the operator's rebuild: new generations; from 100,000 events
+    one process per core (``follower.PARALLEL_FROM``), the views shared out among them
+    by cost, each process reading the log once for its views (--processes N to choose),
+    this process loading the costliest share itself (--server: as a start with stale
+    views does, every share in a child process, one more process to start); batches of 25,000 events (``follower.REBUILD_BATCH``)
     read as plain tuples (on PostgreSQL by a reader thread, a batch ahead) and decoded
     only for the views that need them,
     one transaction per batch with position tracking, indexes built after the load, and
@@ -518,13 +519,18 @@ ALL = "all views"
 
 
 def rebuild_pass(
-    projections: Projections, what: str, head: int, processes: int | None = None
+    projections: Projections,
+    what: str,
+    head: int,
+    processes: int | None = None,
+    join: bool = True,
 ) -> Pass:
     """One rebuild: of every view (``ALL``; in ``processes``, by default as the operator's
-    rebuild chooses), or of one view alone."""
+    rebuild chooses, this process loading a share too unless ``join`` is False), or of
+    one view alone."""
     cpu0, children0, t0 = cpu_seconds(), cpu_seconds(children=True), time.perf_counter()
     if what == ALL:
-        projections.rebuild_views(progress=progress_printer(what), processes=processes)
+        projections.rebuild_views(progress=progress_printer(what), processes=processes, join=join)
     else:
         projections.rebuild(what, progress=progress_printer(what))
     seconds = time.perf_counter() - t0
@@ -752,6 +758,7 @@ def measure(
     per_view: bool,
     profile: bool,
     processes: int | None = None,
+    join: bool = True,
 ) -> Result:
     archive = ArchiveApp(settings)
     try:
@@ -772,7 +779,7 @@ def measure(
                 p = (
                     raw_pass(archive)
                     if what == "raw"
-                    else rebuild_pass(projections, what, head, processes)
+                    else rebuild_pass(projections, what, head, processes, join)
                 )
                 passes.append(p)
                 print(
@@ -932,6 +939,12 @@ def main(argv: list[str] | None = None) -> int:
         " one per core from 100,000 events)",
     )
     parser.add_argument(
+        "--server",
+        action="store_true",
+        help="rebuild all views as a server's start does: every share in a child process"
+        " (default: as the command line does, this process loading one share)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="then rebuild each view instrumented and under cProfile",
@@ -955,6 +968,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.per_view,
                     args.profile,
                     args.processes,
+                    not args.server,
                 )
             )
     report(results)

@@ -434,14 +434,15 @@ class Reopen:
 
 def _groups(views: Sequence[View], processes: int) -> list[list[View]]:
     """Views shared out among ``processes`` groups of about equal ``rebuild_cost``: the
-    costliest first, each to the group with the least so far."""
+    costliest view first, each to the group with the least so far. The costliest group
+    comes first (the one a joining process loads: it starts before the others)."""
     groups: list[list[View]] = [[] for _ in range(min(processes, len(views)))]
     costs = [0.0] * len(groups)
     for view in sorted(views, key=lambda v: v.rebuild_cost, reverse=True):
         least = costs.index(min(costs))
         groups[least].append(view)
         costs[least] += view.rebuild_cost
-    return groups
+    return [g for _, g in sorted(zip(costs, groups, strict=True), key=lambda cg: -cg[0])]
 
 
 def _load_batch(
@@ -460,7 +461,7 @@ def _load_batch(
     buffers = []
     for view in views:
         buffer = WriteBuffer(store)
-        view.apply_batch(buffer, view.tables(generations[view.name]), events, caches[view.name])
+        view.load_batch(buffer, view.tables(generations[view.name]), events, caches[view.name])
         buffers.append(buffer)
     with writing, store.transaction() as tx:
         for view, buffer in zip(views, buffers, strict=True):
@@ -486,9 +487,10 @@ def load_views(
     then build their secondary indexes. Each batch is read once for all the views (on
     PostgreSQL by a reader thread, a batch ahead: see ``read_ahead``), and its events
     decoded if one of them needs it (``View.needs``). The generations have no other
-    writer until their switch, so each view keeps a cache across batches
-    (``View.apply_batch``). ``progress(position, head)`` is called after each batch;
-    ``writing`` is held around each write transaction."""
+    writer and no reader until their switch, so each view keeps a cache across batches
+    and may hold rows back until the last (``View.load_batch``, ``View.finish_load``).
+    ``progress(position, head)`` is called after each batch; ``writing`` is held around
+    each write transaction."""
     writing = writing if writing is not None else nullcontext()
     with store.bulk(), fewer_collections():
         caches: dict[str, Cache] = {v.name: {} for v in views}
@@ -502,6 +504,11 @@ def load_views(
             position = events[-1][0]
             if progress is not None:
                 progress(position, head_position(source.recorder))
+        for view in views:
+            held = WriteBuffer(store)
+            view.finish_load(held, view.tables(generations[view.name]), caches[view.name])
+            with writing, store.transaction() as tx:
+                held.replay(tx)
         for view in views:
             statements = WriteBuffer(store)
             view.create_indexes(statements, generations[view.name])
@@ -542,38 +549,59 @@ def _load_in_processes(
     generations: dict[str, int],
     batch_size: int,
     progress: Callable[[int, int], None] | None,
+    join: bool,
 ) -> None:
     """Each group of views loaded by a process of its own, which reads the log itself:
     Python runs one thread at a time, so this is how a rebuild uses more than one core.
-    Started with "spawn" (a fork would copy this process's threads' locks mid-use).
+    Started with "spawn" (a fork would copy this process's threads' locks mid-use). With
+    ``join``, this process loads the first group itself while the others start.
 
     SQLite has one writer at a time, and a writer that finds the file locked sleeps in
-    steps of up to 100 ms before it tries again. The children take turns with a lock of
+    steps of up to 100 ms before it tries again. The processes take turns with a lock of
     their own instead, which hands over as soon as it is released."""
     context = multiprocessing.get_context("spawn")
-    # Leaving the block terminates the pool: on a child's error the others stop at once.
-    with context.Pool(len(groups), _share_lock, (context.Lock(),)) as pool:
+    lock = context.Lock()
+    here, elsewhere = (groups[0], groups[1:]) if join else ([], groups)
+
+    def report() -> None:
+        if progress is not None:
+            with store.read() as tx:
+                positions = [
+                    g.position
+                    for name, generation in generations.items()
+                    for g in registry.generations(tx, name)
+                    if g.generation == generation
+                ]
+            progress(min(positions, default=0), head_position(source.recorder))
+
+    # Leaving the block terminates the pool: on an error the other processes stop at once.
+    with context.Pool(len(elsewhere), _share_lock, (lock,)) as pool:
         pending = [
             pool.apply_async(
                 _load_in_child,
                 (reopen, group, {v.name: generations[v.name] for v in group}, batch_size),
             )
-            for group in groups
+            for group in elsewhere
         ]
-        while pending:
-            pending[0].wait(1.0)
+
+        def collect() -> None:
             for result in [r for r in pending if r.ready()]:
                 result.get()  # a child's error, raised here with its traceback
                 pending.remove(result)
-            if progress is not None:
-                with store.read() as tx:
-                    positions = [
-                        g.position
-                        for name, generation in generations.items()
-                        for g in registry.generations(tx, name)
-                        if g.generation == generation
-                    ]
-                progress(min(positions, default=0), head_position(source.recorder))
+
+        if here:
+
+            def loaded(position: int, head: int) -> None:
+                collect()  # a child's error stops this load too
+                report()
+
+            writing = lock if store.backend == "sqlite" else None
+            mine = {v.name: generations[v.name] for v in here}
+            load_views(here, source, store, mine, batch_size, loaded, writing)
+        while pending:
+            pending[0].wait(1.0)
+            collect()
+            report()
         # Leaving the block terminates the workers: their loads are committed and their
         # connections closed, and letting them free their caches on exit took 0.1 s.
 
@@ -588,13 +616,18 @@ def rebuild_views(
     progress: Callable[[int, int], None] | None = None,
     reopen: Reopen | None = None,
     processes: int | None = None,
+    join: bool = False,
 ) -> dict[str, int]:
     """Replay the log from position 0 into a new generation of each view, then make
     each new generation the active one. Returns the new generations by view.
 
     The load (``load_views``) runs in this thread, or, given ``reopen``, in up to
     ``processes`` processes, each loading a share of the views (``_groups``). By
-    default that is one per core once the log has ``PARALLEL_FROM`` events. A crash
+    default that is one per core once the log has ``PARALLEL_FROM`` events. With
+    ``join`` this thread loads one share itself instead of waiting for child processes
+    to load them all: one process fewer to start, which a command-line rebuild, with
+    nothing else to do, saves; a server leaves the loads to the children and keeps
+    serving. A crash
     loses at most a batch per view; the generations stay "building" and the next
     rebuild drops them.
 
@@ -615,7 +648,7 @@ def rebuild_views(
     groups = _groups(views, processes)
     if len(groups) > 1:
         assert reopen is not None
-        _load_in_processes(groups, reopen, source, store, generations, batch_size, progress)
+        _load_in_processes(groups, reopen, source, store, generations, batch_size, progress, join)
     else:
         load_views(views, source, store, generations, batch_size, progress)
     for view in views:

@@ -9,6 +9,7 @@ as ISO text, lists and objects as JSON text.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -189,6 +190,22 @@ class LoanFilesView(View):
     def apply_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
         """Read the rows the batch changes (one query per table), apply the events to
         them in memory, write each changed row once."""
+        rows = Rows(tx, tables, cache)
+        self._apply(rows, events)
+        rows.flush()
+
+    def load_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
+        """A rebuild writes each row once, when the cache lets it go or at
+        ``finish_load``, instead of once per batch that changes it: a loan's row
+        (its repayments' JSON grows with each) was rewritten in most batches."""
+        rows = Rows(tx, tables, cache, hold=True)
+        self._apply(rows, events)
+        rows.release()
+
+    def finish_load(self, tx: Tx, tables: Tables, cache: Cache) -> None:
+        Rows(tx, tables, cache, hold=True).flush()
+
+    def _apply(self, rows: Rows, events: Events) -> None:
         stored = getattr(events, "stored", None)
         if stored is not None:  # from the log: repayments were left undecoded
             events = [
@@ -197,7 +214,6 @@ class LoanFilesView(View):
                 else (position, event)
                 for (position, event), note in zip(events, stored, strict=True)
             ]
-        rows = Rows(tx, tables, cache)
         wanted: dict[str, set[str]] = {table: set() for table in KEYS}
         known = _ROUTES.setdefault(type(self), {})
         routes = [known.get(type(e)) or _route(self.handlers, known, e) for _, e in events]
@@ -209,7 +225,6 @@ class LoanFilesView(View):
         for (position, event), (handler, _) in zip(events, routes, strict=True):
             if handler is not None:
                 handler(rows, position, event)
-        rows.flush()
 
 
 # -- the rows a batch touches ----------------------------------------------------------------
@@ -257,14 +272,22 @@ class Rows:
     table for the whole batch) and written once when the batch ends, however many of
     the batch's events change it. With a cache kept across batches (a rebuild, the only
     writer of its generation), rows are read back from the database only after an
-    eviction."""
+    eviction; ``hold`` (a rebuild's ``load_batch``) keeps the changed rows unwritten in
+    the cache too, until it lets them go (``release``) or the load ends (``flush``)."""
 
-    def __init__(self, tx: Tx, tables: Tables, cache: Cache) -> None:
+    def __init__(self, tx: Tx, tables: Tables, cache: Cache, *, hold: bool = False) -> None:
         self.tx = tx
         self.t = tables
         self.rows: dict[str, dict[str, Row]] = cache.setdefault("rows", {n: {} for n in KEYS})
-        self.new: dict[str, dict[str, None]] = {n: {} for n in KEYS}  # insertion-ordered sets
-        self.dirty: dict[str, dict[str, None]] = {n: {} for n in KEYS}
+        # insertion-ordered sets of keys: rows never written, rows changed since written
+        self.new: dict[str, dict[str, None]]
+        self.dirty: dict[str, dict[str, None]]
+        if hold:
+            self.new = cache.setdefault("new", {n: {} for n in KEYS})
+            self.dirty = cache.setdefault("dirty", {n: {} for n in KEYS})
+        else:
+            self.new = {n: {} for n in KEYS}
+            self.dirty = {n: {} for n in KEYS}
 
     def load(self, table: str, keys: set[str]) -> None:
         cached = self.rows[table]
@@ -298,13 +321,38 @@ class Rows:
             self.dirty[table][key] = None
 
     def flush(self) -> None:
-        for table, key in KEYS.items():
-            rows = self.rows[table]
-            self.tx.insert_rows(self.t[table], [rows[k] for k in self.new[table]])
-            # Every changed row exists: the upsert overwrites it whole.
-            self.tx.upsert_rows(self.t[table], key, [rows[k] for k in self.dirty[table]])
+        """Write every new and changed row."""
+        for table in KEYS:
+            self._write(table, self.new[table], self.dirty[table])
         for cached in self.rows.values():
             trim(cached, CACHE_ROWS)
+
+    def release(self) -> None:
+        """Holding: write the rows the cache is about to forget (see ``trim``), forget
+        them, and keep holding the others."""
+        for table in KEYS:
+            cached = self.rows[table]
+            if len(cached) <= CACHE_ROWS:
+                continue
+            going = list(itertools.islice(cached, len(cached) // 2))
+            new, dirty = self.new[table], self.dirty[table]
+            self._write(
+                table,
+                {k: None for k in going if k in new},
+                {k: None for k in going if k in dirty},
+            )
+            for k in going:
+                del cached[k]
+                new.pop(k, None)
+                dirty.pop(k, None)
+
+    def _write(self, table: str, new: dict[str, None], dirty: dict[str, None]) -> None:
+        rows = self.rows[table]
+        self.tx.insert_rows(self.t[table], [rows[k] for k in new])
+        # Every changed row exists: the upsert overwrites it whole.
+        self.tx.upsert_rows(self.t[table], KEYS[table], [rows[k] for k in dirty])
+        new.clear()
+        dirty.clear()
 
 
 RowHandler = Callable[[Rows, int, Any], None]

@@ -170,7 +170,7 @@ class Projections:
         this process or, for a long log, in one process per core (``Reopen``), and switch
         each to it. Returns the new generations by view. Keyword
         arguments go to ``follower.rebuild_views`` (batch_size, progress, before_switch,
-        processes)."""
+        processes, join)."""
         for name in names or ():
             if name not in self.views:
                 raise KeyError(f"no view named {name}")

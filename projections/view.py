@@ -124,6 +124,18 @@ class View:
         for position, event in events:
             self.apply(tx, tables, position, event)
 
+    def load_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
+        """A rebuild's batch. Like ``apply_batch``, except that the view may hold
+        changed rows back in ``cache`` instead of writing them each batch, and write
+        them in ``finish_load``: until its switch nobody reads a generation being
+        built, and an interrupted build is dropped, never resumed, so its rows may
+        trail its position. Views that gain nothing from it need not override this."""
+        self.apply_batch(tx, tables, events, cache)
+
+    def finish_load(self, tx: Tx, tables: Tables, cache: Cache) -> None:
+        """Write the rows ``load_batch`` held back: once, after a rebuild's last batch
+        and before its indexes."""
+
     def dump(self, store: Store, generation: int | None = None) -> dict[str, list[Row]]:
         """Every row of every table (of the active generation), in a stable order: for
         comparing an incrementally maintained view with a rebuilt one."""

@@ -42,7 +42,7 @@ from projections.follower import Follower, Reopen, rebuild, rebuild_views, statu
 from projections.loan_files import LoanFilesView
 from projections.runner import Projections
 from projections.search import SearchView
-from projections.store import Store, Tx, open_store, views_path
+from projections.store import Store, Tx, WriteBuffer, open_store, views_path
 from projections.view import Cache, Events, Handlers, Tables
 
 ARCHIVIST = CommandContext("arch.ivist", Role.ARCHIVIST.value, "scan of the signed contract")
@@ -396,8 +396,9 @@ def test_views_rebuilt_together_read_the_log_once(
         views.rebuild_views(["nope"])
 
 
+@pytest.mark.parametrize("join", [False, True], ids=["children", "joined"])
 def test_views_rebuilt_in_processes_equal_the_views_followed_event_by_event(
-    settings: Settings, archive: ArchiveApp, officer: CommandContext
+    settings: Settings, archive: ArchiveApp, officer: CommandContext, join: bool
 ) -> None:
     scripted_history(archive, officer)
     for n in range(6):
@@ -406,17 +407,21 @@ def test_views_rebuilt_in_processes_equal_the_views_followed_event_by_event(
         views.catch_up()
         incremental = {name: view.dump(views.store) for name, view in views.views.items()}
         with reads_counted(archive) as reads:
-            generations = views.rebuild_views(processes=2, batch_size=4)
+            generations = views.rebuild_views(processes=2, batch_size=4, join=join)
         assert generations == {"loan_files": 2, "audit_trail": 2, "search": 2}
-        # The children read the log; this process read none of it (the switches found the
-        # new generations at the head).
-        assert reads == []
+        head = archive.head_position()
+        # The children read the log; this process read it once for its own share if it
+        # joined, else none of it (the switches found the new generations at the head).
+        assert reads == ([4] * (head // 4) + [head % 4] * bool(head % 4) + [0] if join else [])
         assert {name: view.dump(views.store) for name, view in views.views.items()} == incremental
         assert [(s.generation, s.lag, s.stale) for s in views.status()] == [(2, 0, False)] * 3
 
 
 class FailsInAChildProcess(AuditTrailView):
-    """The audit trail, except that it cannot be applied in a rebuild's child process."""
+    """The audit trail, except that it cannot be applied in a rebuild's child process
+    (and cheap: a joining parent leaves it to a child)."""
+
+    rebuild_cost = 1.0
 
     def apply_batch(self, tx: Tx, tables: Tables, events: Events, cache: Cache) -> None:
         if multiprocessing.parent_process() is not None:
@@ -424,8 +429,9 @@ class FailsInAChildProcess(AuditTrailView):
         super().apply_batch(tx, tables, events, cache)
 
 
+@pytest.mark.parametrize("join", [False, True], ids=["children", "joined"])
 def test_a_failure_in_a_child_process_fails_the_rebuild_and_loses_nothing(
-    settings: Settings, archive: ArchiveApp, officer: CommandContext
+    settings: Settings, archive: ArchiveApp, officer: CommandContext, join: bool
 ) -> None:
     scripted_history(archive, officer)
     reopen = Reopen(partial(ArchiveApp, settings), partial(open_store, settings))
@@ -439,7 +445,7 @@ def test_a_failure_in_a_child_process_fails_the_rebuild_and_loses_nothing(
         views.catch_up()
         before = {name: view.dump(views.store) for name, view in views.views.items()}
         with pytest.raises(Crash, match="disk of the views is full"):
-            views.rebuild_views(processes=2, batch_size=4)
+            views.rebuild_views(processes=2, batch_size=4, join=join)
         # Readers still read the first generations, whole; the failed ones are building.
         assert [(s.generation, s.lag) for s in views.status()] == [(1, 0), (1, 0)]
         assert {name: view.dump(views.store) for name, view in views.views.items()} == before
@@ -489,6 +495,40 @@ def test_a_rebuild_that_forgets_cached_rows_reads_them_back(
     monkeypatch.setattr(audit_trail, "CACHE_AGGREGATES", 2)
     rebuild_views(views, archive, store, batch_size=3)
     assert [view.dump(store) for view in views] == incremental
+
+
+def test_a_rebuild_writes_each_loan_row_once_however_many_batches_change_it(
+    archive: ArchiveApp, officer: CommandContext, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scripted_history(archive, officer)
+    for n in range(6):
+        change(archive, officer, "CR-1", "record_repayment", f"{n + 1}0.00", "2024-06-01")
+    view = LoanFilesView()
+    Follower(view, archive, store).catch_up()
+    incremental = view.dump(store)
+    written: list[tuple[str, str, Any]] = []
+    insert_values, upsert_rows = WriteBuffer.insert_values, WriteBuffer.upsert_rows
+
+    def inserting(buffer: WriteBuffer, table: str, columns: Any, rows: Any) -> None:
+        written.extend(("insert", table, row[0]) for row in rows)
+        insert_values(buffer, table, columns, rows)
+
+    def upserting(buffer: WriteBuffer, table: str, key: str, rows: Any) -> None:
+        written.extend(("upsert", table, row[key]) for row in rows)
+        upsert_rows(buffer, table, key, rows)
+
+    # Spies: the rebuild's writes all go through its WriteBuffers, and still run.
+    monkeypatch.setattr(WriteBuffer, "insert_values", inserting)
+    monkeypatch.setattr(WriteBuffer, "upsert_rows", upserting)
+    generation = rebuild(view, archive, store, batch_size=2)
+    assert view.dump(store) == incremental
+    for logical, rows in incremental.items():
+        # Each row of the new generation inserted once, none upserted, although the
+        # CR-1 row changes in most of the batches of two events.
+        table = view.tables(generation)[logical]
+        keys = sorted(key for how, t, key in written if t == table and how == "insert")
+        assert keys == sorted(row[loan_files.KEYS[logical]] for row in rows)
+        assert not [w for w in written if w[1] == table and w[0] == "upsert"]
 
 
 def test_a_rebuild_runs_the_gc_less_often_only_while_it_runs(

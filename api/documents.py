@@ -255,7 +255,17 @@ class FormStream:
         try:
             return UploadForm.model_validate(given)
         except ValidationError as exc:
-            errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+            # A field sent after the file (curl's ``-F file=@x`` first) is missing here:
+            # say where it belongs rather than only that it is missing.
+            late = "Field required before the file part (the file is the last part of the form)"
+            errors = [
+                {
+                    **e,
+                    "loc": ("body", *e["loc"]),
+                    **({"msg": late} if e["type"] == "missing" else {}),
+                }
+                for e in exc.errors()
+            ]
             raise RequestValidationError(errors) from None
 
     async def run_reading_ahead(self, work: Callable[[], T]) -> T:

@@ -317,7 +317,7 @@ END = f"--{BOUNDARY}--\r\n".encode()
 @pytest.mark.parametrize(
     ("body", "content_type", "status", "fragment"),
     [
-        (FILE + FIELDS + END, None, 422, "body.loan_number: Field required"),
+        (FILE + FIELDS + END, None, 422, "body.loan_number: Field required before the file"),
         (FIELDS + FILE + form_part("sha256", b"0" * 64) + END, None, 422, "must be the last part"),
         (FIELDS + END, None, 422, "body.file: Field required"),
         (FIELDS + FILE, None, 400, "ended before"),

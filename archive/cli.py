@@ -744,7 +744,10 @@ def projections_rebuild(
     all, and decodes only the events they need."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    with read_models() as views:
+    from projections.runner import Projections
+
+    # Not caught up first: that would replay into the generations being replaced.
+    with archive() as application, Projections.open(application.settings, application) as views:
         names = [name] if name else list(views.views)
         for view in names:
             if view not in views.views:

@@ -29,6 +29,7 @@ from archive.loans import loan_id
 from archive.settings import Settings
 from archive.users import user_id
 from archive.worker import ExtractionWorker
+from projections import registry
 from projections.store import open_store
 
 CLI = Path(__file__).parents[1] / ".venv/bin/loan-archive"
@@ -150,6 +151,12 @@ def test_projections_status_shows_the_lag_as_it_is(settings: Settings, archive: 
     head = archive.head_position()
     assert lines["loan_files"][-1] == str(head)  # lag: nothing followed yet
     assert run(env, "projections", "rebuild").returncode == 0
+    with open_store(settings) as store, store.read() as tx:
+        # The first generations were replaced as they were, not caught up first.
+        assert [(g.generation, g.position) for g in registry.generations(tx, "loan_files")] == [
+            (1, 0),
+            (2, head),
+        ]
     after = {
         line.split()[0]: line.split()
         for line in run(env, "projections", "status").stdout.splitlines()

@@ -365,8 +365,10 @@ def import_command(
         Path | None, typer.Option(help="CSV with columns path, loan_number, doc_type.")
     ] = None,
 ) -> None:
-    """Upload a folder (or a manifest) of originals; a file the loan already holds as that
-    document type is skipped (listed under two types, it is filed as both)."""
+    """Upload a folder (or a manifest) of originals, skipping what is already archived.
+
+    A file the loan already holds as that document type is skipped; a file a manifest
+    lists under two types is filed as both."""
     from archive.imports import plan_import, run_import
 
     plan = plan_import(directory, loan, doc_type, manifest)
@@ -445,8 +447,9 @@ def loans_show(
 
 @app.command("history")
 def history(loan_number: str, token: Token) -> None:
-    """Print the loan's timeline: every event of the file, its collateral, valuations,
-    documents and liens."""
+    """Print the loan's timeline.
+
+    Every event of the file, its collateral, valuations, documents and liens."""
     from api.loans import HEADER_FIELDS
 
     with archive() as application:

@@ -646,12 +646,6 @@ def valuations_show(
 
 
 @contextmanager
-def read_models() -> Iterator[Any]:
-    with archive() as application, read_models_of(application) as views:
-        yield views
-
-
-@contextmanager
 def read_models_of(application: ArchiveApp) -> Iterator[Any]:
     """The read models, caught up with the log (a CLI has no background followers)."""
     from projections.runner import Projections

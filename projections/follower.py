@@ -627,8 +627,7 @@ def rebuild_views(
     ``join`` this thread loads one share itself instead of waiting for child processes
     to load them all: one process fewer to start, which a command-line rebuild, with
     nothing else to do, saves; a server leaves the loads to the children and keeps
-    serving. A crash
-    loses at most a batch per view; the generations stay "building" and the next
+    serving. A crash leaves the new generations "building", never read, and the next
     rebuild drops them.
 
     Readers keep reading the active generations (and the live followers keep them up to

@@ -41,6 +41,13 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=sent)
 
 
+def _unparsed_body(error: Mapping[str, Any]) -> bool:
+    """Whether FastAPI left a JSON body as bytes because its Content-Type was not JSON
+    (curl's ``-d`` sends form-urlencoded): JSON never decodes to bytes. Reported as
+    "Input should be a valid dictionary", which sends the client looking at its fields."""
+    return tuple(error.get("loc", ())) == ("body",) and isinstance(error.get("input"), bytes)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ArchiveError)
     def archive_error(request: Request, exc: ArchiveError) -> JSONResponse:
@@ -48,6 +55,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(_unparsed_body(e) for e in exc.errors()):
+            sent = request.headers.get("content-type") or "no Content-Type"
+            return problem(
+                415,
+                "Unsupported media type",
+                f"the body must be JSON sent with Content-Type: application/json (got {sent})",
+                request,
+            )
         errors = [
             {
                 "location": ".".join(str(p) for p in e.get("loc", ())),

@@ -1049,14 +1049,35 @@ def test_client_errors(api: Api) -> None:
     assert_problem(
         api.post("/api/v1/loans/CR-1/status", {"status": "overdue", "expected_version": 0}), 422
     )
+    malformed = api.headers(**{"Content-Type": "application/json"})
     assert_problem(
-        api.client.post("/api/v1/loans/CR-1/status", content=b"{", headers=api.headers()), 422
+        api.client.post("/api/v1/loans/CR-1/status", content=b"{", headers=malformed), 422
     )
     assert_problem(api.client.put("/api/v1/loans/CR-1", headers=api.headers()), 405)
     assert_problem(api.client.get("/api/v1/nothing-here", headers=api.headers()), 404)
     # None of that left a trace.
     assert assert_ok(api.get("/api/v1/loans/CR-1"))["version"] == 1
     assert_problem(api.get("/api/v1/loans/CR-2"), 404)
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_json_body_sent_as_another_media_type_is_a_415_saying_so(
+    api: Api, content_type: str | None
+) -> None:
+    """curl -d sends form-urlencoded: the body was then left unparsed and the answer was a
+    422 'Input should be a valid dictionary', which sends the client checking its fields."""
+    api.open()
+    headers = api.headers(**({"Content-Type": content_type} if content_type else {}))
+    body = json.dumps({"status": "overdue"}).encode()
+    resp = api.client.post("/api/v1/loans/CR-1/status", content=body, headers=headers)
+    detail = assert_problem(resp, 415)["detail"]
+    assert "Content-Type: application/json" in detail
+    assert (content_type or "no Content-Type") in detail
+    assert assert_ok(api.get("/api/v1/loans/CR-1"))["version"] == 1
+    # JSON under a +json type is JSON; an optional body may still be left out.
+    headers = api.headers(**{"Content-Type": "application/merge-patch+json"})
+    assert_ok(api.client.post("/api/v1/loans/CR-1/status", content=body, headers=headers))
+    assert_ok(api.post("/api/v1/documents/fixity-checks", role="auditor"))
 
 
 def test_a_405_names_the_allowed_methods(api: Api) -> None:

@@ -781,7 +781,10 @@ def main() -> None:
         typer.echo(f"loan-archive: {exc.strerror or exc}{where}", err=True)
         sys.exit(1)
     except ClickException as exc:  # usage errors: unknown option, missing argument
-        typer.echo(f"loan-archive: {exc.format_message()}", err=True)
+        # Click puts the choices of a missing option on lines of their own.
+        message = " ".join(exc.format_message().split())
+        if message:  # none: a group named without a command, whose help was printed
+            typer.echo(f"loan-archive: {message}", err=True)
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -531,6 +531,23 @@ def test_a_bad_manifest_is_one_line_and_imports_nothing(
     assert archive.loan_documents("CR-1") is None
 
 
+def test_usage_errors_are_one_line_and_a_bare_group_prints_its_help_alone(
+    tmp_path: Path,
+) -> None:
+    """A missing --role listed its choices on five more lines; a group named without a
+    command printed its help and then an empty 'loan-archive: ' line on stderr."""
+    env = cli_env(Settings(data_dir=tmp_path, demo_data=False))
+    line = one_error_line(run(env, "users", "add", "ana.perez"))
+    assert line == (
+        "loan-archive: Missing option '--role'. "
+        "Choose from: archivist, credit_officer, auditor, compliance, admin"
+    ), line
+    for group in ((), ("loans",), ("reports",)):
+        bare = run(env, *group)
+        assert bare.returncode == 2 and bare.stderr == "", bare
+        assert "Usage: loan-archive" in bare.stdout, bare
+
+
 @pytest.mark.parametrize("port", ["99999", "0", "-1"])
 def test_serve_refuses_a_port_out_of_range_in_one_line(tmp_path: Path, port: str) -> None:
     env = cli_env(Settings(data_dir=tmp_path, demo_data=False))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from archive.exceptions import ArchiveError, AuthenticationError
 
@@ -48,6 +49,28 @@ def _unparsed_body(error: Mapping[str, Any]) -> bool:
     return tuple(error.get("loc", ())) == ("body",) and isinstance(error.get("input"), bytes)
 
 
+def _routes(app: FastAPI) -> Iterable[Any]:
+    """Every route, those of included routers too: recent FastAPI keeps an included
+    router as one lazy entry of ``app.routes``; older versions copy its routes in."""
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # pragma: no cover - older FastAPI: app.routes is flat
+        return app.routes
+    return iter_route_contexts(app.routes)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method a route answers at this path. Starlette's 405 names only the first
+    route whose path matched, so ``/api/v1/loans`` (GET and POST, two routes) said
+    ``Allow: POST`` to an OPTIONS, and ``/documents/fixity-checks`` ``Allow: GET``."""
+    methods: set[str] = set()
+    for route in _routes(request.app):
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ArchiveError)
     def archive_error(request: Request, exc: ArchiveError) -> JSONResponse:
@@ -75,6 +98,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            return problem(
+                405,
+                "Method not allowed",
+                f"{request.method} is not allowed here; use {' or '.join(allowed)}",
+                request,
+                headers={**(exc.headers or {}), "Allow": ", ".join(allowed)},
+            )
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
         return problem(exc.status_code, title, str(exc.detail), request, headers=exc.headers)
 

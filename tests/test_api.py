@@ -1090,6 +1090,18 @@ def test_a_405_names_the_allowed_methods(api: Api) -> None:
     assert resp.headers["allow"] == "POST"
 
 
+def test_a_405_names_every_method_the_path_answers(api: Api) -> None:
+    """A path served by several routes (GET and POST /loans) names all their methods, and
+    the detail says which to use instead of repeating the title."""
+    resp = api.client.options("/api/v1/loans", headers=api.headers())
+    body = assert_problem(resp, 405)
+    assert resp.headers["allow"] == "GET, POST"
+    assert body["detail"] == "OPTIONS is not allowed here; use GET or POST"
+    resp = api.client.put("/api/v1/documents/fixity-checks", headers=api.headers())
+    assert_problem(resp, 405)
+    assert "POST" in resp.headers["allow"].split(", ")
+
+
 def test_extreme_offsets_and_moments_are_client_errors_not_500s(api: Api) -> None:
     api.open()
     huge = str(10**20)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,13 @@ def read_manifest(manifest: Path) -> list[ImportItem]:
     return items
 
 
+def filename(path: Path) -> str:
+    """The name to record, as HTTP decodes an upload's: a name that is not UTF-8 (copied
+    from an old Windows share) keeps its other letters; its raw bytes could not be stored
+    in an event and stopped the import at that file, every run."""
+    return os.fsencode(path.name).decode("utf-8", "replace")
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -183,7 +191,7 @@ def run_import(archive: ArchiveApp, ctx: CommandContext, plan: list[ImportItem])
                             source,
                             loan_number=item.loan_number,
                             doc_type=item.doc_type,
-                            original_filename=item.path.name,
+                            original_filename=filename(item.path),
                             expected_sha256=sha256,
                         )
                     summary.imported += 1

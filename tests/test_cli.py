@@ -398,6 +398,30 @@ def test_import_a_folder_then_again_skips_what_is_archived(
     assert "informe.txt" in again.stderr and "415" not in again.stderr
 
 
+def test_import_files_whose_names_are_not_utf8(
+    settings: Settings, archive: ArchiveApp, tmp_path: Path
+) -> None:
+    """A Latin-1 name (an old Windows share) stopped the import at that file with a
+    traceback (its bytes could not go into the event), every run: the files after it
+    were never imported."""
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
+    token = archive.add_user(operator_context(), "ines.archivist", "archivist")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / os.fsdecode(b"acu\xf1a.pdf")).write_bytes(text_pdf([DEED_LINES[:2]]))
+    (scans / "zona.pdf").write_bytes(text_pdf([DEED_LINES[2:4]]))
+    args = ("import", str(scans), "--loan", "CR-1", "--type", "contract", "--token", token)
+
+    result = run(cli_env(settings), *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "imported 2, skipped 0 already archived, failed 0\n"
+    index = archive.loan_documents("CR-1")
+    assert index is not None
+    names = sorted(archive.get_document(d).original_filename for d in index.document_ids())
+    assert names == ["acu\ufffda.pdf", "zona.pdf"]  # as HTTP decodes such a name
+    assert run(cli_env(settings), *args).stdout.startswith("imported 0, skipped 2")
+
+
 @pytest.mark.parametrize(
     ("loan", "doc_type", "message"),
     [

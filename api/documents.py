@@ -472,6 +472,14 @@ def content_disposition(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
+def range_holds(if_range: str | None, etag: str) -> bool:
+    """RFC 9110 If-Range: a Range is served only while the client's validator is this
+    original's (strong comparison); otherwise the whole file is sent, so that a resumed
+    download is never stitched onto other bytes. A date never matches: no Last-Modified
+    is sent, and a weak tag never matches by the rules of strong comparison."""
+    return if_range is None or if_range.strip() == etag
+
+
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
     """RFC 9110 If-None-Match (weak comparison): ``*`` or a list naming ``etag``."""
     if not if_none_match:
@@ -503,13 +511,15 @@ def download(
     who: Reader,
     range_header: Annotated[str | None, Header(alias="range")] = None,
     if_none_match: Annotated[str | None, Header()] = None,
+    if_range: Annotated[str | None, Header()] = None,
 ) -> Response:
     document = archive.stored_document(document_id)
     etag = f'"{document.sha256}"'
     if request.method == "GET" and etag_matches(if_none_match, etag):
         return Response(status_code=304, headers={"ETag": etag})
+    ranged = request.method == "GET" and range_holds(if_range, etag)
     try:
-        wanted = parse_range(range_header, document.size) if request.method == "GET" else None
+        wanted = parse_range(range_header, document.size) if ranged else None
     except RangeNotSatisfiableError as exc:
         answer = problem(exc.status, exc.title, str(exc), request)
         answer.headers["Content-Range"] = f"bytes */{document.size}"

@@ -133,6 +133,23 @@ def test_range_requests(client: Client) -> None:
     assert ranges[:2] == ["0-9", f"100-{len(PDF) - 1}"]  # the bytes actually served
 
 
+def test_a_range_under_another_validator_sends_the_whole_file(client: Client) -> None:
+    """RFC 9110 If-Range: a resumed download whose validator is not this original's ETag
+    (another file's, a weak tag, a date: none is sent) gets the whole file, not a part
+    to stitch onto other bytes."""
+    answer = client.upload(PDF).json()
+    url = f"/api/v1/documents/{answer['id']}/original"
+    etag = f'"{answer["sha256"]}"'
+    for validator in ('"0123"', f"W/{etag}", "Sun, 06 Nov 1994 08:49:37 GMT"):
+        headers = {**client.as_("auditor"), "Range": "bytes=0-9", "If-Range": validator}
+        got = client.http.get(url, headers=headers)
+        assert got.status_code == 200, validator
+        assert got.content == PDF and "content-range" not in got.headers
+    headers = {**client.as_("auditor"), "Range": "bytes=0-9", "If-Range": etag}
+    got = client.http.get(url, headers=headers)
+    assert got.status_code == 206 and got.content == PDF[:10]
+
+
 def test_every_download_is_recorded_with_its_reader(client: Client) -> None:
     doc = client.upload(PDF).json()["id"]
     for role in ("auditor", "compliance", "credit_officer"):

@@ -50,7 +50,10 @@ class ImportSummary:
 def plan_import(
     directory: Path | None, loan: str | None, doc_type: str | None, manifest: Path | None
 ) -> list[ImportItem]:
-    """What to import: every regular file of a folder, or the rows of a manifest CSV."""
+    """What to import: every file of a folder, or the rows of a manifest CSV.
+
+    Not only regular files: a link whose target is gone (an unmounted share) is named by
+    check_plan, not passed over as if the folder were complete."""
     if (directory is None) == (manifest is None):
         raise DomainError("give either a folder (with --loan and --type) or --manifest")
     if manifest is not None:
@@ -61,7 +64,7 @@ def plan_import(
     if not loan or not doc_type:
         raise DomainError("importing a folder needs --loan and --type")
     files = sorted(
-        p for p in directory.rglob("*") if p.is_file() and not hidden(p.relative_to(directory))
+        p for p in directory.rglob("*") if not p.is_dir() and not hidden(p.relative_to(directory))
     )
     return [ImportItem(p, loan, doc_type) for p in files]
 

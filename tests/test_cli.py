@@ -422,6 +422,23 @@ def test_import_files_whose_names_are_not_utf8(
     assert run(cli_env(settings), *args).stdout.startswith("imported 0, skipped 2")
 
 
+def test_import_names_a_link_whose_original_is_gone(
+    settings: Settings, archive: ArchiveApp, tmp_path: Path
+) -> None:
+    """A scan linked from a share that is not mounted was passed over without a word:
+    'imported 1, failed 0' for a folder of two."""
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
+    token = archive.add_user(operator_context(), "ines.archivist", "archivist")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "a.pdf").write_bytes(text_pdf([DEED_LINES[:2]]))
+    (scans / "b.pdf").symlink_to(tmp_path / "share" / "b.pdf")
+    args = ("import", str(scans), "--loan", "CR-1", "--type", "contract", "--token", token)
+    result = run(cli_env(settings), *args)
+    assert f"no file {scans / 'b.pdf'}: nothing imported" in one_error_line(result)
+    assert archive.loan_documents("CR-1") is None
+
+
 @pytest.mark.parametrize(
     ("loan", "doc_type", "message"),
     [

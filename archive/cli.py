@@ -739,6 +739,7 @@ def projections_rebuild(
 
     The views a process rebuilds are rebuilt in one pass: it reads the log once for them
     all, and decodes only the events they need."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from projections.runner import Projections
@@ -750,7 +751,11 @@ def projections_rebuild(
             if view not in views.views:
                 raise CliError(f"no view named {view}; views: {', '.join(views.views)}")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-        with Progress(*columns, transient=True) as progress:
+        # As import's: on stderr, and only on a terminal (piped, it left a blank line).
+        console = Console(stderr=True)
+        with Progress(
+            *columns, console=console, transient=True, disable=not console.is_terminal
+        ) as progress:
             task = progress.add_task(", ".join(names), total=None)
 
             def advance(position: int, head: int) -> None:

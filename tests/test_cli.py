@@ -167,6 +167,9 @@ def test_projections_status_shows_the_lag_as_it_is(settings: Settings, archive: 
     rebuilt = run(env, "projections", "rebuild", "--processes", "2")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "loan_files: generation 3 is active" in rebuilt.stdout
+    # Piped, the output is those lines alone: the progress bar left a blank line first.
+    assert rebuilt.stderr == "", rebuilt.stderr
+    assert all(line.endswith(" is active") for line in rebuilt.stdout.splitlines()), rebuilt
     after = {
         line.split()[0]: line.split()
         for line in run(env, "projections", "status").stdout.splitlines()

@@ -4,11 +4,13 @@ Each command authenticates like the other domain commands (``--token`` or
 ``ARCHIVE_TOKEN``; auditor, credit officer, compliance or admin), brings the views up to
 the head of the log, and prints the report as JSON (default), with ``--format table``
 (or ``--table``) as tables, or with ``--format csv`` as CSV on stdout, the rows the HTTP
-route's ``format=csv`` answers. ``analysis --pdf FILE`` writes the PDF report to file.
+route's ``format=csv`` answers. ``analysis --pdf FILE`` writes the PDF report to file
+(``--pdf -``: to stdout).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime
@@ -237,7 +239,8 @@ def analysis(
     token: Token,
     as_of: AsOf = None,
     pdf: Annotated[
-        Path | None, typer.Option(help="Write the PDF report to this file instead.")
+        Path | None,
+        typer.Option(help="Write the PDF report to this file instead (-: to stdout)."),
     ] = None,
     table: AsTable = False,
 ) -> None:
@@ -249,8 +252,15 @@ def analysis(
     if pdf is None:
         _show(report, Output.TABLE if table else Output.JSON)
         return
-    pdf.write_bytes(analysis_pdf(report))
-    typer.echo(f"wrote {pdf} (chain head {report['chain_head']})", err=True)
+    content = analysis_pdf(report)
+    where = f"{pdf}"
+    if where == "-":  # as -d - reads stdin (it wrote a file named '-')
+        sys.stdout.buffer.write(content)
+        sys.stdout.buffer.flush()
+        where = "the PDF to stdout"
+    else:
+        pdf.write_bytes(content)
+    typer.echo(f"wrote {where} (chain head {report['chain_head']})", err=True)
 
 
 # -- tables -------------------------------------------------------------------------------------

@@ -230,6 +230,31 @@ def test_a_report_as_csv_goes_to_stdout_and_a_bad_format_is_one_line(
     assert "--table and --format csv: choose one" in one_error_line(both)
 
 
+def test_the_analysis_pdf_goes_to_a_file_or_with_a_dash_to_stdout(
+    settings: Settings, archive: ArchiveApp, tmp_path: Path
+) -> None:
+    """'--pdf -' wrote a file named '-' in the working directory and nothing to the pipe."""
+    auditor = archive.add_user(operator_context(), "raul.auditor", "auditor")
+    archive.open_loan(CommandContext("ana.officer", "credit_officer"), **loan_terms("CR-1"))
+    env = cli_env(settings, ARCHIVE_TOKEN=auditor)
+
+    to_file = run(env, "reports", "analysis", "CR-1", "--pdf", str(tmp_path / "cr-1.pdf"))
+    assert to_file.returncode == 0 and to_file.stdout == "", to_file
+    assert (tmp_path / "cr-1.pdf").read_bytes().startswith(b"%PDF-")
+    piped = subprocess.run(
+        [str(CLI), "reports", "analysis", "CR-1", "--pdf", "-"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith(b"%PDF-") and piped.stdout.rstrip().endswith(b"%%EOF")
+    assert piped.stderr.startswith(b"wrote the PDF to stdout (chain head ")
+    assert not (tmp_path / "-").exists()
+
+
 def tamper(settings: Settings, archive: ArchiveApp, aggregate: str, version: int) -> None:
     """Flip one bit of one stored event behind the archive's back (case of a letter in
     its status), disabling the append-only trigger first."""

@@ -49,6 +49,17 @@ def _unparsed_body(error: Mapping[str, Any]) -> bool:
     return tuple(error.get("loc", ())) == ("body",) and isinstance(error.get("input"), bytes)
 
 
+def _described(error: Mapping[str, Any]) -> dict[str, str]:
+    """One validation error as ``location`` and ``message``. FastAPI reports a body that
+    is not JSON at ``body.<offset>`` as "JSON decode error", which reads as a field
+    named by a number and drops what the parser found: both are said here."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") == "json_invalid" and len(loc) == 2 and isinstance(loc[1], int):
+        found = (error.get("ctx") or {}).get("error", "")
+        return {"location": "body", "message": f"not valid JSON at character {loc[1]}: {found}"}
+    return {"location": ".".join(str(p) for p in loc), "message": error.get("msg", "")}
+
+
 def _routes(app: FastAPI) -> Iterable[Any]:
     """Every route, those of included routers too: recent FastAPI keeps an included
     router as one lazy entry of ``app.routes``; older versions copy its routes in."""
@@ -86,13 +97,7 @@ def install(app: FastAPI) -> None:
                 f"the body must be JSON sent with Content-Type: application/json (got {sent})",
                 request,
             )
-        errors = [
-            {
-                "location": ".".join(str(p) for p in e.get("loc", ())),
-                "message": e.get("msg", ""),
-            }
-            for e in exc.errors()
-        ]
+        errors = [_described(e) for e in exc.errors()]
         summary = "; ".join(f"{e['location']}: {e['message']}" for e in errors[:5])
         return problem(422, "Invalid request", summary, request, errors=errors)
 

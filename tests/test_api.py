@@ -1080,6 +1080,18 @@ def test_a_json_body_sent_as_another_media_type_is_a_415_saying_so(
     assert_ok(api.post("/api/v1/documents/fixity-checks", role="auditor"))
 
 
+def test_a_body_that_is_not_json_says_where_and_why(api: Api) -> None:
+    """Not 'body.22: JSON decode error', which reads as a field named 22."""
+    api.open()
+    headers = api.headers(**{"Content-Type": "application/json"})
+    resp = api.client.post("/api/v1/loans/CR-1/status", content=b'{"status": }', headers=headers)
+    problem = assert_problem(resp, 422)
+    assert problem["detail"] == "body: not valid JSON at character 11: Expecting value"
+    assert problem["errors"] == [
+        {"location": "body", "message": "not valid JSON at character 11: Expecting value"}
+    ]
+
+
 def test_a_405_names_the_allowed_methods(api: Api) -> None:
     """RFC 9110: a 405 carries Allow; the problem handler must not drop the header."""
     resp = api.client.put("/api/v1/loans/CR-1", headers=api.headers())

@@ -294,6 +294,8 @@ def verify(
     token: Annotated[str | None, typer.Option(envvar="ARCHIVE_TOKEN", show_default=False)] = None,
 ) -> None:
     """Verify the hash chains, or with --originals every original; exit 1 naming what is bad."""
+    if originals and loan:  # ignored, it re-hashed and recorded every original of the archive
+        raise CliError("--originals checks every original: --loan is for the hash chains")
     with archive() as application:
         if originals:
             if token is None:

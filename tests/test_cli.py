@@ -313,6 +313,20 @@ def test_verify_passes_then_names_the_tampered_event(
     assert "v2" in line.split(), line
 
 
+def test_verify_originals_refuses_a_loan_it_would_ignore(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    """'verify --originals --loan CR-1' re-hashed every original of the archive and
+    recorded a fixity event on each, --loan silently ignored."""
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
+    upload(archive, text_pdf([DEED_LINES[:2]]), "a.pdf")
+    auditor = archive.add_user(operator_context(), "raul.auditor", "auditor")
+    head = archive.head_position()
+    result = run(cli_env(settings), "verify", "--originals", "--loan", "CR-1", "--token", auditor)
+    assert "--originals checks every original" in one_error_line(result)
+    assert archive.head_position() == head
+
+
 @pytest.mark.parametrize("command", [("worker",), ("serve", "--with-worker", "--port", "1")])
 def test_a_worker_refuses_ocr_languages_tesseract_lacks(
     tmp_path: Path, command: tuple[str, ...]

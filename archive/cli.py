@@ -369,8 +369,7 @@ def import_command(
 ) -> None:
     """Upload a folder (or a manifest) of originals, skipping what is already archived.
 
-    A file the loan already holds as that document type is skipped; a file a manifest
-    lists under two types is filed as both."""
+    A file the loan already holds as that document type is skipped; a file a manifest lists under two types is filed as both."""
     from archive.imports import plan_import, run_import
 
     plan = plan_import(directory, loan, doc_type, manifest)
@@ -677,8 +676,7 @@ def search_command(
 ) -> None:
     """Search the text of the originals; prints one line per page hit.
 
-    A query may start with an exclusion: search '-borrador escritura'. A mistyped option
-    is refused as an extra argument."""
+    A query may start with an exclusion: search '-borrador escritura'. A mistyped option is refused as an extra argument."""
     from projections.search import search
 
     with archive() as application:
@@ -739,8 +737,7 @@ def projections_rebuild(
 ) -> None:
     """Replay the log into new generations of the views (readers keep being served).
 
-    The views a process rebuilds are rebuilt in one pass: it reads the log once for them
-    all, and decodes only the events they need."""
+    The views a process rebuilds are rebuilt in one pass: it reads the log once for them all, and decodes only the events they need."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 

@@ -6,11 +6,13 @@ in-process through the ``archive`` fixture, which shares the CLI's database.
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,12 @@ from uuid import UUID, uuid4
 
 import psycopg
 import pytest
+import typer
 from factories import appraisal_fields, loan_terms, mortgage_fields, upload
 from ocr_fixtures import DEED_LINES, png, scanned_page, text_pdf
 from psycopg.sql import SQL, Identifier
 
+from archive import cli
 from archive.application import ArchiveApp, Principal, operator_context
 from archive.domain import CommandContext, Role
 from archive.exceptions import NotFoundError
@@ -612,6 +616,33 @@ def test_a_bad_manifest_is_one_line_and_imports_nothing(
     result = run(cli_env(settings), "import", "--manifest", str(manifest), "--token", token)
     assert message in one_error_line(result)
     assert archive.loan_documents("CR-1") is None
+
+
+def commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every command of the console script, by its words (``("projections", "rebuild")``)."""
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_help_keeps_each_paragraph_of_a_command_whole(tmp_path: Path) -> None:
+    """--help kept the docstring's line breaks after its first paragraph: 'it reads the
+    log once for them' on one line, 'all, and decodes ...' on the next."""
+    env = cli_env(Settings(data_dir=tmp_path, demo_data=False), TERMINAL_WIDTH="400")
+    described = [
+        (words, inspect.cleandoc(command.help).split("\n\n")[1:])
+        for words, command in commands(typer.main.get_command(cli.app))
+    ]
+    assert any(paragraphs for _, paragraphs in described)
+    for words, paragraphs in described:
+        if not paragraphs:
+            continue
+        shown = run(env, *words, "--help")
+        lines = {line.strip() for line in shown.stdout.splitlines()}
+        for paragraph in paragraphs:
+            assert " ".join(paragraph.split()) in lines, (words, shown.stdout)
 
 
 def test_usage_errors_are_one_line_and_a_bare_group_prints_its_help_alone(

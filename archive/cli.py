@@ -457,7 +457,7 @@ def history(loan_number: str, token: Token) -> None:
         caller(application, token, Role.AUDITOR, Role.CREDIT_OFFICER, Role.COMPLIANCE, Role.ADMIN)
         for position, event in application.loan_events(loan_number):
             kind = type(event).__qualname__
-            reason = f"  ({event.reason})" if event.reason else ""
+            reason = f"  ({_field(event.reason)})" if event.reason else ""
             what = "  ".join(
                 f"{name}={_field(value)}"
                 for name, value in vars(event).items()
@@ -480,7 +480,7 @@ def _field(value: Any) -> str:
 
     plain = jsonable(value)
     if isinstance(plain, str):
-        return plain.replace("\n", " ")
+        return " ".join(plain.splitlines())  # \r, \u2028 ... end a line for readers too
     return json.dumps(plain, ensure_ascii=False, separators=(",", ":"))
 
 

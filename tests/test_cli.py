@@ -142,6 +142,25 @@ def test_loan_commands_show_and_history(settings: Settings, archive: ArchiveApp)
     assert positions == sorted(positions)
 
 
+def test_history_is_one_line_per_event_whatever_the_reason(
+    settings: Settings, archive: ArchiveApp
+) -> None:
+    """A reason written over several lines (a JSON file's "\\n") split its event's line
+    in two: a script reading one event per line read half an event."""
+    officer = CommandContext("ana", "credit_officer", reason="new mortgage\napproved by board")
+    archive.open_loan(officer, **loan_terms("CR-1"))
+    overdue = CommandContext("ana", "credit_officer", reason="three missed\r\ninstalments\u2028")
+    archive.change_loan(overdue, "CR-1", 1, lambda loan: loan.change_status(overdue, "overdue"))
+    token = archive.add_user(operator_context(), "raul.auditor", "auditor")
+
+    history = run(cli_env(settings), "history", "CR-1", "--token", token)
+    assert history.returncode == 0, history.stderr
+    lines = history.stdout.splitlines()
+    assert len(lines) == 2, history.stdout
+    assert "(new mortgage approved by board)" in lines[0], lines[0]
+    assert "(three missed instalments)" in lines[1], lines[1]
+
+
 def test_projections_status_shows_the_lag_as_it_is(settings: Settings, archive: ArchiveApp) -> None:
     """Status reports, it does not catch up: a view that is behind (or stuck) shows it."""
     ctx = CommandContext("ana", "credit_officer")

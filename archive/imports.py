@@ -57,6 +57,8 @@ def plan_import(
     if (directory is None) == (manifest is None):
         raise DomainError("give either a folder (with --loan and --type) or --manifest")
     if manifest is not None:
+        if loan or doc_type:  # ignored, they read as filing every listed file under them
+            raise DomainError("a manifest names each file's loan and type: drop --loan and --type")
         return read_manifest(manifest)
     assert directory is not None
     if not directory.is_dir():

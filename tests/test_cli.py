@@ -637,6 +637,24 @@ def test_a_bad_manifest_is_one_line_and_imports_nothing(
     assert archive.loan_documents("CR-1") is None
 
 
+@pytest.mark.parametrize("option", [("--loan", "CR-2"), ("--type", "mortgage_deed")])
+def test_a_manifest_refuses_the_folder_options_it_would_ignore(
+    settings: Settings, archive: ArchiveApp, tmp_path: Path, option: tuple[str, str]
+) -> None:
+    """'--manifest m.csv --loan CR-2' filed the files under the manifest's loans, not
+    CR-2, and said nothing of the --loan it dropped."""
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-1"))
+    archive.open_loan(CommandContext("officer", "credit_officer"), **loan_terms("CR-2"))
+    token = archive.add_user(operator_context(), "ines.archivist", "archivist")
+    (tmp_path / "a.pdf").write_bytes(text_pdf([DEED_LINES[:2]]))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,loan_number,doc_type\na.pdf,CR-1,contract\n")
+    args = ("import", "--manifest", str(manifest), *option, "--token", token)
+    line = one_error_line(run(cli_env(settings), *args))
+    assert "a manifest names each file's loan and type: drop --loan and --type" in line, line
+    assert archive.loan_documents("CR-1") is None
+
+
 def commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
     """Every command of the console script, by its words (``("projections", "rebuild")``)."""
     for name, command in group.commands.items():

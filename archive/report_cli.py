@@ -247,6 +247,8 @@ def analysis(
     """The analysis report of one loan: JSON, tables, or with --pdf a PDF to file."""
     from projections.analysis import analysis_pdf, loan_analysis
 
+    if pdf is not None and table:  # --table was dropped without a word
+        raise typer.BadParameter("--pdf and --table: choose one", param_hint="'--pdf'")
     with views(token) as (application, store):
         report = loan_analysis(application, store, loan_number, _day(as_of))
     if pdf is None:

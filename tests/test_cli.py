@@ -256,7 +256,8 @@ def test_a_report_as_csv_goes_to_stdout_and_a_bad_format_is_one_line(
 def test_the_analysis_pdf_goes_to_a_file_or_with_a_dash_to_stdout(
     settings: Settings, archive: ArchiveApp, tmp_path: Path
 ) -> None:
-    """'--pdf -' wrote a file named '-' in the working directory and nothing to the pipe."""
+    """'--pdf -' wrote a file named '-' in the working directory and nothing to the pipe;
+    --table beside --pdf was dropped without a word."""
     auditor = archive.add_user(operator_context(), "raul.auditor", "auditor")
     archive.open_loan(CommandContext("ana.officer", "credit_officer"), **loan_terms("CR-1"))
     env = cli_env(settings, ARCHIVE_TOKEN=auditor)
@@ -276,6 +277,9 @@ def test_the_analysis_pdf_goes_to_a_file_or_with_a_dash_to_stdout(
     assert piped.stdout.startswith(b"%PDF-") and piped.stdout.rstrip().endswith(b"%%EOF")
     assert piped.stderr.startswith(b"wrote the PDF to stdout (chain head ")
     assert not (tmp_path / "-").exists()
+    both = run(env, "reports", "analysis", "CR-1", "--pdf", str(tmp_path / "b.pdf"), "--table")
+    assert "--pdf and --table: choose one" in one_error_line(both)
+    assert not (tmp_path / "b.pdf").exists()
 
 
 def tamper(settings: Settings, archive: ArchiveApp, aggregate: str, version: int) -> None:

@@ -4,6 +4,7 @@ import re
 from datetime import date, datetime
 from typing import Annotated, Any, get_args
 
+from fastapi import Query
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -53,6 +54,11 @@ QueryMoment = Annotated[datetime | None, BeforeValidator(_written_as_iso)]
 """An optional moment in a query. Lax parsing reads a bare number as a Unix timestamp, in
 seconds or milliseconds as its size suggests (``as_of=99999999999`` is 1973): a moment is
 written as ISO 8601, or refused."""
+AsOf = Annotated[
+    QueryMoment,
+    Query(description="ISO 8601 with time zone; not in the future (5 minutes of skew)"),
+]
+"""``?as_of=``: the state rebuilt from the events as it was at that moment."""
 QueryDay = Annotated[date | None, BeforeValidator(_written_as_iso)]
 """An optional day in a query, ISO 8601, for the same reason."""
 

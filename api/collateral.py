@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from api.bodies import Body
+from api.bodies import AsOf, Body
 from api.deps import Archive, AuthFirstRoute, IfMatch, context, require, run_command, state_response
 from api.loans import Command
 from api.shapes import CollateralOut, collateral_shape
@@ -83,8 +83,10 @@ def get_collateral(
     archive: Archive,
     who: Reader,
     version: Annotated[int | None, Query(ge=1)] = None,
+    as_of: AsOf = None,
 ) -> JSONResponse:
-    reg = archive.get_collateral(registration_id, version=version)
+    """Now, at a past ``version``, or as it was at ``as_of`` (rebuilt from its events)."""
+    reg = archive.get_collateral(registration_id, version=version, as_of=as_of)
     return state_response(collateral_shape(reg.state()))
 
 

@@ -22,7 +22,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from api.bodies import Body
+from api.bodies import AsOf, Body
 from api.deps import Archive, AuthFirstRoute, context, require, run_command, state_response
 from api.encoding import jsonable
 from api.problems import problem
@@ -439,9 +439,11 @@ def get_document(
     archive: Archive,
     who: Reader,
     version: Annotated[int | None, Query(ge=1)] = None,
+    as_of: AsOf = None,
 ) -> JSONResponse:
-    """Now, or at a past ``version`` (rebuilt from its events), as collateral and valuations."""
-    document = archive.get_document(document_id, version=version)
+    """Now, at a past ``version``, or as it was at ``as_of`` (rebuilt from its events), as
+    collateral and valuations."""
+    document = archive.get_document(document_id, version=version, as_of=as_of)
     return state_response(document.state())
 
 

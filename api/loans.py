@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field, StrictBool
 
-from api.bodies import Body, QueryMoment, QueryText
+from api.bodies import AsOf, Body, QueryText
 from api.deps import (
     Archive,
     AuditTrailViews,
@@ -151,10 +151,7 @@ def get_loan(
     loan_number: str,
     archive: Archive,
     who: Reader,
-    as_of: Annotated[
-        QueryMoment,
-        Query(description="ISO 8601 with time zone; not in the future (5 minutes of skew)"),
-    ] = None,
+    as_of: AsOf = None,
     version: Annotated[int | None, Query(ge=1)] = None,
 ) -> JSONResponse:
     """Rebuilt from the events (never from a view), then named as the list's items."""

@@ -219,6 +219,29 @@ SNAPSHOT_EVERY = 100
 AGGREGATE_CACHE_SIZE = 2000
 MAX_VERSION = 2**63 - 1  # the largest integer either database stores
 AS_OF_SKEW = timedelta(minutes=5)
+
+
+def check_past(version: int | None, as_of: datetime | None) -> None:
+    """Refuse a past that cannot be read: both a version and a moment, a moment without a
+    time zone, one with no UTC form, or one in the future (beyond ``AS_OF_SKEW``)."""
+    if as_of is None:
+        return
+    if version is not None:
+        raise DomainError("give either a version or a moment, not both")
+    if as_of.tzinfo is None:
+        raise DomainError("a moment in the past needs a time zone, e.g. 2026-01-31T12:00:00Z")
+    try:  # compared with UTC event times and echoed in UTC: it must have a UTC form
+        as_of.astimezone(UTC)
+    except OverflowError:
+        raise DomainError(f"as_of falls outside the calendar in UTC: {as_of}") from None
+    now = datetime.now(UTC)
+    if as_of > now + AS_OF_SKEW:
+        raise DomainError(
+            f"as_of {as_of.isoformat()} is in the future (now is "
+            f"{now.isoformat(timespec='seconds')}); leave it out for the current state"
+        )
+
+
 """How far ahead of this server's clock an ``as_of`` may be (the caller's clock may run
 fast): a later moment has not happened, and answering the head labelled with it would
 claim a state nobody can know yet."""
@@ -427,10 +450,10 @@ class ArchiveApp(Application[UUID]):
         return self._attempt(attempt)
 
     def get_collateral(
-        self, registration_id: UUID, version: int | None = None
+        self, registration_id: UUID, version: int | None = None, as_of: datetime | None = None
     ) -> MortgageRegistration:
-        return self._load(
-            MortgageRegistration, registration_id, f"collateral {registration_id}", version
+        return self._load_past(
+            MortgageRegistration, registration_id, f"collateral {registration_id}", version, as_of
         )
 
     def change_collateral(
@@ -494,8 +517,10 @@ class ArchiveApp(Application[UUID]):
 
         return self._attempt(attempt)
 
-    def get_valuation(self, valuation_id: UUID, version: int | None = None) -> Valuation:
-        return self._load(Valuation, valuation_id, f"valuation {valuation_id}", version)
+    def get_valuation(
+        self, valuation_id: UUID, version: int | None = None, as_of: datetime | None = None
+    ) -> Valuation:
+        return self._load_past(Valuation, valuation_id, f"valuation {valuation_id}", version, as_of)
 
     def change_valuation(
         self, ctx: CommandContext, valuation_id: UUID, expected_version: int | None, change: Any
@@ -608,8 +633,10 @@ class ArchiveApp(Application[UUID]):
         except NotFoundError:
             return None
 
-    def get_document(self, document_id: UUID, version: int | None = None) -> Document:
-        return self._load(Document, document_id, f"document {document_id}", version)
+    def get_document(
+        self, document_id: UUID, version: int | None = None, as_of: datetime | None = None
+    ) -> Document:
+        return self._load_past(Document, document_id, f"document {document_id}", version, as_of)
 
     def change_document(
         self, ctx: CommandContext, document_id: UUID, change: Any, attempts: int = 5
@@ -848,6 +875,25 @@ class ArchiveApp(Application[UUID]):
         """An aggregate as it was at ``as_of`` (None if it did not exist yet)."""
         return self.states_at([aggregate_id], as_of)[0]
 
+    def _load_past(
+        self,
+        cls: type[T],
+        aggregate_id: UUID,
+        what: str,
+        version: int | None,
+        as_of: datetime | None,
+    ) -> T:
+        """``_load`` now or at ``version``, or the aggregate as it was at ``as_of`` (404
+        for one that did not exist yet)."""
+        check_past(version, as_of)
+        if as_of is None:
+            return self._load(cls, aggregate_id, what, version)
+        found = self.state_at(aggregate_id, as_of)
+        if not isinstance(found, cls):
+            self._load(cls, aggregate_id, what)  # 404 for one that never existed
+            raise NotFoundError(f"{what} did not exist at {as_of.isoformat()}")
+        return found
+
     def loan_file(
         self, loan_number: str, *, version: int | None = None, as_of: datetime | None = None
     ) -> dict[str, Any]:
@@ -856,21 +902,7 @@ class ArchiveApp(Application[UUID]):
         Always rebuilt from the event log (and its snapshots), never from a read model:
         this is what an auditor compares the views against.
         """
-        if version is not None and as_of is not None:
-            raise DomainError("give either a version or a moment, not both")
-        if as_of is not None and as_of.tzinfo is None:
-            raise DomainError("a moment in the past needs a time zone, e.g. 2026-01-31T12:00:00Z")
-        if as_of is not None:
-            try:  # compared with UTC event times and echoed in UTC: it must have a UTC form
-                as_of.astimezone(UTC)
-            except OverflowError:
-                raise DomainError(f"as_of falls outside the calendar in UTC: {as_of}") from None
-            now = datetime.now(UTC)
-            if as_of > now + AS_OF_SKEW:
-                raise DomainError(
-                    f"as_of {as_of.isoformat()} is in the future (now is "
-                    f"{now.isoformat(timespec='seconds')}); leave it out for the current state"
-                )
+        check_past(version, as_of)
         if version is None and as_of is None:
             loan: Any = self.get_loan(loan_number)
             index = self.loan_documents(loan_number)

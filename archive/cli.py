@@ -53,6 +53,10 @@ Token = Annotated[
 Data = Annotated[
     str, typer.Option("--data", "-d", help="The command as JSON (as over HTTP); - reads stdin.")
 ]
+AsOf = Annotated[
+    datetime | None,
+    typer.Option(help="ISO 8601 moment with time zone: the state rebuilt as it was then."),
+]
 
 
 class CliError(Exception):
@@ -435,7 +439,7 @@ def loans_do(
 def loans_show(
     loan_number: str,
     token: Token,
-    as_of: Annotated[datetime | None, typer.Option(help="ISO 8601 moment with time zone.")] = None,
+    as_of: AsOf = None,
     version: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """Print a loan file now, at a version or as of a moment (rebuilt from events)."""
@@ -565,14 +569,19 @@ def collateral_release(registration_id: UUID, token: Token, data: Data) -> None:
 
 @collateral_app.command("show")
 def collateral_show(
-    registration_id: UUID, token: Token, version: Annotated[int | None, typer.Option()] = None
+    registration_id: UUID,
+    token: Token,
+    version: Annotated[int | None, typer.Option()] = None,
+    as_of: AsOf = None,
 ) -> None:
-    """Print a mortgage registration now or at a version (as GET /api/v1/collateral/{id})."""
+    """Print a mortgage registration now, at a version or as of a moment (as GET
+    /api/v1/collateral/{id})."""
     from api.shapes import collateral_shape
 
     with archive() as application:
         caller(application, token, *Role)
-        print_json(collateral_shape(application.get_collateral(registration_id, version).state()))
+        registration = application.get_collateral(registration_id, version, as_of)
+        print_json(collateral_shape(registration.state()))
 
 
 @valuations_app.command("appraise")
@@ -633,14 +642,19 @@ def valuations_schedule_revaluation(valuation_id: UUID, token: Token, data: Data
 
 @valuations_app.command("show")
 def valuations_show(
-    valuation_id: UUID, token: Token, version: Annotated[int | None, typer.Option()] = None
+    valuation_id: UUID,
+    token: Token,
+    version: Annotated[int | None, typer.Option()] = None,
+    as_of: AsOf = None,
 ) -> None:
-    """Print a valuation now or at a version (as GET /api/v1/valuations/{id})."""
+    """Print a valuation now, at a version or as of a moment (as GET
+    /api/v1/valuations/{id})."""
     from api.shapes import valuation_shape
 
     with archive() as application:
         caller(application, token, *Role)
-        print_json(valuation_shape(application.get_valuation(valuation_id, version).state()))
+        valuation = application.get_valuation(valuation_id, version, as_of)
+        print_json(valuation_shape(valuation.state()))
 
 
 # -- read models ---------------------------------------------------------------------------

@@ -974,6 +974,49 @@ def test_bad_moments_and_versions(api: Api) -> None:
     assert_problem(api.get("/api/v1/loans/CR-1", params=both), 422)
 
 
+def test_collateral_valuations_and_documents_as_they_were_at_a_moment(api: Api) -> None:
+    """``?as_of=`` rebuilds them as the loan file's does (it was ignored: an auditor asking
+    for a past state got today's, with a 200)."""
+    api.open()
+    reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
+    val = assert_ok(api.post("/api/v1/valuations", appraisal_body()), 201)["id"]
+    form = {"loan_number": "CR-1", "doc_type": "contract"}
+    uploaded = api.client.post(
+        UPLOAD, data=form, files={"file": ("f.pdf", PDF)}, headers=api.headers()
+    )
+    doc = assert_ok(uploaded, 201)["id"]
+    entry = {"registry_entry": "T-1", "registered_on": "2024-01-20"}
+    assert_ok(api.post(f"/api/v1/collateral/{reg}/registration", entry))
+    review = {"reviewer": "Carmen Ortiz", "reviewed_value": "120000.00"}
+    assert_ok(api.post(f"/api/v1/valuations/{val}/review", review))
+    hold = {"on": True, "reason": "litigio"}
+    assert_ok(api.post(f"/api/v1/documents/{doc}/legal-hold", hold, "archivist"))
+    created = {e["aggregate_id"]: zulu(e["time"]) for e in api.history("CR-1") if e["version"] == 1}
+    for path, key, field, then, now in (
+        ("collateral", reg, "status", "pending", "registered"),
+        ("valuations", val, "reviewer", None, "Carmen Ortiz"),
+        ("documents", doc, "legal_hold", False, True),
+    ):
+        url = f"/api/v1/{path}/{key}"
+        past = assert_ok(api.get(url, "auditor", params={"as_of": created[key]}))
+        assert (past["version"], past[field]) == (1, then), path
+        head = assert_ok(api.get(url, "auditor", params={"as_of": datetime.now(UTC).isoformat()}))
+        assert head == assert_ok(api.get(url, "auditor")) and head[field] == now, path
+        before = api.get(url, "auditor", params={"as_of": "2000-01-01T00:00:00Z"})
+        assert "did not exist at 2000-01-01" in assert_problem(before, 404)["detail"], path
+        both = {"version": 1, "as_of": created[key]}
+        assert_problem(api.get(url, "auditor", params=both), 422)
+        naive = api.get(url, "auditor", params={"as_of": "2024-01-01T00:00:00"})
+        assert "zone" in assert_problem(naive, 422)["detail"], path
+    unknown = "/api/v1/collateral/00000000-0000-0000-0000-000000000000"
+    assert (
+        "not found"
+        in assert_problem(api.get(unknown, "auditor", params={"as_of": created[reg]}), 404)[
+            "detail"
+        ]
+    )
+
+
 def test_a_moment_in_the_future_is_a_422_naming_it(api: Api) -> None:
     """The future has no state yet: answering the head labelled with a later moment would
     claim to know it. A few minutes ahead are allowed for the caller's clock."""

@@ -803,6 +803,10 @@ def test_collateral_register_verify_release_and_show(
 
     shown = ok_json(run(env, "collateral", "show", reg, "--version", "2"))
     assert (shown["status"], shown["registered_on"]) == ("registered", "2024-01-20")
+    registered = [e for _, e in archive.loan_events("CR-1") if str(e.originator_id) == reg][1]
+    moment = registered.timestamp.isoformat()
+    then = ok_json(run(env, "collateral", "show", reg, "--as-of", moment))
+    assert (then["version"], then["status"]) == (2, "registered")
 
     events = [e for _, e in archive.loan_events("CR-1") if str(e.originator_id) == reg]
     assert [type(e).__name__ for e in events] == ["Filed", "Registered", "SiteVerified", "Released"]
@@ -849,6 +853,11 @@ def test_valuation_review_revaluation_and_show(settings: Settings, archive: Arch
     assert old["overvaluation"] is not None and old["superseded_by"] == second
     past = ok_json(run(env, "valuations", "show", first, "--version", "1"))
     assert (past["reviewer"], past["revaluation_due"]) == (None, "2025-01-10")
+    appraised = next(iter(archive.repository.event_store.get(UUID(first)))).timestamp
+    then = ok_json(run(env, "valuations", "show", first, "--as-of", appraised.isoformat()))
+    assert then == past
+    before = run(env, "valuations", "show", first, "--as-of", "2000-01-01T00:00:00+00:00")
+    assert "did not exist" in one_error_line(before)
     events = archive.repository.event_store.get(UUID(first))
     assert [(type(e).__name__, e.actor_id, e.reason) for e in events] == [
         ("Appraised", "ana.officer", "origination"),

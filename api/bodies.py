@@ -42,15 +42,16 @@ its 200) instead of a 422 naming the parameter."""
 NUMBER = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*$")
 
 
-def _written_as_iso(value: Any) -> Any:
-    if isinstance(value, int | float) or (isinstance(value, str) and NUMBER.match(value)):
-        raise ValueError(
-            "expected ISO 8601 (e.g. 2024-05-01 or 2024-05-01T09:30:00Z), not a number"
-        )
-    return value
+def _written_as_iso(example: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if isinstance(value, int | float) or (isinstance(value, str) and NUMBER.match(value)):
+            raise ValueError(f"expected ISO 8601 (e.g. {example}), not a number")
+        return value
+
+    return BeforeValidator(check)
 
 
-QueryMoment = Annotated[datetime | None, BeforeValidator(_written_as_iso)]
+QueryMoment = Annotated[datetime | None, _written_as_iso("2024-05-01T09:30:00Z")]
 """An optional moment in a query. Lax parsing reads a bare number as a Unix timestamp, in
 seconds or milliseconds as its size suggests (``as_of=99999999999`` is 1973): a moment is
 written as ISO 8601, or refused."""
@@ -59,7 +60,7 @@ AsOf = Annotated[
     Query(description="ISO 8601 with time zone; not in the future (5 minutes of skew)"),
 ]
 """``?as_of=``: the state rebuilt from the events as it was at that moment."""
-QueryDay = Annotated[date | None, BeforeValidator(_written_as_iso)]
+QueryDay = Annotated[date | None, _written_as_iso("2024-05-01")]
 """An optional day in a query, ISO 8601, for the same reason."""
 
 

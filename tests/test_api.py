@@ -1622,17 +1622,20 @@ def test_the_fuzzers_cover_every_route(api: Api) -> None:
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("path", "example"),
     [
-        "/api/v1/loans/CR-1?as_of=99999999999",
-        "/api/v1/loans/CR-1?as_of=1700000000.5",
-        "/api/v1/audit-trail?since=1700000000",
-        "/api/v1/audit-trail?until=%2B1700000000",
-        "/api/v1/search?q=hipoteca&uploaded_from=20240101",
+        ("/api/v1/loans/CR-1?as_of=99999999999", "2024-05-01T09:30:00Z"),
+        ("/api/v1/loans/CR-1?as_of=1700000000.5", "2024-05-01T09:30:00Z"),
+        ("/api/v1/audit-trail?since=1700000000", "2024-05-01T09:30:00Z"),
+        ("/api/v1/audit-trail?until=%2B1700000000", "2024-05-01T09:30:00Z"),
+        ("/api/v1/search?q=hipoteca&uploaded_from=20240101", "2024-05-01)"),
     ],
 )
-def test_moments_and_days_in_queries_are_iso_8601_not_numbers(api: Api, path: str) -> None:
-    """Lax parsing took a bare number for a Unix timestamp (as_of=99999999999 meant 1973)."""
+def test_moments_and_days_in_queries_are_iso_8601_not_numbers(
+    api: Api, path: str, example: str
+) -> None:
+    """Lax parsing took a bare number for a Unix timestamp (as_of=99999999999 meant 1973).
+    The example is one the parameter takes: a moment has a time and a zone."""
     api.open()
     problem = assert_problem(api.get(path, role="auditor"), 422)
-    assert "ISO 8601" in problem["detail"], problem
+    assert "ISO 8601" in problem["detail"] and example in problem["detail"], problem

@@ -775,10 +775,6 @@ class ArchiveApp(Application[UUID]):
 
     # -- reading the past -------------------------------------------------------------------
 
-    def loan_aggregate_ids(self, loan_number: str) -> list[UUID]:
-        """The loan file and every aggregate filed under it (collateral, valuations, documents)."""
-        return self._filed_under(self.get_loan(loan_number))
-
     def _filed_under(self, loan: LoanFile) -> list[UUID]:
         ids = [loan.id, *loan.collateral_ids, *loan.valuation_ids]
         index = self.loan_documents(loan.loan_number)
@@ -798,15 +794,7 @@ class ArchiveApp(Application[UUID]):
         loan = self.get_loan(loan_number)
         ids = self._filed_under(loan)
         registrations = set(loan.collateral_ids)
-        # A registration's property never changes: the cached head names it.
-        properties = {
-            property_id(
-                self._load(
-                    MortgageRegistration, i, f"collateral {i}", fresh=False
-                ).cadastral_reference
-            )
-            for i in loan.collateral_ids
-        }
+        properties = self._properties_of(loan)
         events = []
         for n in select_with_positions(self.recorder, [*ids, *properties]):
             event = self.mapper.to_domain_event(n)
@@ -816,6 +804,22 @@ class ArchiveApp(Application[UUID]):
                 continue
             events.append((n.id, event))
         return events
+
+    def _properties_of(self, loan: LoanFile, *, strict: bool = True) -> set[UUID]:
+        """The lien indexes (``PropertyLiens``) of the properties the loan's registrations
+        are on. A registration's property never changes: the cached head names it. Not
+        ``strict``, a registration that cannot be read is passed over (verifying its own
+        chain names why)."""
+        found = set()
+        for i in loan.collateral_ids:
+            try:
+                registration = self._load(MortgageRegistration, i, f"collateral {i}", fresh=False)
+            except Exception:
+                if strict:
+                    raise
+                continue
+            found.add(property_id(registration.cadastral_reference))
+        return found
 
     @staticmethod
     def _lien_of(event: Any, loan_number: str, registrations: set[UUID]) -> bool:
@@ -1009,7 +1013,10 @@ class ArchiveApp(Application[UUID]):
 
     def verify_loan_chain(self, loan_number: str) -> ChainReport:
         try:
-            ids = self.loan_aggregate_ids(loan_number)
+            loan = self.get_loan(loan_number)
+            # The liens its history shows are in its properties' lien indexes: their
+            # whole chains, shared with other loans, are verified too.
+            ids = [*self._filed_under(loan), *self._properties_of(loan, strict=False)]
         except NotFoundError:
             raise
         except Exception:  # the loan's own events are unreadable: verify what we can name

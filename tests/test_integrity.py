@@ -247,6 +247,32 @@ def test_deleted_event_is_a_version_gap(
     assert "follows" in report.breach.problem
 
 
+def test_a_loans_verification_covers_the_liens_its_history_shows(
+    tampered_store: tuple[ArchiveApp, RawEvents],
+) -> None:
+    """The loan's history lists the lien added for its registration, from the property's
+    lien index: verifying the loan alone verifies that index's chain too (a lien rank
+    rewritten from 1 to 3 was shown in the history while the loan verified ok)."""
+    archive, raw = tampered_store
+    index = property_id(mortgage_fields("T-1")["cadastral_reference"]).hex
+    lien = next(
+        r
+        for r in raw.rows()
+        if str(r["originator_id"]).replace("-", "") == index
+        and r["topic"].endswith("PropertyLiens.LienAdded")
+    )
+    assert any(p == lien["position"] for p, _ in archive.loan_events("T-1"))
+    state = bytes(lien["state"])
+    assert b'"lien_rank":1' in state
+    raw.write(lien["position"], "state", state.replace(b'"lien_rank":1', b'"lien_rank":3'))
+    report = archive.verify_loan_chain("T-1")
+    assert report.breach is not None, "a tampered lien of the loan went unnoticed"
+    assert report.breach.originator_id.hex == index
+    assert report.breach.position == lien["position"]
+    assert "hash" in report.breach.problem
+    assert archive.verify_loan_chain("T-2").ok  # another loan's file is not blamed
+
+
 # -- snapshots -------------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from archive.loans import (
     RecoveryCategory,
 )
 from projections import audit_trail, loan_files
+from projections.encoding import plain
 
 router = APIRouter(prefix="/api/v1/loans", tags=["loans"], route_class=AuthFirstRoute)
 
@@ -205,7 +206,9 @@ def history(
                 "fields": {k: v for k, v in vars(event).items() if k not in HEADER_FIELDS},
             }
         )
-    return JSONResponse(jsonable(rows))
+    # Written as the audit trail and the loan file write them (``plain``: times as
+    # fixed-width UTC ``…Z``), so an auditor matches the two event by event as text.
+    return JSONResponse(plain(rows))
 
 
 @router.get(

@@ -605,6 +605,37 @@ def test_the_history_names_the_loans_own_liens_as_the_audit_trail_does(api: Api)
         assert [c["status"] for c in past["collateral"]] == ["released"], loan
 
 
+def test_history_writes_every_fact_as_the_audit_trail_does(api: Api) -> None:
+    """An auditor checks the history against the trail event by event as text: a time
+    is fixed-width UTC with Z in both (the history wrote ``+00:00``, and dropped the
+    microseconds of a moment on a whole second)."""
+    api.open()
+    reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
+    assert_ok(
+        api.post(
+            f"/api/v1/collateral/{reg}/registration",
+            {"registry_entry": "T-1", "registered_on": "2024-01-20"},
+        )
+    )
+    history = api.history("CR-1")
+    trail = assert_ok(
+        api.get("/api/v1/audit-trail", "auditor", params={"loan_number": "CR-1", "limit": 1000})
+    )["items"]
+    by_position = {r["position"]: r for r in trail}
+    assert set(by_position) == {e["position"] for e in history}
+    for event in history:
+        row = by_position[event["position"]]
+        assert event["time"] == row["occurred_at"], event
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", event["time"])
+        assert (event["actor"], event["reason"], event["version"]) == (
+            row["actor_id"],
+            row["reason"],
+            row["aggregate_version"],
+        )
+    opened = next(e for e in history if e["aggregate_type"] == "MortgageRegistration")
+    assert opened["time"] == assert_ok(api.get(f"/api/v1/collateral/{reg}"))["filed_at"]
+
+
 def test_impossible_dates_are_422_naming_the_date_and_change_nothing(api: Api) -> None:
     api.open()  # disbursed 2024-01-15
     ahead = (datetime.now(UTC).date() + timedelta(days=2)).isoformat()

@@ -708,10 +708,19 @@ def _one_of(chars: str) -> str:
     return re.escape(chars) if len(chars) == 1 else f"[{''.join(map(re.escape, chars))}]"
 
 
+def _bare(word: str) -> str:
+    """Lower case without accents, as SQLite's tokenizer folds it: only combining marks
+    go, by canonical decomposition. ``fold_word``'s compatibility decomposition also
+    reads "nº", "3ª" and "ﬁ" as "no", "3a" and "fi", which the index does not: such a
+    hit's snippet had no mark, and showed the page's start, not the match."""
+    decomposed = unicodedata.normalize("NFD", word.lower())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
+
+
 def _loose(word: str) -> list[str]:
     """Per character of ``word`` (folded), the characters of a lower-cased text that
     match it whatever their accents: "avila" -> ["aàáâ...", "v", "iìí...", ...]."""
-    return [_VARIANTS.get(c, c) for c in fold_word(word)]
+    return [_VARIANTS.get(c, c) for c in _bare(word)]
 
 
 Matcher = tuple[tuple[str, ...], bool]  # (words in sequence, the last one is a prefix)

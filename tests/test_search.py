@@ -528,6 +528,27 @@ def test_hits_carry_the_document_and_a_highlighted_escaped_snippet(
     assert "&amp;" in snippet and "&quot;" in snippet
 
 
+def test_ordinals_are_highlighted_where_the_index_finds_them(
+    corpus: Corpus, officer: CommandContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "nº 2", "3ª", "2º rango": the index finds them as written, and the snippet must mark
+    them there (the highlighter folded º to o and ª to a, so it marked nothing and showed
+    the page's start, far from the match)."""
+    assert snippet("Juzgado nº 2, inscripción 3ª", highlighter([(("nº",), False)])) == (
+        "Juzgado <mark>nº</mark> 2, inscripción 3ª"
+    )
+    assert snippet("hipoteca de 2º RANGO", highlighter([(("2º", "rango"), False)])) == (
+        "hipoteca de <mark>2º RANGO</mark>"
+    )
+    doc = register(corpus.archive, officer, monkeypatch, "CR-3", "court_filing")
+    filler = " ".join(["relleno"] * 80)
+    extract(corpus.archive, doc, [f"{filler} Juzgado de Primera Instancia nº 2, inscripción 3ª"])
+    for q in ("nº", "3ª"):
+        [hit] = corpus.find(q).items
+        assert hit["document_id"] == str(doc)
+        assert f"<mark>{q}</mark>" in hit["snippet"], (q, hit["snippet"])
+
+
 # -- reindex, supersession, rebuild ---------------------------------------------------------------
 
 

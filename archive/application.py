@@ -219,6 +219,7 @@ SNAPSHOT_EVERY = 100
 AGGREGATE_CACHE_SIZE = 2000
 MAX_VERSION = 2**63 - 1  # the largest integer either database stores
 AS_OF_SKEW = timedelta(minutes=5)
+FILING_ATTEMPTS = 20  # see register_document
 
 
 def check_past(version: int | None, as_of: datetime | None) -> None:
@@ -579,15 +580,8 @@ class ArchiveApp(Application[UUID]):
             raise DomainError(f"collateral {collateral_id} secures another loan")
         if valuation_id is not None and self.get_valuation(valuation_id).loan_number != loan_number:
             raise DomainError(f"valuation {valuation_id} belongs to another loan")
-        old = None
         if supersedes is not None:
-            old = self.get_document(supersedes)
-            if old.loan_number != loan_number:
-                raise DomainError(f"document {supersedes} belongs to another loan")
-            if old.superseded_by is not None:
-                raise DomainError(
-                    f"document {supersedes} is already superseded by {old.superseded_by}"
-                )
+            self._supersedable(supersedes, loan_number)
         head = source.read(SNIFF_BYTES)
         if not head:
             raise DomainError("the file is empty")
@@ -602,30 +596,55 @@ class ArchiveApp(Application[UUID]):
             limit=self.settings.max_upload_bytes,
         )
         self.blobs.checkpoint("stored")
-        document = Document.register(
-            ctx,
-            uuid4(),
-            loan_number=loan.loan_number,
-            collateral_id=collateral_id,
-            valuation_id=valuation_id,
-            doc_type=kind.value,
-            original_filename=original_filename,
-            media_type=media_type,
-            size=blob.size,
-            sha256=blob.sha256,
-            object_key=blob.key,
-            object_version=blob.version_id,
-            retain_until=blob.retain_until,
-            supersedes=supersedes,
-        )
-        index = self.loan_documents(loan_number) or LoanDocuments.start(ctx, loan_number)
-        index.file(ctx, document.id, blob.sha256, kind.value)
-        changed: list[Aggregate] = [document, index]
-        if old is not None:
-            old.supersede(ctx, document.id)
-            changed.append(old)
-        position = self._commit(*changed)
-        return Outcome(document.id, document.version, position)
+        document_id = uuid4()
+        # The original is stored now; a concurrent upload to the same loan (or a custody
+        # event on the superseded document) only moved the index on, so filing is retried
+        # on fresh state rather than answered 409, which would make the client send the
+        # whole file again and leave this copy an orphan. Each conflict means another
+        # filing succeeded, so the attempts bound the uploads racing on one loan.
+        for attempt in range(FILING_ATTEMPTS):
+            old = None if supersedes is None else self._supersedable(supersedes, loan_number)
+            document = Document.register(
+                ctx,
+                document_id,
+                loan_number=loan.loan_number,
+                collateral_id=collateral_id,
+                valuation_id=valuation_id,
+                doc_type=kind.value,
+                original_filename=original_filename,
+                media_type=media_type,
+                size=blob.size,
+                sha256=blob.sha256,
+                object_key=blob.key,
+                object_version=blob.version_id,
+                retain_until=blob.retain_until,
+                supersedes=supersedes,
+            )
+            index = self.loan_documents(loan_number) or LoanDocuments.start(ctx, loan_number)
+            index.file(ctx, document.id, blob.sha256, kind.value)
+            changed: list[Aggregate] = [document, index]
+            if old is not None:
+                old.supersede(ctx, document.id)
+                changed.append(old)
+            try:
+                position = self._commit(*changed)
+            except ConflictError:
+                if attempt == FILING_ATTEMPTS - 1:
+                    raise
+                continue
+            return Outcome(document.id, document.version, position)
+        raise AssertionError("unreachable")
+
+    def _supersedable(self, document_id: UUID, loan_number: str) -> Document:
+        """The document a new upload supersedes, if it may (same loan, not superseded yet)."""
+        old = self.get_document(document_id)
+        if old.loan_number != loan_number:
+            raise DomainError(f"document {document_id} belongs to another loan")
+        if old.superseded_by is not None:
+            raise DomainError(
+                f"document {document_id} is already superseded by {old.superseded_by}"
+            )
+        return old
 
     def loan_documents(self, loan_number: str) -> LoanDocuments | None:
         try:

@@ -711,9 +711,26 @@ class ArchiveApp(Application[UUID]):
             document.place_legal_hold(ctx)
         else:
             document.release_legal_hold(ctx)
-        self.blobs.set_legal_hold(document.object_key, on, document.object_version)
+        if on or not self._held_elsewhere(document):
+            self.blobs.set_legal_hold(document.object_key, on, document.object_version)
         position = self._commit(document)
         return Outcome(document.id, document.version, position)
+
+    def _held_elsewhere(self, document: Document) -> bool:
+        """Whether another document over the same stored original (same bytes, uploaded
+        again or under another loan: one object version) is still under legal hold; the
+        storage hold is theirs together, so releasing one must not lift it. Holds are
+        few: the documents that ever had one are read, not every document."""
+        where = (document.object_key, document.object_version)
+        seen = {document.id}
+        for _, stored in iter_log(self.recorder, topics=[get_topic(Document.LegalHoldPlaced)]):
+            if stored.originator_id in seen:
+                continue
+            seen.add(stored.originator_id)
+            other = self.get_document(stored.originator_id)
+            if other.legal_hold and (other.object_key, other.object_version) == where:
+                return True
+        return False
 
     def document_ids(self) -> Iterator[UUID]:
         """Every document ever registered, in order of registration."""

@@ -115,3 +115,27 @@ def test_many_concurrent_uploads_to_one_loan_are_all_filed(
     index = deployed.loan_documents("CR-1")
     assert index is not None and sorted(index.document_ids()) == sorted(documents)
     assert deployed.reconcile(ARCHIVIST).orphans == []
+
+
+def test_releasing_one_documents_hold_keeps_the_hold_another_has_on_the_same_original(
+    deployed: ArchiveApp,
+) -> None:
+    """The same bytes under two loans are one stored object (version); a legal hold
+    released on one document must not lift it while the other is still held."""
+    content = pdf(1)
+    first, second = register(deployed, content, "CR-1"), register(deployed, content, "CR-2")
+    a, b = deployed.get_document(first), deployed.get_document(second)
+    assert (a.object_key, a.object_version) == (b.object_key, b.object_version)
+
+    def stored_hold() -> bool:
+        info = deployed.blobs.stat(a.object_key, a.object_version)
+        assert info is not None
+        return info.legal_hold
+
+    deployed.set_legal_hold(ARCHIVIST, first, True)
+    deployed.set_legal_hold(ARCHIVIST, second, True)
+    deployed.set_legal_hold(ARCHIVIST, second, False)
+    assert deployed.get_document(first).legal_hold
+    assert stored_hold(), "the hold of the document still held was lifted in storage"
+    deployed.set_legal_hold(ARCHIVIST, first, False)
+    assert not stored_hold()

@@ -14,7 +14,10 @@ its own tracking position (kept in the views database), and for each document:
 
 A worker killed mid-document finds, after restart, the document still "running" under
 its own name and claims it again (a new attempt); another worker takes over a claim
-whose lease has expired. A result is recorded only for the current attempt, so each
+whose lease has expired: a worker that passes a document under another's live claim
+watches it and claims it once the lease is over (a worker that never comes back under
+its name -- a recreated container gets a new hostname -- would otherwise leave it
+"running" for good, every other worker's tracking being past it). A result is recorded only for the current attempt, so each
 document ends with one result per request, never two.
 """
 
@@ -78,6 +81,8 @@ class ExtractionWorker:
         self.lease = lease
         self.batch_size = batch_size
         self.extract = extract
+        # Documents under another worker's live claim, and when that claim's lease ends.
+        self.watched: dict[UUID, datetime] = {}
         self.ctx = CommandContext(name, Role.ARCHIVIST.value, "text extraction")
         with store.transaction() as tx:
             # Workers start together: PostgreSQL's IF NOT EXISTS is no guard against a
@@ -121,6 +126,11 @@ class ExtractionWorker:
         for note in notes:
             self.process(note.originator_id)
             self._advance(note.id)
+        now = datetime.now(UTC)
+        for document_id, lease_ends in list(self.watched.items()):
+            if lease_ends < now:
+                del self.watched[document_id]
+                self.process(document_id)
         return len(notes)
 
     def run_forever(self, stop: threading.Event, poll_interval: float = 1.0) -> None:
@@ -145,6 +155,12 @@ class ExtractionWorker:
         started: datetime = state["started_at"]
         return datetime.now(UTC) - started > self.lease
 
+    def _watch(self, document: Document) -> None:
+        """Watch a document under another worker's claim until its lease ends."""
+        state = document.extraction
+        if state["status"] == ExtractionStatus.RUNNING and state.get("worker") != self.name:
+            self.watched[document.id] = state["started_at"] + self.lease
+
     def process(self, document_id: UUID) -> str:
         """Extract one document if it still needs it; returns what happened."""
         try:
@@ -152,12 +168,14 @@ class ExtractionWorker:
         except NotFoundError:
             return "missing"
         if not self._claimable(document):
+            self._watch(document)
             return "skipped"
         try:
             attempt = self.archive.claim_extraction(self.ctx, document, self.name)
         except DomainError:
             return "skipped"
         except ConflictError:  # another worker claimed it first (or a custody event landed)
+            self._watch(self.archive.get_document(document_id))
             return "lost claim"
         try:
             result = self._extract(document)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -182,3 +183,29 @@ def test_two_worker_processes_split_the_work_without_doing_anything_twice(
         assert sum(by_worker.values()) == len(docs)
     finally:
         archive.close()
+
+
+def test_a_claim_whose_worker_never_returns_is_taken_over_when_its_lease_ends(
+    prepared: Any,
+) -> None:
+    """A worker killed mid-document that never comes back under its name (a recreated
+    container has a new hostname): the worker that passed the document under its live
+    claim takes it over once the lease is over, and the document gets one result."""
+    archive, store = prepared
+    doc = upload(archive, text_pdf([DEED_LINES[:5]]), "escritura.pdf")
+    gone = CommandContext("ocr@gone", "archivist", "text extraction")
+    archive.claim_extraction(gone, archive.get_document(doc), "ocr@gone")  # then it died
+
+    worker = ExtractionWorker(archive, store, name="ocr@alive", lease=timedelta(seconds=1))
+    assert worker.run_once() == 1  # passes the document: its claim is still live
+    assert archive.get_document(doc).extraction["status"] == "running"
+    time.sleep(1.2)
+    assert worker.run_once() == 0  # nothing new in the log, but the lease is over
+    assert kinds(archive, doc) == [
+        "Registered",
+        "ExtractionStarted",
+        "ExtractionStarted",
+        "TextExtracted",
+    ]
+    assert events_of(archive, doc)[-1].attempt == 2
+    assert worker.run_once() == 0 and len(events_of(archive, doc)) == 4

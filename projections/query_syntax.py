@@ -58,10 +58,19 @@ _WORD = re.compile(r"[^\W_]+")
 _NOT_WORD = re.compile(r"[\W_]+")
 
 
+# The Latin typographic ligatures (U+FB00-FB06) as their letters: PDF text layers carry
+# them ("certiﬁcado", "ﬁnca"), and the tokenizer reads "ﬁ" as a letter of its own, so
+# "finca" did not find "ﬁnca". NFC keeps them; NFKC would also turn "nº" into "no".
+_LIGATURES = str.maketrans(
+    {chr(code): unicodedata.normalize("NFKC", chr(code)) for code in range(0xFB00, 0xFB07)}
+)
+
+
 def clean_text(text: str) -> str:
-    """NFC, without control or invisible characters: what is stored and indexed."""
+    """NFC, without control or invisible characters, ligatures spelt out: what is
+    stored and indexed, and what a query is read as."""
     text = _INVISIBLE.sub("", text)
-    text = unicodedata.normalize("NFC", text)
+    text = unicodedata.normalize("NFC", text).translate(_LIGATURES)
     return _CONTROLS.sub(" ", text)
 
 

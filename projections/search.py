@@ -163,8 +163,9 @@ _POSTGRES_TEXT_INDEX = ("CREATE INDEX {search_pages}_tsv ON {search_pages} USING
 
 class SearchView(View):
     name: ClassVar[str] = "search"
-    #: 2: text in its own table; filters, and on PostgreSQL the tsvector, on the page row
-    schema_version: ClassVar[int] = 2
+    #: 2: text in its own table; filters, and on PostgreSQL the tsvector, on the page row;
+    #: 3: ligatures spelt out (``clean_text``)
+    schema_version: ClassVar[int] = 3
     rebuild_cost: ClassVar[float] = 4.0
     table_names: ClassVar[tuple[str, ...]] = (LOANS, DOCUMENTS, PAGES, TEXT, FTS)
     derived_tables: ClassVar[tuple[str, ...]] = (FTS,)  # built from search_text

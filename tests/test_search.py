@@ -549,6 +549,20 @@ def test_ordinals_are_highlighted_where_the_index_finds_them(
         assert f"<mark>{q}</mark>" in hit["snippet"], (q, hit["snippet"])
 
 
+def test_words_with_typographic_ligatures_are_found_by_their_letters(
+    corpus: Corpus, officer: CommandContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PDF text layer spells "certificado" with the ligature "ﬁ" (U+FB01): the page is
+    found by "certificado", and by "certiﬁcado" typed as it was copied from the PDF (the
+    index kept the ligature as a letter of its own, and "finca" missed "ﬁnca")."""
+    doc = register(corpus.archive, officer, monkeypatch, "CR-3", "registry_certificate")
+    extract(corpus.archive, doc, ["Certiﬁcado registral de la ﬁnca 4455, ﬂujo de caja"])
+    for q in ("certificado", "certiﬁcado", "ﬁnca", '"la finca 4455"', "flujo", "certif*"):
+        hits = [h for h in corpus.find(q).items if h["document_id"] == str(doc)]
+        assert len(hits) == 1, q
+        assert "<mark>" in hits[0]["snippet"], (q, hits[0]["snippet"])
+
+
 # -- reindex, supersession, rebuild ---------------------------------------------------------------
 
 

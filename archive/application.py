@@ -705,16 +705,30 @@ class ArchiveApp(Application[UUID]):
         DocumentRegistered event names, whatever was PUT or deleted over the key since."""
         return self.blobs.open(document.object_key, start, end, document.object_version)
 
-    def set_legal_hold(self, ctx: CommandContext, document_id: UUID, on: bool) -> Outcome:
-        document = self.get_document(document_id)
-        if on:
-            document.place_legal_hold(ctx)
-        else:
-            document.release_legal_hold(ctx)
-        if on or not self._held_elsewhere(document):
-            self.blobs.set_legal_hold(document.object_key, on, document.object_version)
-        position = self._commit(document)
-        return Outcome(document.id, document.version, position)
+    def set_legal_hold(
+        self, ctx: CommandContext, document_id: UUID, on: bool, attempts: int = 5
+    ) -> Outcome:
+        """Place or release a legal hold: in storage first (a hold recorded but not in
+        force would be false), then the event. A custody event saved meanwhile (a
+        download of the document) is no reason to refuse: storage already says what the
+        event will, so the event is appended again on the fresh document, as
+        ``change_document`` does (a 409 here left storage and the record disagreeing)."""
+        for attempt in range(attempts):
+            document = self.get_document(document_id)
+            if on:
+                document.place_legal_hold(ctx)
+            else:
+                document.release_legal_hold(ctx)
+            if on or not self._held_elsewhere(document):
+                self.blobs.set_legal_hold(document.object_key, on, document.object_version)
+            try:
+                position = self._commit(document)
+            except ConflictError:
+                if attempt == attempts - 1:
+                    raise
+                continue
+            return Outcome(document.id, document.version, position)
+        raise AssertionError("unreachable")
 
     def _held_elsewhere(self, document: Document) -> bool:
         """Whether another document over the same stored original (same bytes, uploaded

@@ -25,6 +25,7 @@ from archive.domain import CommandContext
 from archive.settings import Settings
 
 ARCHIVIST = CommandContext("archivist.one", "archivist", "upload")
+READER = CommandContext("auditor.one", "auditor")
 
 
 @pytest.fixture(params=["postgres+s3", "sqlite+filesystem"])
@@ -139,3 +140,43 @@ def test_releasing_one_documents_hold_keeps_the_hold_another_has_on_the_same_ori
     assert stored_hold(), "the hold of the document still held was lifted in storage"
     deployed.set_legal_hold(ARCHIVIST, first, False)
     assert not stored_hold()
+
+
+class DownloadedMeanwhile(ArchiveApp):
+    """Fault injection: another server records a download of the document between this
+    one's setting of a legal hold in storage and its append (the window a real download
+    at the same moment hits, made certain)."""
+
+    name = ArchiveApp.name
+
+    def __init__(self, settings: Settings, other: ArchiveApp) -> None:
+        super().__init__(settings)
+        self.other = other
+        self.raced = 0
+
+    def save(self, *objs: Any, **kwargs: Any) -> Any:
+        if not self.raced:
+            self.raced += 1
+            [document] = objs
+            self.other.change_document(
+                READER, document.id, lambda d: d.record_download(READER, None)
+            )
+        return super().save(*objs, **kwargs)
+
+
+def test_a_legal_hold_set_while_the_document_is_downloaded_is_recorded_not_refused(
+    deployed: ArchiveApp, deploy_settings: Settings
+) -> None:
+    """Storage was changed before the append; a 409 then left the hold in force but not
+    recorded (or lifted but still recorded)."""
+    document_id = register(deployed, pdf(1))
+    raced = DownloadedMeanwhile(deploy_settings, deployed)
+    try:
+        raced.set_legal_hold(ARCHIVIST, document_id, True)
+        assert raced.raced == 1
+    finally:
+        raced.close()
+    document = deployed.get_document(document_id)
+    assert document.legal_hold and document.downloads == 1
+    info = deployed.blobs.stat(document.object_key, document.object_version)
+    assert info is not None and info.legal_hold

@@ -110,6 +110,9 @@ def test_compose_file_has_the_expected_services() -> None:
     assert services["storage-init"]["depends_on"]["s3"]["condition"] == "service_healthy"
     assert api["depends_on"]["storage-init"]["condition"] == "service_completed_successfully"
     assert services["ocr-worker"]["deploy"]["replicas"] >= 2
+    # A production stack must not seed demo users (an admin with a token in a file)
+    # unless asked to.
+    assert api["environment"]["ARCHIVE_DEMO_DATA"] == "${ARCHIVE_DEMO_DATA:-false}"
 
 
 def test_dockerfile_sets_only_real_settings() -> None:

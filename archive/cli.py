@@ -683,7 +683,7 @@ def search_command(
     uploaded_to: Annotated[
         datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Uploaded on or before (UTC).")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
+    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,  # as GET /api/v1/search
     offset: Annotated[
         int, typer.Option(min=0, help="Skip this many hits (the next page: --offset 20).")
     ] = 0,

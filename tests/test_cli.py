@@ -434,6 +434,8 @@ def test_search_pages_through_every_hit_with_date_filters(
     assert leading.stdout.splitlines()[0] == "1 page matches", leading.stderr
     mistyped = run(env, "search", "teruel", "--lone", "CR-1")
     assert "unexpected extra argument" in one_error_line(mistyped)
+    # Pages of at most 100 hits, as over HTTP (GET /api/v1/search?limit=101 is a 422).
+    assert "100" in one_error_line(run(env, "search", "teruel", "--limit", "101"))
 
 
 def test_import_a_folder_then_again_skips_what_is_archived(

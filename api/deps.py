@@ -243,7 +243,9 @@ def state_response(state: dict[str, Any]) -> JSONResponse:
     return JSONResponse(jsonable(state), headers={"ETag": f'"{state["version"]}"'})
 
 
-IF_MATCH = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
+IF_MATCH = re.compile(r'^\s*(?:W/)?"?0*(\d{1,19})"?\s*$')
+"""A version ETag: no version has more than 19 digits (``MAX_VERSION``), and a longer
+number would reach int(), which refuses thousands of digits (a 500, not a 422)."""
 
 
 def expected_version(if_match: str | None, body_version: int | None) -> tuple[int | None, bool]:

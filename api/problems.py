@@ -111,7 +111,9 @@ def install(app: FastAPI) -> None:
                 request,
                 headers={**(exc.headers or {}), "Allow": ", ".join(allowed)},
             )
-        title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
+        title = {404: "Not found", 405: "Method not allowed", 413: "Content too large"}.get(
+            exc.status_code, "HTTP error"
+        )
         return problem(exc.status_code, title, str(exc.detail), request, headers=exc.headers)
 
     @app.exception_handler(Exception)

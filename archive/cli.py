@@ -783,6 +783,7 @@ def projections_rebuild(
 
 def main() -> None:
     """Console entry point: every expected failure is one line on stderr."""
+    from psycopg import OperationalError as PsycopgOperationalError
     from typer._click.exceptions import ClickException
 
     try:
@@ -794,6 +795,10 @@ def main() -> None:
         sys.exit(2 if isinstance(exc, SettingsError) else 1)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
+    except PsycopgOperationalError as exc:  # the server is down, unreachable or refuses us
+        reason = " ".join(str(exc).split())
+        typer.echo(f"loan-archive: cannot reach the PostgreSQL database: {reason}", err=True)
+        sys.exit(1)
     except OSError as exc:  # e.g. ARCHIVE_DATA_DIR cannot be created or is not a directory
         where = f": {exc.filename}" if exc.filename else ""
         typer.echo(f"loan-archive: {exc.strerror or exc}{where}", err=True)

@@ -10,6 +10,7 @@ import inspect
 import io
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -1017,3 +1018,15 @@ def test_bad_collateral_valuation_and_user_input_is_one_line_and_loses_nothing(
     assert (state["version"], state["status"], state["released_on"]) == (2, "registered", None)
     assert archive.get_valuation(val).version == 1
     assert archive.authenticate(token) == Principal("ana.officer", Role.CREDIT_OFFICER)
+
+
+def test_a_database_that_cannot_be_reached_is_one_line(tmp_path: Path) -> None:
+    """Not an 83-line traceback: the operator reads which server failed and why."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://archive:not-the-password@127.0.0.1:{port}/archive"
+    env = cli_env(Settings(data_dir=tmp_path, database_url=url))
+    line = one_error_line(run(env, "verify"))
+    assert "cannot reach the PostgreSQL database" in line and str(port) in line, line
+    assert "not-the-password" not in line

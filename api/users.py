@@ -33,6 +33,12 @@ class Reason(Body):
     reason: str | None = Field(None, max_length=2000)
 
 
+class RevokeToken(Body):
+    #: in the body, never in the URL (URLs end up in logs)
+    token: str = Field(max_length=200)
+    reason: str | None = Field(None, max_length=2000)
+
+
 @router.get("/me", summary="The authenticated caller")
 def me(who: Anyone) -> dict[str, str]:
     return {"name": who.name, "role": who.role.value}
@@ -54,6 +60,16 @@ def issue_token(
     reason = body.reason if body is not None else None
     token = archive.issue_token(context(who, request, reason), name)
     return JSONResponse({"name": name, "token": token}, status_code=201)
+
+
+@router.post("/{name}/tokens/revoke", summary="Revoke one of a user's tokens (a leaked one)")
+def revoke_token(
+    name: str, body: RevokeToken, archive: Archive, who: Admin, request: Request
+) -> dict[str, str]:
+    """The token stops working at once; the user and their other tokens keep working
+    (deactivating the user stops them all, for good)."""
+    archive.revoke_token(context(who, request, body.reason), body.token, user=name)
+    return {"name": name, "status": "token revoked"}
 
 
 @router.post("/{name}/role", summary="Change a user's role")

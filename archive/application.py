@@ -1013,8 +1013,12 @@ class ArchiveApp(Application[UUID]):
         self._commit(AccessToken.issue(ctx, name, token_digest(token)))
         return token
 
-    def revoke_token(self, ctx: CommandContext, token: str) -> None:
+    def revoke_token(self, ctx: CommandContext, token: str, user: str | None = None) -> None:
+        """Revoke one bearer token (a leaked one): the user and their other tokens keep
+        working. Given ``user``, a token of someone else is not found, as an unknown one."""
         grant = self._load(AccessToken, token_id(token_digest(token)), "token")
+        if user is not None and grant.user_name != user:
+            raise NotFoundError(f"user {user} has no such token")
         grant.revoke(ctx)
         self._commit(grant)
 

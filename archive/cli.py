@@ -264,6 +264,18 @@ def users_token(name: str, reason: Annotated[str | None, typer.Option()] = None)
         typer.echo(application.issue_token(operator_context(reason), name))
 
 
+@users_app.command("revoke")
+def users_revoke(name: str, reason: Annotated[str | None, typer.Option()] = None) -> None:
+    """Revoke one of a user's tokens, read from stdin (not an argument: those are in the
+    shell history and the process list); the user's other tokens keep working."""
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise CliError("give the token to revoke on stdin (one line)")
+    with archive() as application:
+        application.revoke_token(operator_context(reason), token, user=name)
+    typer.echo(f"a token of {name} is revoked", err=True)
+
+
 @users_app.command("role")
 def users_role(
     name: str,

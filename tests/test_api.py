@@ -1336,6 +1336,31 @@ def test_users_routes(api: Api) -> None:
     assert_problem(api.post("/api/v1/users/nobody.here/tokens", {}, role="admin"), 404)
 
 
+def test_one_leaked_token_is_revoked_and_the_users_other_tokens_keep_working(api: Api) -> None:
+    added = assert_ok(api.post("/api/v1/users", {"name": "leaky", "role": "auditor"}, "admin"), 201)
+    other = assert_ok(api.post("/api/v1/users/leaky/tokens", {}, role="admin"), 201)["token"]
+
+    def me(token: str) -> Response:
+        return api.client.get("/api/v1/users/me", headers={"Authorization": f"Bearer {token}"})
+
+    revoke = {"token": added["token"], "reason": "pasted in a ticket"}
+    # Only for its own user: another user's name does not find it.
+    assert_problem(api.post("/api/v1/users/someone.else/tokens/revoke", revoke, "admin"), 404)
+    assert_problem(api.post("/api/v1/users/leaky/tokens/revoke", revoke, "auditor"), 403)
+    assert assert_ok(api.post("/api/v1/users/leaky/tokens/revoke", revoke, "admin")) == {
+        "name": "leaky",
+        "status": "token revoked",
+    }
+    assert "revoked" in assert_problem(me(added["token"]), 401)["detail"]
+    assert assert_ok(me(other))["name"] == "leaky"
+    again = api.post("/api/v1/users/leaky/tokens/revoke", revoke, "admin")
+    assert "already revoked" in assert_problem(again, 422)["detail"]
+    unknown = {"token": "la_not-a-token"}
+    assert_problem(api.post("/api/v1/users/leaky/tokens/revoke", unknown, "admin"), 404)
+    user = api.archive.get_user("leaky")  # untouched: active, no event since registered
+    assert user.active and user.version == 1
+
+
 def test_integrity_routes(api: Api) -> None:
     api.open()
     assert_ok(api.post("/api/v1/loans/CR-1/status", {"status": "overdue"}))
@@ -1416,6 +1441,7 @@ POST_BODIES: dict[str, dict[str, Any]] = {
     "/api/v1/valuations/{val}/revaluation": {"revaluation_due": "2025-06-01"},
     "/api/v1/users": {"name": "fuzz.user", "role": "auditor"},
     "/api/v1/users/{user}/tokens": {"reason": "fuzz"},
+    "/api/v1/users/{user}/tokens/revoke": {"token": "la_fuzz", "reason": "fuzz"},
     "/api/v1/users/{user}/role": {"role": "auditor"},
     "/api/v1/users/{user}/deactivate": {"reason": "fuzz"},
     # Uploads are multipart: these fields go as form fields, next to a file.

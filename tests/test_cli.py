@@ -29,7 +29,7 @@ from psycopg.sql import SQL, Identifier
 from archive import cli
 from archive.application import ArchiveApp, Principal, operator_context
 from archive.domain import CommandContext, Role
-from archive.exceptions import NotFoundError
+from archive.exceptions import AuthenticationError, NotFoundError
 from archive.loans import loan_id
 from archive.settings import Settings
 from archive.users import user_id
@@ -1030,3 +1030,32 @@ def test_a_database_that_cannot_be_reached_is_one_line(tmp_path: Path) -> None:
     line = one_error_line(run(env, "verify"))
     assert "cannot reach the PostgreSQL database" in line and str(port) in line, line
     assert "not-the-password" not in line
+
+
+def test_users_revoke_reads_the_token_from_stdin(settings: Settings, archive: ArchiveApp) -> None:
+    leaked = archive.add_user(operator_context(), "leaky", "auditor")
+    kept = archive.issue_token(operator_context(), "leaky")
+    env = cli_env(settings)
+    refused = subprocess.run(
+        [str(CLI), "users", "revoke", "leaky"], env=env, input="", capture_output=True, text=True
+    )
+    assert "on stdin" in one_error_line(refused)
+    revoked = subprocess.run(
+        [str(CLI), "users", "revoke", "leaky", "--reason", "pasted in a ticket"],
+        env=env,
+        input=leaked + "\n",
+        capture_output=True,
+        text=True,
+    )
+    assert revoked.returncode == 0 and revoked.stdout == "", revoked.stderr
+    with pytest.raises(AuthenticationError, match="revoked"):
+        archive.authenticate(leaked)
+    assert archive.authenticate(kept).name == "leaky"
+    other = subprocess.run(
+        [str(CLI), "users", "revoke", "someone.else"],
+        env=env,
+        input=kept + "\n",
+        capture_output=True,
+        text=True,
+    )
+    assert "no such token" in one_error_line(other)

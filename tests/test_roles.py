@@ -85,6 +85,7 @@ EXPECTED: dict[tuple[str, str], frozenset[str]] = {
     ("GET", USERS + "/me"): EVERYONE,
     ("POST", USERS): ADMINS,
     ("POST", USERS + "/{name}/tokens"): ADMINS,
+    ("POST", USERS + "/{name}/tokens/revoke"): ADMINS,
     ("POST", USERS + "/{name}/role"): ADMINS,
     ("POST", USERS + "/{name}/deactivate"): ADMINS,
     ("GET", "/api/v1/integrity"): VERIFIERS,
@@ -226,6 +227,7 @@ def seed(settings: Settings, archive: ArchiveApp) -> World:
     tokens = {role: archive.add_user(operator_context(), f"{role}.user", role) for role in ROLES}
     for name in ("victim.token", "victim.role", "victim.gone"):
         archive.add_user(operator_context(), name, ARCHIVIST)
+    leaked = archive.add_user(operator_context(), "victim.leak", ARCHIVIST)
     ctx = CommandContext(f"{OFFICER}.user", OFFICER, "seed")
     archive.open_loan(ctx, **loan_terms("CR-1"))
     reg = archive.register_collateral(ctx, **mortgage_fields("CR-1")).id
@@ -328,6 +330,10 @@ def seed(settings: Settings, archive: ArchiveApp) -> World:
         ("POST", DOCUMENTS + "/fixity-checks"): ({}, {}),
         ("POST", USERS): ({}, {"json": {"name": "new.user", "role": ARCHIVIST}}),
         ("POST", USERS + "/{name}/tokens"): ({"name": "victim.token"}, {"json": {}}),
+        ("POST", USERS + "/{name}/tokens/revoke"): (
+            {"name": "victim.leak"},
+            {"json": {"token": leaked, "reason": "found in a log"}},
+        ),
         ("POST", USERS + "/{name}/role"): ({"name": "victim.role"}, {"json": {"role": AUDITOR}}),
         ("POST", USERS + "/{name}/deactivate"): (
             {"name": "victim.gone"},

@@ -365,6 +365,19 @@ class ArchiveApp(Application[UUID]):
         except ArchiveError:
             return command(True)
 
+    @staticmethod
+    def _retried(command: Callable[[], R], attempts: int) -> R:
+        """Run ``command`` again, on state it reads afresh, while a concurrent write makes
+        its append conflict (at most ``attempts`` runs): for commands whose outcome does
+        not depend on what the other writer changed."""
+        for attempt in range(attempts):
+            try:
+                return command()
+            except ConflictError:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def _commit(
         self, *aggregates: ArchiveAggregate, duplicate: str | None = None, handover: bool = False
     ) -> int:
@@ -597,12 +610,13 @@ class ArchiveApp(Application[UUID]):
         )
         self.blobs.checkpoint("stored")
         document_id = uuid4()
+
         # The original is stored now; a concurrent upload to the same loan (or a custody
         # event on the superseded document) only moved the index on, so filing is retried
         # on fresh state rather than answered 409, which would make the client send the
         # whole file again and leave this copy an orphan. Each conflict means another
         # filing succeeded, so the attempts bound the uploads racing on one loan.
-        for attempt in range(FILING_ATTEMPTS):
+        def file() -> Outcome:
             old = None if supersedes is None else self._supersedable(supersedes, loan_number)
             document = Document.register(
                 ctx,
@@ -626,14 +640,10 @@ class ArchiveApp(Application[UUID]):
             if old is not None:
                 old.supersede(ctx, document.id)
                 changed.append(old)
-            try:
-                position = self._commit(*changed)
-            except ConflictError:
-                if attempt == FILING_ATTEMPTS - 1:
-                    raise
-                continue
+            position = self._commit(*changed)
             return Outcome(document.id, document.version, position)
-        raise AssertionError("unreachable")
+
+        return self._retried(file, FILING_ATTEMPTS)
 
     def _supersedable(self, document_id: UUID, loan_number: str) -> Document:
         """The document a new upload supersedes, if it may (same loan, not superseded yet)."""
@@ -662,13 +672,10 @@ class ArchiveApp(Application[UUID]):
     ) -> Outcome:
         """Record a custody event (download, hold, fixity): retried on a concurrent write,
         since these never depend on what the document's other events say."""
-        for attempt in range(attempts):
-            try:
-                return self._update(Document, document_id, f"document {document_id}", None, change)
-            except ConflictError:
-                if attempt == attempts - 1:
-                    raise
-        raise AssertionError("unreachable")
+        return self._retried(
+            lambda: self._update(Document, document_id, f"document {document_id}", None, change),
+            attempts,
+        )
 
     def claim_extraction(self, ctx: CommandContext, document: Document, worker: str) -> int:
         """Claim a document's extraction at the version just read; returns the attempt.
@@ -713,7 +720,8 @@ class ArchiveApp(Application[UUID]):
         download of the document) is no reason to refuse: storage already says what the
         event will, so the event is appended again on the fresh document, as
         ``change_document`` does (a 409 here left storage and the record disagreeing)."""
-        for attempt in range(attempts):
+
+        def hold() -> Outcome:
             document = self.get_document(document_id)
             if on:
                 document.place_legal_hold(ctx)
@@ -721,14 +729,10 @@ class ArchiveApp(Application[UUID]):
                 document.release_legal_hold(ctx)
             if on or not self._held_elsewhere(document):
                 self.blobs.set_legal_hold(document.object_key, on, document.object_version)
-            try:
-                position = self._commit(document)
-            except ConflictError:
-                if attempt == attempts - 1:
-                    raise
-                continue
+            position = self._commit(document)
             return Outcome(document.id, document.version, position)
-        raise AssertionError("unreachable")
+
+        return self._retried(hold, attempts)
 
     def _held_elsewhere(self, document: Document) -> bool:
         """Whether another document over the same stored original (same bytes, uploaded

@@ -140,6 +140,14 @@ class Api:
     def history(self, loan_number: str) -> list[dict[str, Any]]:
         return assert_ok(self.get(f"/api/v1/loans/{loan_number}/history"))
 
+    def upload(self, loan_number: str = "CR-1") -> str:
+        """A small PDF filed as the loan's contract; its document id."""
+        form = {"loan_number": loan_number, "doc_type": "contract"}
+        files = {"file": ("f.pdf", PDF)}
+        return assert_ok(
+            self.client.post(UPLOAD, data=form, files=files, headers=self.headers()), 201
+        )["id"]
+
 
 def make_api(settings: Settings, archive: ArchiveApp) -> Api:
     tokens = {
@@ -688,11 +696,7 @@ def test_an_out_of_range_version_is_a_client_error(api: Api) -> None:
     api.open()
     reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
     val = assert_ok(api.post("/api/v1/valuations", appraisal_body()), 201)["id"]
-    form = {"loan_number": "CR-1", "doc_type": "contract"}
-    uploaded = api.client.post(
-        UPLOAD, data=form, files={"file": ("f.pdf", PDF)}, headers=api.headers()
-    )
-    doc = assert_ok(uploaded, 201)["id"]
+    doc = api.upload()
     paths = (
         f"/api/v1/collateral/{reg}",
         f"/api/v1/valuations/{val}",
@@ -1011,11 +1015,7 @@ def test_collateral_valuations_and_documents_as_they_were_at_a_moment(api: Api) 
     api.open()
     reg = assert_ok(api.post("/api/v1/collateral", mortgage_body()), 201)["id"]
     val = assert_ok(api.post("/api/v1/valuations", appraisal_body()), 201)["id"]
-    form = {"loan_number": "CR-1", "doc_type": "contract"}
-    uploaded = api.client.post(
-        UPLOAD, data=form, files={"file": ("f.pdf", PDF)}, headers=api.headers()
-    )
-    doc = assert_ok(uploaded, 201)["id"]
+    doc = api.upload()
     entry = {"registry_entry": "T-1", "registered_on": "2024-01-20"}
     assert_ok(api.post(f"/api/v1/collateral/{reg}/registration", entry))
     review = {"reviewer": "Carmen Ortiz", "reviewed_value": "120000.00"}

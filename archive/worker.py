@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
 import tempfile
 import threading
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from eventsourcing.utils import get_topic
 
 from archive.application import ArchiveApp
@@ -92,6 +94,37 @@ class ExtractionWorker:
                 f"CREATE TABLE IF NOT EXISTS {TRACKING_TABLE} "
                 "(name TEXT PRIMARY KEY, position BIGINT NOT NULL)"
             )
+        self._watch_left_running()
+
+    def _watch_left_running(self) -> None:
+        """Watch the documents another worker's claim still holds "running". The watch
+        list is in memory: if every worker that passed such a claim restarts (under a
+        new name, as a recreated container does), nobody would look at the document
+        again, its request being behind every tracking position. The loan_files view
+        lists documents by extraction status; a view behind the log only misses claims
+        this worker's own follower reads anyway. Without the view (no server has run
+        on this database yet) there is nothing to recover."""
+        from projections import registry
+        from projections.loan_files import DOCUMENTS, LoanFilesView
+
+        view = LoanFilesView()
+        with self.store.read() as tx:
+            try:
+                active = registry.active(tx, view.name)
+            except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
+                return  # no registry yet: no server has followed this log
+            if active is None:
+                return
+            table = view.tables(active.generation)[DOCUMENTS]
+            rows = tx.execute(
+                f"SELECT document_id FROM {table} WHERE extraction_status = ?",
+                (ExtractionStatus.RUNNING.value,),
+            )
+        for row in rows:
+            try:
+                self._watch(self.archive.get_document(UUID(row["document_id"])))
+            except NotFoundError:
+                continue
 
     # -- tracking ---------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ from archive.application import ArchiveApp
 from archive.domain import CommandContext
 from archive.settings import Settings
 from archive.worker import ExtractionWorker
+from projections.follower import Follower
+from projections.loan_files import LoanFilesView
 from projections.store import open_store
 
 ROOT = Path(__file__).parents[1]
@@ -209,3 +211,36 @@ def test_a_claim_whose_worker_never_returns_is_taken_over_when_its_lease_ends(
     ]
     assert events_of(archive, doc)[-1].attempt == 2
     assert worker.run_once() == 0 and len(events_of(archive, doc)) == 4
+
+
+def test_a_claim_left_running_is_taken_over_by_a_worker_started_after_it(
+    prepared: Any,
+) -> None:
+    """Every worker that passed a dead worker's claim restarted too (the watch list is
+    in memory): a worker starting finds the claim through the loan_files view and takes
+    it over when the lease ends, though the request is behind its tracking position."""
+    archive, store = prepared
+    doc = upload(archive, text_pdf([DEED_LINES[:5]]), "escritura.pdf")
+    gone = CommandContext("ocr@gone", "archivist", "text extraction")
+    archive.claim_extraction(gone, archive.get_document(doc), "ocr@gone")  # then it died
+    passed = ExtractionWorker(archive, store, name="ocr@new", lease=timedelta(seconds=1))
+    assert passed.run_once() == 1  # passed it under the live claim, then restarted:
+    Follower(LoanFilesView(), archive, store).catch_up()  # (the server's view follows)
+
+    restarted = ExtractionWorker(archive, store, name="ocr@new", lease=timedelta(seconds=1))
+    time.sleep(1.2)
+    assert restarted.run_once() == 0  # nothing new in the log, but the lease is over
+    assert kinds(archive, doc)[-1] == "TextExtracted"
+    assert events_of(archive, doc)[-1].attempt == 2
+
+
+def test_a_worker_on_a_database_no_server_has_followed_starts(settings: Settings) -> None:
+    """No loan_files view yet (the worker started first): nothing to recover."""
+    archive = ArchiveApp(settings)
+    store = open_store(settings)
+    try:
+        worker = ExtractionWorker(archive, store, name="ocr@first")
+        assert worker.watched == {} and worker.run_once() == 0
+    finally:
+        store.close()
+        archive.close()

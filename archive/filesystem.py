@@ -40,8 +40,8 @@ class FilesystemBlobStore(BlobStore):
         self.root = root
         self.incoming = root / ".incoming"
         self.holds = root / ".holds"
-        for folder in (self.root, self.incoming, self.holds):
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, self.incoming, self.holds):  # the originals: owner only
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         key_digest(key)  # refuses anything that is not a content address

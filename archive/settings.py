@@ -115,7 +115,9 @@ class Settings(BaseSettings):
         """The environment the eventsourcing library reads to build its recorders."""
         if self.backend == "sqlite":
             path = self.sqlite_path
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Every loan file is in there: a new directory is the owner's alone (an
+            # existing one keeps the mode it was given).
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             return {
                 "PERSISTENCE_MODULE": "eventsourcing.sqlite",
                 "SQLITE_DBNAME": str(path),

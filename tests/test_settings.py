@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from archive.settings import SettingsError, load_settings
+from archive.application import ArchiveApp
+from archive.settings import Settings, SettingsError, load_settings
+from projections.store import open_store
 
 
 def test_defaults_are_the_embedded_sqlite_store(
@@ -54,3 +56,22 @@ def test_invalid_settings_fail_with_one_line(
     assert "\n" not in message
     assert message.startswith(f"invalid setting {name}:")
     assert fragment in message
+
+
+def test_a_new_data_directory_is_the_owners_alone(tmp_path: Path) -> None:
+    """It holds every loan file (events.sqlite3, views.sqlite3) and original: other
+    users of the machine must not read it. An existing directory keeps its mode."""
+    fresh = tmp_path / "fresh"
+    settings = Settings(data_dir=fresh, demo_data=False)
+    archive = ArchiveApp(settings)
+    store = open_store(settings)
+    try:
+        assert archive.blobs is not None  # the filesystem store, made on first use
+        for folder in (fresh, fresh / "originals"):
+            assert folder.stat().st_mode & 0o777 == 0o700, folder
+    finally:
+        store.close()
+        archive.close()
+    tmp_path.chmod(0o755)
+    ArchiveApp(Settings(data_dir=tmp_path, demo_data=False)).close()
+    assert tmp_path.stat().st_mode & 0o777 == 0o755

@@ -219,6 +219,9 @@ SNAPSHOT_EVERY = 100
 AGGREGATE_CACHE_SIZE = 2000
 MAX_VERSION = 2**63 - 1  # the largest integer either database stores
 AS_OF_SKEW = timedelta(minutes=5)
+"""How far ahead of this server's clock an ``as_of`` may be (the caller's clock may run
+fast): a later moment has not happened, and answering the head labelled with it would
+claim a state nobody can know yet."""
 FILING_ATTEMPTS = 20  # see register_document
 
 
@@ -241,11 +244,6 @@ def check_past(version: int | None, as_of: datetime | None) -> None:
             f"as_of {as_of.isoformat()} is in the future (now is "
             f"{now.isoformat(timespec='seconds')}); leave it out for the current state"
         )
-
-
-"""How far ahead of this server's clock an ``as_of`` may be (the caller's clock may run
-fast): a later moment has not happened, and answering the head labelled with it would
-claim a state nobody can know yet."""
 
 
 class ArchiveApp(Application[UUID]):

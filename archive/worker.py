@@ -14,11 +14,12 @@ its own tracking position (kept in the views database), and for each document:
 
 A worker killed mid-document finds, after restart, the document still "running" under
 its own name and claims it again (a new attempt); another worker takes over a claim
-whose lease has expired: a worker that passes a document under another's live claim
-watches it and claims it once the lease is over (a worker that never comes back under
-its name -- a recreated container gets a new hostname -- would otherwise leave it
-"running" for good, every other worker's tracking being past it). A result is recorded only for the current attempt, so each
-document ends with one result per request, never two.
+whose lease has expired: a worker that passes a document under another's live claim,
+or finds it running when it starts, watches it and claims it once the lease is over (a
+worker that never comes back under its name -- a recreated container gets a new
+hostname -- would otherwise leave it "running" for good, every other worker's tracking
+being past it). A result is recorded only for the current attempt, so each document
+ends with one result per request, never two.
 """
 
 from __future__ import annotations
@@ -101,9 +102,9 @@ class ExtractionWorker:
         list is in memory: if every worker that passed such a claim restarts (under a
         new name, as a recreated container does), nobody would look at the document
         again, its request being behind every tracking position. The loan_files view
-        lists documents by extraction status; a view behind the log only misses claims
-        this worker's own follower reads anyway. Without the view (no server has run
-        on this database yet) there is nothing to recover."""
+        lists documents by extraction status (a view a moment behind the log misses
+        only claims made in that moment, by workers still alive). Without the view (no
+        server has run on this database yet) there is nothing to recover."""
         from projections import registry
         from projections.loan_files import DOCUMENTS, LoanFilesView
 
